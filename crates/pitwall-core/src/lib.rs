@@ -1,0 +1,28 @@
+//! The session model and the rules of the session service, with no I/O.
+//!
+//! - [`session`]: a session as the projection holds it (and as the embedded store persists it).
+//! - [`record`]: the three records of the log (`NewSession`, `SessionInfo`, `EndOfSession`) and
+//!   their `Packet` encoding shared with the reference's `SessionInfo` topic.
+//! - [`projection`]: folds records, in log order, into the sessions; the merge rules live here
+//!   and only here. Applying a record yields the events notifications are made from.
+//! - [`command`]: turns a validated write request into the records to append (or a rejection),
+//!   given the session as it stands.
+//! - [`validate`]: the request checks of the contract (names, sizes, times) and [`Limits`].
+//! - [`rejection`]: why a request was refused, in words a client can act on.
+//!
+//! This crate must not do I/O, read clocks or spawn tasks: callers pass the time in, so every
+//! rule is unit-testable and replay is the same code as live apply.
+
+pub mod command;
+pub mod projection;
+pub mod record;
+pub mod rejection;
+pub mod session;
+pub mod validate;
+
+pub use command::{Command, Decision};
+pub use projection::{Event, EventKind, Projection};
+pub use record::Record;
+pub use rejection::Rejection;
+pub use session::Session;
+pub use validate::Limits;

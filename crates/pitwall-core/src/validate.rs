@@ -1,0 +1,296 @@
+//! Request checks that need no state: names, sizes, counts, times. The contract's limits are
+//! inclusive and configurable; they hold for updates as well as creates.
+
+use prost_types::{Duration, Timestamp};
+
+use crate::rejection::Rejection;
+
+/// Size and count limits on session content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub data_source_bytes: usize,
+    pub detail_key_bytes: usize,
+    pub detail_value_bytes: usize,
+    pub details_per_session: usize,
+    pub associates_per_session: usize,
+    pub type_bytes: usize,
+    pub identifier_bytes: usize,
+    /// Encoded size of a whole session, so every response fits the message limit.
+    pub session_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // Kafka's topic name limit: the data source names topics in the data plane.
+            data_source_bytes: 249,
+            detail_key_bytes: 256,
+            detail_value_bytes: 64 * 1024,
+            details_per_session: 1024,
+            associates_per_session: 256,
+            type_bytes: 256,
+            identifier_bytes: 1024,
+            session_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: protobuf's valid timestamp range.
+const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
+const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+const MAX_NANOS: i32 = 999_999_999;
+const MAX_UTC_OFFSET_SECONDS: i64 = 24 * 60 * 60;
+
+impl Limits {
+    /// A data source names Kafka topics: 1 to 249 bytes of `A-Z a-z 0-9 . _ -`.
+    pub fn check_data_source(&self, data_source: &str) -> Result<(), Rejection> {
+        if data_source.is_empty() {
+            return Err(Rejection::invalid(
+                "data_source is empty; name the data source (A-Z a-z 0-9 . _ -)",
+            ));
+        }
+        if data_source.len() > self.data_source_bytes {
+            return Err(Rejection::invalid(format!(
+                "data_source is {} bytes; at most {} are allowed",
+                data_source.len(),
+                self.data_source_bytes
+            )));
+        }
+        if let Some(bad) = data_source
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(Rejection::invalid(format!(
+                "data_source '{}' contains {}; use A-Z a-z 0-9 . _ -",
+                data_source.escape_default(),
+                describe_char(bad)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_type(&self, session_type: &str) -> Result<(), Rejection> {
+        check_len("type", session_type, self.type_bytes)
+    }
+
+    pub fn check_identifier(&self, identifier: &str) -> Result<(), Rejection> {
+        check_len("identifier", identifier, self.identifier_bytes)
+    }
+
+    /// One detail entry: key 1 to `detail_key_bytes`, value up to `detail_value_bytes`.
+    pub fn check_detail(&self, name: &str, value: &str) -> Result<(), Rejection> {
+        if name.is_empty() {
+            return Err(Rejection::invalid(
+                "a detail key is empty; detail keys need 1 byte or more",
+            ));
+        }
+        if name.len() > self.detail_key_bytes {
+            return Err(Rejection::invalid(format!(
+                "detail key '{}…' is {} bytes; at most {} are allowed",
+                prefix(name),
+                name.len(),
+                self.detail_key_bytes
+            )));
+        }
+        if value.len() > self.detail_value_bytes {
+            return Err(Rejection::invalid(format!(
+                "detail '{}' has a value of {} bytes; at most {} are allowed",
+                prefix(name),
+                value.len(),
+                self.detail_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_detail_count(&self, count: usize) -> Result<(), Rejection> {
+        if count > self.details_per_session {
+            return Err(Rejection::invalid(format!(
+                "the session would have {count} details; at most {} are allowed",
+                self.details_per_session
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_associate_count(&self, count: usize) -> Result<(), Rejection> {
+        if count > self.associates_per_session {
+            return Err(Rejection::invalid(format!(
+                "the session would have {count} associate sessions; at most {} are allowed",
+                self.associates_per_session
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_session_size(&self, encoded_bytes: usize) -> Result<(), Rejection> {
+        if encoded_bytes > self.session_bytes {
+            return Err(Rejection::invalid(format!(
+                "the session would take {encoded_bytes} bytes encoded; at most {} are allowed",
+                self.session_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An associate key must be non-empty and not the session's own key.
+pub fn check_associate(session_key: &str, associate: &str) -> Result<(), Rejection> {
+    if associate.is_empty() {
+        return Err(Rejection::invalid("associate session key is empty"));
+    }
+    if associate == session_key {
+        return Err(Rejection::invalid(format!(
+            "session '{session_key}' cannot be its own associate"
+        )));
+    }
+    Ok(())
+}
+
+/// A valid protobuf timestamp: years 1 to 9999, nanos 0 to 999,999,999.
+pub fn check_timestamp(field: &str, timestamp: &Timestamp) -> Result<(), Rejection> {
+    if !(MIN_TIMESTAMP_SECONDS..=MAX_TIMESTAMP_SECONDS).contains(&timestamp.seconds) {
+        return Err(Rejection::invalid(format!(
+            "{field} has seconds {}; timestamps must fall in years 1 to 9999",
+            timestamp.seconds
+        )));
+    }
+    if !(0..=MAX_NANOS).contains(&timestamp.nanos) {
+        return Err(Rejection::invalid(format!(
+            "{field} has nanos {}; use 0 to 999999999",
+            timestamp.nanos
+        )));
+    }
+    Ok(())
+}
+
+/// A valid protobuf duration within ±24 h, as a UTC offset must be.
+pub fn check_utc_offset(offset: &Duration) -> Result<(), Rejection> {
+    if !(-MAX_NANOS..=MAX_NANOS).contains(&offset.nanos) {
+        return Err(Rejection::invalid(format!(
+            "utc_offset has nanos {}; use -999999999 to 999999999",
+            offset.nanos
+        )));
+    }
+    if (offset.seconds > 0 && offset.nanos < 0) || (offset.seconds < 0 && offset.nanos > 0) {
+        return Err(Rejection::invalid(
+            "utc_offset has seconds and nanos of opposite signs; give both the same sign",
+        ));
+    }
+    let beyond_a_day = offset.seconds.unsigned_abs() > MAX_UTC_OFFSET_SECONDS as u64
+        || (offset.seconds.unsigned_abs() == MAX_UTC_OFFSET_SECONDS as u64 && offset.nanos != 0);
+    if beyond_a_day {
+        return Err(Rejection::invalid(format!(
+            "utc_offset is {}s; it must be within ±24 h",
+            offset.seconds
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), Rejection> {
+    if value.len() > max {
+        return Err(Rejection::invalid(format!(
+            "{field} is {} bytes; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn describe_char(c: char) -> String {
+    match c {
+        ' ' => "a space".to_owned(),
+        c if c.is_control() => format!("control character {:?}", c),
+        c => format!("'{c}'"),
+    }
+}
+
+/// The start of a long name, cut at a character boundary, for messages.
+fn prefix(name: &str) -> &str {
+    let mut end = name.len().min(40);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_source_accepts_kafka_topic_characters_up_to_249_bytes() {
+        let limits = Limits::default();
+        assert!(limits.check_data_source("Car_1.dyno-A").is_ok());
+        assert!(limits.check_data_source(&"a".repeat(249)).is_ok());
+        assert!(limits.check_data_source(&"a".repeat(250)).is_err());
+        assert!(limits.check_data_source("").is_err());
+    }
+
+    #[test]
+    fn data_source_with_a_space_is_refused_with_the_allowed_set() {
+        let err = Limits::default().check_data_source("a b").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data_source 'a b' contains a space; use A-Z a-z 0-9 . _ -"
+        );
+    }
+
+    #[test]
+    fn detail_limits_are_inclusive() {
+        let limits = Limits::default();
+        assert!(
+            limits
+                .check_detail(&"k".repeat(256), &"v".repeat(65536))
+                .is_ok()
+        );
+        assert!(limits.check_detail(&"k".repeat(257), "v").is_err());
+        assert!(limits.check_detail("k", &"v".repeat(65537)).is_err());
+        assert!(limits.check_detail("", "v").is_err());
+        assert!(limits.check_detail_count(1024).is_ok());
+        assert!(limits.check_detail_count(1025).is_err());
+    }
+
+    #[test]
+    fn type_identifier_and_associate_limits_are_inclusive() {
+        let limits = Limits::default();
+        assert!(limits.check_type(&"t".repeat(256)).is_ok());
+        assert!(limits.check_type(&"t".repeat(257)).is_err());
+        assert!(limits.check_identifier(&"i".repeat(1024)).is_ok());
+        assert!(limits.check_identifier(&"i".repeat(1025)).is_err());
+        assert!(limits.check_associate_count(256).is_ok());
+        assert!(limits.check_associate_count(257).is_err());
+    }
+
+    #[test]
+    fn associates_must_be_non_empty_and_not_the_session_itself() {
+        assert!(check_associate("s", "other").is_ok());
+        assert!(check_associate("s", "").is_err());
+        assert!(check_associate("s", "s").is_err());
+    }
+
+    #[test]
+    fn timestamps_must_be_valid_protobuf_values() {
+        let ts = |seconds, nanos| Timestamp { seconds, nanos };
+        assert!(check_timestamp("t", &ts(0, 0)).is_ok());
+        assert!(check_timestamp("t", &ts(MIN_TIMESTAMP_SECONDS, 0)).is_ok());
+        assert!(check_timestamp("t", &ts(MAX_TIMESTAMP_SECONDS, MAX_NANOS)).is_ok());
+        assert!(check_timestamp("t", &ts(MIN_TIMESTAMP_SECONDS - 1, 0)).is_err());
+        assert!(check_timestamp("t", &ts(MAX_TIMESTAMP_SECONDS + 1, 0)).is_err());
+        assert!(check_timestamp("t", &ts(0, -1)).is_err());
+        assert!(check_timestamp("t", &ts(0, 1_000_000_000)).is_err());
+    }
+
+    #[test]
+    fn utc_offsets_must_be_valid_durations_within_a_day() {
+        let d = |seconds, nanos| Duration { seconds, nanos };
+        assert!(check_utc_offset(&d(86_400, 0)).is_ok());
+        assert!(check_utc_offset(&d(-86_400, 0)).is_ok());
+        assert!(check_utc_offset(&d(-3600, -5)).is_ok());
+        assert!(check_utc_offset(&d(86_400, 1)).is_err());
+        assert!(check_utc_offset(&d(86_401, 0)).is_err());
+        assert!(check_utc_offset(&d(1, -1)).is_err());
+        assert!(check_utc_offset(&d(0, 1_000_000_000)).is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! Compiles the repository's `.proto` files with a pure-Rust compiler, so building needs no
+//! system `protoc`.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+const PROTOS: &[&str] = &[
+    "ma/streaming/open_data/v1/open_data.proto",
+    "ma/streaming/api/v1/api.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={}", root.join(proto).display());
+    }
+    let descriptors = protox::compile(PROTOS, [&root])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    // Kept for gRPC server reflection.
+    std::fs::write(
+        out_dir.join("pitwall_descriptor.bin"),
+        descriptors.encode_to_vec(),
+    )?;
+    // Ordered maps make sessions compare and encode deterministically.
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Generated protobuf messages and gRPC stubs for the Stream API session service.
+//!
+//! Nothing but generated code lives here: `open_data` holds the session packets (also the
+//! records of the log), `api` the `SessionManagementService` requests, responses, client and
+//! server. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
+
+/// The generated modules, nested as their protobuf packages (generated code refers across
+/// packages by relative paths, so the nesting must match).
+pub mod ma {
+    pub mod streaming {
+        pub mod open_data {
+            pub mod v1 {
+                tonic::include_proto!("ma.streaming.open_data.v1");
+            }
+        }
+        pub mod api {
+            pub mod v1 {
+                tonic::include_proto!("ma.streaming.api.v1");
+            }
+        }
+    }
+}
+
+/// `ma.streaming.open_data.v1`: session packets.
+pub use ma::streaming::open_data::v1 as open_data;
+
+/// `ma.streaming.api.v1`: the session management service.
+pub use ma::streaming::api::v1 as api;
+
+/// Encoded `FileDescriptorSet` of every file above, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pitwall_descriptor.bin"));
