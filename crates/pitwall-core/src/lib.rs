@@ -21,7 +21,7 @@ pub mod session;
 pub mod validate;
 
 pub use command::{Command, Decision};
-pub use projection::{Event, EventKind, Projection};
+pub use projection::{Event, EventKind, Projection, SessionCounts};
 pub use record::Record;
 pub use rejection::Rejection;
 pub use session::Session;

@@ -27,11 +27,25 @@ pub struct Event {
 /// history). Bounded so a stream of orphan records cannot grow memory without end.
 pub const DEFAULT_HELD_RECORDS_LIMIT: usize = 100_000;
 
+/// The sessions of one data source.
+#[derive(Debug, Default)]
+struct DataSourceSessions {
+    /// Keys in creation order: `GetCurrentSessions` answers from here.
+    keys: Vec<String>,
+    completed: usize,
+}
+
+/// How many sessions a data source has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    pub total: usize,
+    pub completed: usize,
+}
+
 #[derive(Debug)]
 pub struct Projection {
     sessions: HashMap<String, Session>,
-    /// Keys per data source in creation order: `GetCurrentSessions` answers from here.
-    by_data_source: HashMap<String, Vec<String>>,
+    by_data_source: HashMap<String, DataSourceSessions>,
     held: HashMap<String, Vec<Record>>,
     held_count: usize,
     held_limit: usize,
@@ -114,6 +128,9 @@ impl Projection {
             } => match self.sessions.get_mut(&session_key) {
                 Some(session) => {
                     if session.complete(&packet) {
+                        if let Some(sessions) = self.by_data_source.get_mut(&session.data_source) {
+                            sessions.completed += 1;
+                        }
                         events.push(Event {
                             kind: EventKind::Ended,
                             data_source: session.data_source.clone(),
@@ -149,10 +166,14 @@ impl Projection {
 
     fn insert(&mut self, session: Session) {
         self.next_sequence = self.next_sequence.max(session.sequence + 1);
-        self.by_data_source
+        let sessions = self
+            .by_data_source
             .entry(session.data_source.clone())
-            .or_default()
-            .push(session.key.clone());
+            .or_default();
+        sessions.keys.push(session.key.clone());
+        if session.is_complete() {
+            sessions.completed += 1;
+        }
         self.sessions.insert(session.key.clone(), session);
     }
 
@@ -164,15 +185,26 @@ impl Projection {
     pub fn keys_of(&self, data_source: &str) -> &[String] {
         self.by_data_source
             .get(data_source)
-            .map(Vec::as_slice)
+            .map(|sessions| sessions.keys.as_slice())
             .unwrap_or_default()
     }
 
-    /// Every data source with its session count (completed included).
-    pub fn counts_by_data_source(&self) -> impl Iterator<Item = (&str, usize)> {
+    /// Sessions of `data_source`: all of them (completed included) and the completed ones.
+    pub fn counts_of(&self, data_source: &str) -> SessionCounts {
         self.by_data_source
-            .iter()
-            .map(|(data_source, keys)| (data_source.as_str(), keys.len()))
+            .get(data_source)
+            .map(|sessions| SessionCounts {
+                total: sessions.keys.len(),
+                completed: sessions.completed,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every data source with its session counts.
+    pub fn counts_by_data_source(&self) -> impl Iterator<Item = (&str, SessionCounts)> {
+        self.by_data_source
+            .keys()
+            .map(|data_source| (data_source.as_str(), self.counts_of(data_source)))
     }
 
     /// The sequence the next new session will get.
@@ -395,7 +427,13 @@ mod tests {
         assert!(s.is_complete());
         assert_eq!(
             p.counts_by_data_source().collect::<Vec<_>>(),
-            vec![("DS", 1)]
+            vec![(
+                "DS",
+                SessionCounts {
+                    total: 1,
+                    completed: 1
+                }
+            )]
         );
     }
 
@@ -413,5 +451,6 @@ mod tests {
         }
         assert_eq!(restored.keys_of("ds"), live.keys_of("ds"));
         assert_eq!(restored.next_sequence(), live.next_sequence());
+        assert_eq!(restored.counts_of("ds"), live.counts_of("ds"));
     }
 }

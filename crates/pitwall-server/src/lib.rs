@@ -1,1 +1,28 @@
-//! placeholder
+//! The Pitwall server: everything between the network and the store.
+//!
+//! - [`config`]: the one `Config`, and the reference's `AppConfig.json` keys.
+//! - [`engine`]: the single writer (group commit into the store) and the shared projection.
+//! - [`notify`]: start/stop subscribers per data source, bounded queues, cut-off of laggards.
+//! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
+//! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
+//! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
+//! - [`shutdown`]: the shutdown signal every task watches.
+//!
+//! Only the engine's writer thread writes the store or changes the projection; request
+//! handlers read the projection and submit commands.
+
+pub mod admin;
+pub mod config;
+pub mod engine;
+pub mod grpc_status;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+
+pub use config::{AppConfig, Config};
+pub use pitwall_core::Limits;
+pub use server::{RunningServer, ServeError, StartError, start};
+pub use shutdown::Shutdown;

@@ -1,0 +1,372 @@
+//! Server configuration: one [`Config`], built from defaults, the reference's `AppConfig.json`,
+//! and (in the binary) `PITWALL_*` variables and flags on top.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use pitwall_core::Limits;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+/// Default gRPC port of the Stream API.
+pub const DEFAULT_GRPC_PORT: u16 = 13579;
+/// Default Prometheus port of the reference server.
+pub const DEFAULT_METRICS_PORT: u16 = 2468;
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `IntegrateSessionManagement`: when false every unary RPC answers `success = false`.
+    pub integrate_session_management: bool,
+    pub limits: Limits,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// Notifications a subscriber may fall behind by before its stream is ended.
+    pub subscriber_queue: usize,
+    /// Write requests waiting for the writer; beyond it writes answer `RESOURCE_EXHAUSTED`.
+    pub write_queue: usize,
+    /// Most write requests in one durable commit.
+    pub max_batch: usize,
+    /// Page cache of the embedded store.
+    pub store_cache_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_GRPC_PORT)),
+            metrics_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_METRICS_PORT)),
+            data_dir: PathBuf::from("pitwall-data"),
+            integrate_session_management: true,
+            limits: Limits::default(),
+            max_message_bytes: 4 * 1024 * 1024,
+            subscriber_queue: 10_000,
+            write_queue: 16_384,
+            max_batch: 1024,
+            store_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The keys of the reference's `AppConfig.json` that Pitwall reads. Property names are
+/// case-sensitive, as the reference reads them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppConfig {
+    pub stream_api_port: Option<u16>,
+    pub prometheus_metric_port: Option<u16>,
+    pub integrate_session_management: Option<bool>,
+    pub broker_url: Option<String>,
+    pub stream_creation_strategy: Option<u8>,
+    pub partition_mappings: Vec<PartitionMapping>,
+    pub initialisation_timeout_seconds: Option<u64>,
+    pub use_remote_key_generator: Option<bool>,
+    pub remote_key_generator_service_address: Option<String>,
+    /// What the file held besides the keys above: each line says which key and what Pitwall
+    /// does with it. The caller logs them.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionMapping {
+    pub stream: String,
+    pub partition: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("config file {path}: the top level must be a JSON object")]
+    NotAnObject { path: PathBuf },
+    #[error("config file {path}: key '{key}' {problem}")]
+    Key {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// Reference keys accepted for compatibility that do not affect Pitwall's session service.
+const IGNORED_KEYS: &[(&str, &str)] = &[
+    ("IntegrateDataFormatManagement", "the data-format service is not part of Pitwall yet"),
+    ("BatchingResponses", "it affects only the data-plane reader"),
+];
+
+impl AppConfig {
+    pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+        let Value::Object(map) = value else {
+            return Err(ConfigError::NotAnObject {
+                path: path.to_owned(),
+            });
+        };
+        AppConfig::from_map(path, map)
+    }
+
+    fn from_map(path: &Path, mut map: Map<String, Value>) -> Result<AppConfig, ConfigError> {
+        let mut keys = Keys { path, map: &mut map };
+        let mut config = AppConfig {
+            stream_api_port: keys.port("StreamApiPort")?,
+            prometheus_metric_port: keys.port("PrometheusMetricPort")?,
+            integrate_session_management: keys.bool("IntegrateSessionManagement")?,
+            broker_url: keys.string("BrokerUrl")?,
+            stream_creation_strategy: keys.strategy("StreamCreationStrategy")?,
+            partition_mappings: keys.partition_mappings("PartitionMappings")?,
+            initialisation_timeout_seconds: keys.unsigned("InitialisationTimeoutSeconds")?,
+            use_remote_key_generator: keys.bool("UseRemoteKeyGenerator")?,
+            remote_key_generator_service_address: keys
+                .string("RemoteKeyGeneratorServiceAddress")?,
+            notes: Vec::new(),
+        };
+        for (key, why) in IGNORED_KEYS {
+            if map.remove(*key).is_some() {
+                config
+                    .notes
+                    .push(format!("{key} is accepted and ignored: {why}"));
+            }
+        }
+        for key in map.keys() {
+            config.notes.push(format!(
+                "unknown key '{key}' in {}; it is ignored (keys are case-sensitive)",
+                path.display()
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Applies the keys that configure the embedded session service. `listen_given` and
+    /// `metrics_given` say whether the address came from a flag or variable, which wins.
+    pub fn apply_to(&self, config: &mut Config, listen_given: bool, metrics_given: bool) {
+        if let (Some(port), false) = (self.stream_api_port, listen_given) {
+            config.listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        }
+        if let (Some(port), false) = (self.prometheus_metric_port, metrics_given) {
+            config.metrics_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        }
+        if let Some(enabled) = self.integrate_session_management {
+            config.integrate_session_management = enabled;
+        }
+    }
+
+    /// Keys read but without effect on the embedded store, for the startup log.
+    pub fn unused_here(&self) -> Vec<String> {
+        let mut unused = Vec::new();
+        if self.broker_url.is_some() {
+            unused.push("BrokerUrl is ignored: the embedded store needs no broker".to_owned());
+        }
+        if self.stream_creation_strategy.is_some() || !self.partition_mappings.is_empty() {
+            unused.push(
+                "StreamCreationStrategy and PartitionMappings are ignored: without a broker \
+                 sessions have no streams"
+                    .to_owned(),
+            );
+        }
+        if self.initialisation_timeout_seconds.is_some() {
+            unused.push(
+                "InitialisationTimeoutSeconds is ignored: Pitwall is ready once its store is \
+                 fully read, not after a quiet period"
+                    .to_owned(),
+            );
+        }
+        if self.use_remote_key_generator == Some(true) {
+            unused.push(
+                "UseRemoteKeyGenerator is not supported yet: session keys are generated locally"
+                    .to_owned(),
+            );
+        }
+        unused
+    }
+}
+
+/// Takes typed keys out of the JSON object, so what remains is what Pitwall does not read.
+struct Keys<'a> {
+    path: &'a Path,
+    map: &'a mut Map<String, Value>,
+}
+
+impl Keys<'_> {
+    /// The value of `key`; a JSON `null` counts as absent, as in the reference.
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn error(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Key {
+            path: self.path.to_owned(),
+            key,
+            problem: problem.into(),
+        }
+    }
+
+    fn unsigned(&mut self, key: &'static str) -> Result<Option<u64>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.error(key, format!("must be a non-negative integer, not {v}"))),
+        }
+    }
+
+    fn port(&mut self, key: &'static str) -> Result<Option<u16>, ConfigError> {
+        match self.unsigned(key)? {
+            None => Ok(None),
+            Some(n) => u16::try_from(n)
+                .map(Some)
+                .map_err(|_| self.error(key, format!("must be a port (0 to 65535), not {n}"))),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.error(key, format!("must be true or false, not {v}"))),
+        }
+    }
+
+    fn string(&mut self, key: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.error(key, format!("must be a string, not {v}"))),
+        }
+    }
+
+    fn strategy(&mut self, key: &'static str) -> Result<Option<u8>, ConfigError> {
+        match self.unsigned(key)? {
+            None => Ok(None),
+            Some(n @ (1 | 2)) => Ok(Some(n as u8)),
+            Some(n) => Err(self.error(
+                key,
+                format!("must be 1 (partition-based) or 2 (topic-based), not {n}"),
+            )),
+        }
+    }
+
+    fn partition_mappings(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Vec<PartitionMapping>, ConfigError> {
+        let Some(value) = self.take(key) else {
+            return Ok(Vec::new());
+        };
+        let shape = r#"must be a list of {"Stream": name, "Partition": n}"#;
+        let Value::Array(items) = value else {
+            return Err(self.error(key, shape));
+        };
+        items
+            .iter()
+            .map(|item| {
+                let stream = item.get("Stream").and_then(Value::as_str);
+                let partition = item
+                    .get("Partition")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u32::try_from(p).ok());
+                match (stream, partition) {
+                    (Some(stream), Some(partition)) => Ok(PartitionMapping {
+                        stream: stream.to_owned(),
+                        partition,
+                    }),
+                    _ => Err(self.error(key, format!("{shape}; found {item}"))),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<AppConfig, ConfigError> {
+        let Value::Object(map) = serde_json::from_str(json).unwrap() else {
+            panic!("test JSON must be an object");
+        };
+        AppConfig::from_map(Path::new("AppConfig.json"), map)
+    }
+
+    #[test]
+    fn the_reference_sample_is_read() {
+        let config = parse(
+            r#"{
+                "StreamCreationStrategy": 1,
+                "BrokerUrl": "localhost:9092",
+                "PartitionMappings": [
+                    {"Stream": "Stream1", "Partition": 1},
+                    {"Stream": "Stream2", "Partition": 2}
+                ],
+                "StreamApiPort": 13579,
+                "IntegrateSessionManagement": true,
+                "IntegrateDataFormatManagement": true,
+                "UseRemoteKeyGenerator": false,
+                "RemoteKeyGeneratorServiceAddress": "",
+                "BatchingResponses": false,
+                "PrometheusMetricPort": 10010
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(config.stream_api_port, Some(13579));
+        assert_eq!(config.prometheus_metric_port, Some(10010));
+        assert_eq!(config.partition_mappings.len(), 2);
+        assert_eq!(config.notes.len(), 2, "{:?}", config.notes);
+    }
+
+    #[test]
+    fn unknown_and_wrongly_cased_keys_are_reported() {
+        let config = parse(r#"{"streamApiPort": 1, "Colour": "red"}"#).unwrap();
+        assert_eq!(config.stream_api_port, None);
+        assert_eq!(config.notes.len(), 2);
+        assert!(config.notes.iter().any(|n| n.contains("'streamApiPort'")));
+    }
+
+    #[test]
+    fn a_wrongly_typed_key_names_the_key() {
+        let err = parse(r#"{"StreamApiPort": "13579"}"#).unwrap_err();
+        assert!(err.to_string().contains("StreamApiPort"), "{err}");
+        assert!(parse(r#"{"StreamApiPort": 70000}"#).is_err());
+        assert!(parse(r#"{"StreamCreationStrategy": 3}"#).is_err());
+    }
+
+    #[test]
+    fn null_values_take_the_default() {
+        assert_eq!(parse(r#"{"StreamApiPort": null}"#).unwrap().stream_api_port, None);
+    }
+
+    #[test]
+    fn config_ports_apply_only_when_no_flag_gave_the_address() {
+        let app = parse(r#"{"StreamApiPort": 1234, "PrometheusMetricPort": 4321}"#).unwrap();
+        let mut config = Config::default();
+        app.apply_to(&mut config, false, true);
+        assert_eq!(config.listen.port(), 1234);
+        assert_eq!(config.metrics_listen.port(), DEFAULT_METRICS_PORT);
+    }
+
+    #[test]
+    fn the_feature_switch_is_read() {
+        let app = parse(r#"{"IntegrateSessionManagement": false}"#).unwrap();
+        let mut config = Config::default();
+        app.apply_to(&mut config, false, false);
+        assert!(!config.integrate_session_management);
+    }
+}

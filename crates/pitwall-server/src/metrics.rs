@@ -1,0 +1,180 @@
+//! Prometheus metrics of one server instance, served as text format 0.0.4 on `/metrics`.
+//!
+//! `stream_api_sessions_total` keeps the reference's name (dashboards use it) although a gauge
+//! ending in `_total` breaks OpenMetrics naming; this exporter writes names unchanged.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets from 50 µs to 5 s: a durable commit is a few fsyncs, a read microseconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0,
+];
+
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Sessions known per data source, completed included (the reference's gauge).
+    pub sessions_total: IntGaugeVec,
+    /// Sessions per data source and state (`live`, `completed`).
+    pub sessions: IntGaugeVec,
+    pub rpc_requests: IntCounterVec,
+    pub rpc_duration: HistogramVec,
+    pub commit_duration: Histogram,
+    pub commit_batch_size: Histogram,
+    pub write_queue_depth: IntGauge,
+    pub notification_streams: IntGaugeVec,
+    pub notifications_sent: IntCounterVec,
+    pub subscribers_cut_off: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let sessions_total = IntGaugeVec::new(
+            Opts::new("stream_api_sessions_total", "Number of session available"),
+            &["data_source"],
+        )
+        .expect("valid metric");
+        let sessions = IntGaugeVec::new(
+            Opts::new("pitwall_sessions", "Sessions by data source and state (live, completed)"),
+            &["data_source", "state"],
+        )
+        .expect("valid metric");
+        let rpc_requests = IntCounterVec::new(
+            Opts::new(
+                "pitwall_rpc_requests_total",
+                "gRPC requests by method and outcome (success, a refusal class, or an error status)",
+            ),
+            &["method", "outcome"],
+        )
+        .expect("valid metric");
+        let rpc_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pitwall_rpc_duration_seconds",
+                "gRPC request handling time by method and outcome",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["method", "outcome"],
+        )
+        .expect("valid metric");
+        let commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pitwall_store_commit_duration_seconds",
+                "Time to make one batch of writes durable",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let commit_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "pitwall_store_commit_batch_size",
+                "Write requests answered by one durable commit",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let write_queue_depth = IntGauge::new(
+            "pitwall_write_queue_depth",
+            "Write requests waiting for the writer",
+        )
+        .expect("valid metric");
+        let notification_streams = IntGaugeVec::new(
+            Opts::new(
+                "pitwall_notification_streams",
+                "Open notification streams by kind (start, stop)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let notifications_sent = IntCounterVec::new(
+            Opts::new(
+                "pitwall_notifications_sent_total",
+                "Notifications queued to subscribers, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let subscribers_cut_off = IntCounterVec::new(
+            Opts::new(
+                "pitwall_notification_subscribers_cut_off_total",
+                "Notification streams ended because the subscriber fell too far behind",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(sessions_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sessions.clone()),
+            Box::new(rpc_requests.clone()),
+            Box::new(rpc_duration.clone()),
+            Box::new(commit_duration.clone()),
+            Box::new(commit_batch_size.clone()),
+            Box::new(write_queue_depth.clone()),
+            Box::new(notification_streams.clone()),
+            Box::new(notifications_sent.clone()),
+            Box::new(subscribers_cut_off.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            sessions_total,
+            sessions,
+            rpc_requests,
+            rpc_duration,
+            commit_duration,
+            commit_batch_size,
+            write_queue_depth,
+            notification_streams,
+            notifications_sent,
+            subscribers_cut_off,
+        }
+    }
+
+    pub fn observe_rpc(&self, method: &str, outcome: &str, elapsed: Duration) {
+        self.rpc_requests
+            .with_label_values(&[method, outcome])
+            .inc();
+        self.rpc_duration
+            .with_label_values(&[method, outcome])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the per-data-source session gauges.
+    pub fn set_session_counts(&self, data_source: &str, total: usize, completed: usize) {
+        self.sessions_total
+            .with_label_values(&[data_source])
+            .set(total as i64);
+        self.sessions
+            .with_label_values(&[data_source, "live"])
+            .set((total - completed) as i64);
+        self.sessions
+            .with_label_values(&[data_source, "completed"])
+            .set(completed as i64);
+    }
+
+    /// The exposition in Prometheus text format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -1,0 +1,392 @@
+//! The `ma.streaming.api.v1.SessionManagementService` over the engine.
+//!
+//! Expected failures (unknown key, invalid input, feature disabled) answer the normal response
+//! with `success = false` and the reason in the `pitwall-error` metadata key; gRPC statuses are
+//! kept for what is not the client's fault (storage, overload, shutdown).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use pitwall_core::{Command, Decision, Limits, Record, Rejection, Session};
+use pitwall_proto::api::session_management_service_server::SessionManagementService;
+use pitwall_proto::api::*;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::engine::{Engine, WriteError};
+use crate::metrics::Metrics;
+use crate::notify::{FellBehind, Hub, Kind};
+use crate::shutdown::Shutdown;
+
+/// Response metadata key carrying the reason of a `success = false` answer.
+pub const ERROR_METADATA_KEY: &str = "pitwall-error";
+
+pub struct SessionService {
+    engine: Engine,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    limits: Limits,
+    enabled: bool,
+    shutdown: Shutdown,
+}
+
+/// Why a request did not succeed.
+enum Failure {
+    /// Expected: answered with `success = false` and a reason.
+    Refused {
+        session_key: String,
+        rejection: Rejection,
+    },
+    /// Not the client's fault: answered with a gRPC status.
+    Error(Status),
+}
+
+impl Failure {
+    fn refused(session_key: &str, rejection: Rejection) -> Failure {
+        Failure::Refused {
+            session_key: session_key.to_owned(),
+            rejection,
+        }
+    }
+}
+
+type NotificationStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl SessionService {
+    pub fn new(
+        engine: Engine,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        limits: Limits,
+        enabled: bool,
+        shutdown: Shutdown,
+    ) -> SessionService {
+        SessionService {
+            engine,
+            hub,
+            metrics,
+            limits,
+            enabled,
+            shutdown,
+        }
+    }
+
+    fn check_enabled(&self, session_key: &str) -> Result<(), Failure> {
+        if self.enabled {
+            Ok(())
+        } else {
+            Err(Failure::refused(session_key, Rejection::Disabled))
+        }
+    }
+
+    /// Validates, then hands the command to the writer and waits for it to be durable.
+    async fn write(&self, command: Command) -> Result<Decision, Failure> {
+        let session_key = command.session_key().to_owned();
+        self.check_enabled(&session_key)?;
+        command
+            .validate(&self.limits)
+            .map_err(|rejection| Failure::refused(&session_key, rejection))?;
+        self.engine.submit(command).await.map_err(|e| match e {
+            WriteError::Rejected(rejection) => Failure::refused(&session_key, rejection),
+            WriteError::Overloaded(_) => Failure::Error(Status::resource_exhausted(e.to_string())),
+            WriteError::Unavailable(_) | WriteError::ShuttingDown => {
+                Failure::Error(Status::unavailable(e.to_string()))
+            }
+        })
+    }
+
+    /// Turns an outcome into the gRPC answer, with metrics and the refusal log line.
+    fn answer<T: Default>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        result: Result<T, Failure>,
+    ) -> Result<Response<T>, Status> {
+        match result {
+            Ok(response) => {
+                self.metrics
+                    .observe_rpc(method, "success", started.elapsed());
+                Ok(Response::new(response))
+            }
+            Err(Failure::Refused {
+                session_key,
+                rejection,
+            }) => {
+                self.metrics
+                    .observe_rpc(method, rejection.class(), started.elapsed());
+                warn!(rpc = method, session_key = %session_key, reason = %rejection, "request refused");
+                let mut response = Response::new(T::default());
+                response
+                    .metadata_mut()
+                    .insert(ERROR_METADATA_KEY, ascii_metadata(&rejection.to_string()));
+                Ok(response)
+            }
+            Err(Failure::Error(status)) => {
+                self.metrics
+                    .observe_rpc(method, status_label(status.code()), started.elapsed());
+                warn!(rpc = method, code = ?status.code(), message = status.message(), "request failed");
+                Err(status)
+            }
+        }
+    }
+
+    fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
+        self.check_enabled(session_key)?;
+        let projection = self.engine.read();
+        let session = projection
+            .get(session_key)
+            .ok_or_else(|| Failure::refused(session_key, Rejection::UnknownSession(session_key.into())))?;
+        Ok(info_response(session))
+    }
+
+    /// A notification stream of `kind` for `data_source`; with the feature off, a stream that
+    /// stays open and silent until the client leaves or the server stops.
+    fn notifications<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        kind: Kind,
+        data_source: String,
+        make: fn(String, String) -> T,
+    ) -> Result<Response<NotificationStream<T>>, Status> {
+        let started = Instant::now();
+        if !self.enabled {
+            let shutdown = self.shutdown.clone();
+            let silent = futures::stream::once(async move { shutdown.wait().await })
+                .filter_map(|()| async { None });
+            self.metrics.observe_rpc(method, "disabled", started.elapsed());
+            return Ok(Response::new(Box::pin(silent)));
+        }
+        let subscription = self.hub.subscribe(kind, &data_source);
+        let stream = subscription.map(move |item| match item {
+            Ok(session_key) => Ok(make(session_key.to_string(), data_source.clone())),
+            Err(FellBehind { queue }) => Err(Status::resource_exhausted(format!(
+                "subscriber fell more than {queue} notifications behind and was cut off; \
+                 subscribe again and re-read the sessions"
+            ))),
+        });
+        self.metrics.observe_rpc(method, "success", started.elapsed());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl SessionManagementService for SessionService {
+    async fn create_session(
+        &self,
+        request: Request<CreateSessionRequest>,
+    ) -> Result<Response<CreateSessionResponse>, Status> {
+        let started = Instant::now();
+        let session_key = Uuid::new_v4().to_string();
+        let command = Command::Create {
+            session_key: session_key.clone(),
+            request: request.into_inner(),
+        };
+        let result = self.write(command).await.and_then(|decision| match decision {
+            Decision::Append(Record::NewSession { packet, .. }) => Ok(CreateSessionResponse {
+                session_key,
+                new_session: Some(packet),
+                success: true,
+            }),
+            other => Err(unexpected("CreateSession", &other)),
+        });
+        self.answer("CreateSession", started, result)
+    }
+
+    async fn end_session(
+        &self,
+        request: Request<EndSessionRequest>,
+    ) -> Result<Response<EndSessionResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let requested_data_source = request.data_source.clone();
+        let result = self.write(Command::End(request)).await.and_then(|decision| {
+            let packet = match decision {
+                Decision::Append(Record::EndOfSession { packet, .. }) => packet,
+                Decision::AlreadyEnded(packet) => packet,
+                other => return Err(unexpected("EndSession", &other)),
+            };
+            if !requested_data_source.is_empty() && requested_data_source != packet.data_source {
+                info!(
+                    requested = %requested_data_source,
+                    session = %packet.data_source,
+                    "EndSession named another data source than the session's; the session's is used"
+                );
+            }
+            Ok(EndSessionResponse {
+                end_session: Some(packet),
+                success: true,
+            })
+        });
+        self.answer("EndSession", started, result)
+    }
+
+    async fn get_current_sessions(
+        &self,
+        request: Request<GetCurrentSessionsRequest>,
+    ) -> Result<Response<GetCurrentSessionsResponse>, Status> {
+        let started = Instant::now();
+        let data_source = request.into_inner().data_source;
+        let result = self.check_enabled("").map(|()| GetCurrentSessionsResponse {
+            session_keys: self.engine.read().keys_of(&data_source).to_vec(),
+            success: true,
+        });
+        self.answer("GetCurrentSessions", started, result)
+    }
+
+    async fn get_session_info(
+        &self,
+        request: Request<GetSessionInfoRequest>,
+    ) -> Result<Response<GetSessionInfoResponse>, Status> {
+        let started = Instant::now();
+        let result = self.session_info(&request.into_inner().session_key);
+        self.answer("GetSessionInfo", started, result)
+    }
+
+    type GetSessionStartNotificationStream =
+        NotificationStream<GetSessionStartNotificationResponse>;
+
+    async fn get_session_start_notification(
+        &self,
+        request: Request<GetSessionStartNotificationRequest>,
+    ) -> Result<Response<Self::GetSessionStartNotificationStream>, Status> {
+        self.notifications(
+            "GetSessionStartNotification",
+            Kind::Start,
+            request.into_inner().data_source,
+            |session_key, data_source| GetSessionStartNotificationResponse {
+                session_key,
+                data_source,
+            },
+        )
+    }
+
+    type GetSessionStopNotificationStream = NotificationStream<GetSessionStopNotificationResponse>;
+
+    async fn get_session_stop_notification(
+        &self,
+        request: Request<GetSessionStopNotificationRequest>,
+    ) -> Result<Response<Self::GetSessionStopNotificationStream>, Status> {
+        self.notifications(
+            "GetSessionStopNotification",
+            Kind::Stop,
+            request.into_inner().data_source,
+            |session_key, data_source| GetSessionStopNotificationResponse {
+                session_key,
+                data_source,
+            },
+        )
+    }
+
+    async fn update_session_identifier(
+        &self,
+        request: Request<UpdateSessionIdentifierRequest>,
+    ) -> Result<Response<UpdateSessionIdentifierResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .write(Command::UpdateIdentifier(request.into_inner()))
+            .await
+            .map(|_| UpdateSessionIdentifierResponse { success: true });
+        self.answer("UpdateSessionIdentifier", started, result)
+    }
+
+    async fn add_associate_session(
+        &self,
+        request: Request<AddAssociateSessionRequest>,
+    ) -> Result<Response<AddAssociateSessionResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .write(Command::AddAssociate(request.into_inner()))
+            .await
+            .map(|_| AddAssociateSessionResponse { success: true });
+        self.answer("AddAssociateSession", started, result)
+    }
+
+    async fn update_session_details(
+        &self,
+        request: Request<UpdateSessionDetailsRequest>,
+    ) -> Result<Response<UpdateSessionDetailsResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .write(Command::UpdateDetails(request.into_inner()))
+            .await
+            .map(|_| UpdateSessionDetailsResponse { success: true });
+        self.answer("UpdateSessionDetails", started, result)
+    }
+}
+
+/// `GetSessionInfo`'s view of a session.
+fn info_response(session: &Session) -> GetSessionInfoResponse {
+    let offset_of = |topic: String| {
+        session
+            .start_offsets
+            .get(&format!("{topic}:0"))
+            .copied()
+            .unwrap_or(0)
+    };
+    GetSessionInfoResponse {
+        data_source: session.data_source.clone(),
+        identifier: session.identifier.clone(),
+        r#type: session.session_type.clone(),
+        version: session.version,
+        associate_session_keys: session.associates.clone(),
+        is_complete: session.is_complete(),
+        // Streams come from a data plane; the embedded store has none.
+        streams: Vec::new(),
+        topic_partition_offsets: session.start_offsets.clone(),
+        main_offset: offset_of(session.data_source.clone()),
+        essentials_offset: offset_of(format!("{}_essential", session.data_source)),
+        details: session.details.clone(),
+        utc_offset: Some(session.utc_offset),
+        success: true,
+        creation_time: session.creation_time,
+        termination_time: session.termination_time(),
+    }
+}
+
+fn unexpected(method: &str, decision: &Decision) -> Failure {
+    Failure::Error(Status::internal(format!(
+        "{method}: unexpected outcome {decision:?}"
+    )))
+}
+
+fn status_label(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::Internal => "internal",
+        Code::Cancelled => "cancelled",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        _ => "error",
+    }
+}
+
+/// Metadata values must be visible ASCII: anything else is written as a Rust escape.
+fn ascii_metadata(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
+    let mut ascii = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (' '..='~').contains(&c) {
+            ascii.push(c);
+        } else {
+            ascii.extend(c.escape_default());
+        }
+    }
+    MetadataValue::try_from(ascii).unwrap_or_else(|_| MetadataValue::from_static("refused"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_made_ascii_for_metadata() {
+        let value = ascii_metadata("data_source 'é\n' contains 'é'");
+        assert_eq!(
+            value.to_str().unwrap(),
+            "data_source '\\u{e9}\\n' contains '\\u{e9}'"
+        );
+    }
+}

@@ -1,0 +1,95 @@
+//! The command line. Every flag has a `PITWALL_*` environment variable; a flag wins over its
+//! variable, both win over `AppConfig.json`, which wins over the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "pitwall", version, about = "The Stream API session service")]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(Box<ServeArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive list.
+    #[arg(long, global = true, env = "PITWALL_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "PITWALL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC address [default: 0.0.0.0:13579, or StreamApiPort from --config]. Port 0 picks a
+    /// free port.
+    #[arg(long, env = "PITWALL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP address for /metrics, /healthz, /readyz [default: 0.0.0.0:2468, or
+    /// PrometheusMetricPort from --config].
+    #[arg(long, env = "PITWALL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the embedded store; created if missing, locked while in use.
+    #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+    pub data_dir: PathBuf,
+    /// A reference-format AppConfig.json.
+    #[arg(long, env = "PITWALL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "PITWALL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Notifications a subscriber may fall behind by before its stream is ended.
+    #[arg(long, env = "PITWALL_SUBSCRIBER_QUEUE", default_value_t = 10_000)]
+    pub subscriber_queue: usize,
+    /// Writes waiting for the writer before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PITWALL_WRITE_QUEUE", default_value_t = 16_384)]
+    pub write_queue: usize,
+    /// Most writes made durable by one commit.
+    #[arg(long, env = "PITWALL_MAX_BATCH", default_value_t = 1024)]
+    pub max_batch: usize,
+    /// Page cache of the embedded store, in bytes.
+    #[arg(long, env = "PITWALL_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub store_cache_bytes: usize,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits on session content (inclusive).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    #[arg(long, env = "PITWALL_MAX_DATA_SOURCE_BYTES", default_value_t = 249)]
+    pub max_data_source_bytes: usize,
+    #[arg(long, env = "PITWALL_MAX_DETAIL_KEY_BYTES", default_value_t = 256)]
+    pub max_detail_key_bytes: usize,
+    #[arg(long, env = "PITWALL_MAX_DETAIL_VALUE_BYTES", default_value_t = 64 * 1024)]
+    pub max_detail_value_bytes: usize,
+    #[arg(long, env = "PITWALL_MAX_DETAILS", default_value_t = 1024)]
+    pub max_details: usize,
+    #[arg(long, env = "PITWALL_MAX_ASSOCIATES", default_value_t = 256)]
+    pub max_associates: usize,
+    #[arg(long, env = "PITWALL_MAX_TYPE_BYTES", default_value_t = 256)]
+    pub max_type_bytes: usize,
+    #[arg(long, env = "PITWALL_MAX_IDENTIFIER_BYTES", default_value_t = 1024)]
+    pub max_identifier_bytes: usize,
+    /// Encoded size of a whole session.
+    #[arg(long, env = "PITWALL_MAX_SESSION_BYTES", default_value_t = 1024 * 1024)]
+    pub max_session_bytes: usize,
+}

@@ -1,0 +1,77 @@
+//! `pitwall serve`: builds the config, starts the server, and stops it gracefully on SIGINT or
+//! SIGTERM.
+
+use anyhow::Context;
+use pitwall_server::config::Config;
+use pitwall_server::{AppConfig, Limits};
+use tracing::{info, warn};
+
+use crate::cli::ServeArgs;
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    let server = pitwall_server::start(config).await?;
+    let shutdown = server.shutdown_handle();
+    tokio::spawn(async move {
+        match wait_for_signal().await {
+            Ok(signal) => info!(signal, "signal received"),
+            Err(e) => warn!(error = %e, "cannot listen for signals; stopping"),
+        }
+        shutdown.trigger();
+    });
+    server.wait().await.context("server stopped with an error")
+}
+
+fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let defaults = Config::default();
+    let mut config = Config {
+        listen: args.listen.unwrap_or(defaults.listen),
+        metrics_listen: args.metrics_listen.unwrap_or(defaults.metrics_listen),
+        data_dir: args.data_dir.clone(),
+        integrate_session_management: true,
+        limits: Limits {
+            data_source_bytes: args.limits.max_data_source_bytes,
+            detail_key_bytes: args.limits.max_detail_key_bytes,
+            detail_value_bytes: args.limits.max_detail_value_bytes,
+            details_per_session: args.limits.max_details,
+            associates_per_session: args.limits.max_associates,
+            type_bytes: args.limits.max_type_bytes,
+            identifier_bytes: args.limits.max_identifier_bytes,
+            session_bytes: args.limits.max_session_bytes,
+        },
+        max_message_bytes: args.max_message_bytes,
+        subscriber_queue: args.subscriber_queue,
+        write_queue: args.write_queue,
+        max_batch: args.max_batch,
+        store_cache_bytes: args.store_cache_bytes,
+    };
+    if let Some(path) = &args.config {
+        let app = AppConfig::load(path)?;
+        for note in app.notes.iter().chain(&app.unused_here()) {
+            info!(config = %path.display(), "{note}");
+        }
+        app.apply_to(
+            &mut config,
+            args.listen.is_some(),
+            args.metrics_listen.is_some(),
+        );
+    }
+    Ok(config)
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        _ = interrupt.recv() => Ok("SIGINT"),
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    tokio::signal::ctrl_c().await?;
+    Ok("Ctrl-C")
+}
