@@ -1,0 +1,345 @@
+"""Interoperability tests: a Python gRPC client, with stubs generated from proto/, against a
+running `pitwall serve`.
+
+The binary is `$PITWALL_BIN` if set, else `<repo>/target/debug/pitwall` (built by
+`cargo build --bin pitwall`).
+"""
+
+import importlib
+import importlib.resources
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_tools import protoc
+
+REPO = Path(__file__).resolve().parents[2]
+PROTO_ROOT = REPO / "proto"
+PROTO_FILES = [
+    "ma/streaming/api/v1/api.proto",
+    "ma/streaming/open_data/v1/open_data.proto",
+]
+READY_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 30
+WAIT_S = 10  # for stream metadata and messages
+RPC_TIMEOUT_S = 10
+ERROR_KEY = "pitwall-error"
+READY_RE = re.compile(r"pitwall ready.*grpc=127\.0\.0\.1:(\d+) metrics=127\.0\.0\.1:(\d+)")
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def api(tmp_path_factory):
+    """Generates the Python stubs into a temp dir and returns (api_pb2, api_pb2_grpc)."""
+    out = tmp_path_factory.mktemp("stubs")
+    well_known = importlib.resources.files("grpc_tools") / "_proto"
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{well_known}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            *PROTO_FILES,
+        ]
+    )
+    assert rc == 0, f"grpc_tools.protoc failed with exit code {rc}"
+    sys.path.insert(0, str(out))
+    try:
+        pb2 = importlib.import_module("ma.streaming.api.v1.api_pb2")
+        pb2_grpc = importlib.import_module("ma.streaming.api.v1.api_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+    return pb2, pb2_grpc
+
+
+class Server:
+    """`pitwall serve` as a subprocess, its stderr read by a background thread."""
+
+    def __init__(self, binary, data_dir):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PITWALL_")}
+        env["PITWALL_LOG"] = "info"
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(data_dir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines = []
+        self.grpc_port = None
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self.reader.start()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            match = READY_RE.search(line)
+            if match and not self.ready.is_set():
+                self.grpc_port = int(match.group(1))
+                self.ready.set()
+        self.ready.set()  # stderr closed: the process ended (or closed it)
+
+    def log(self):
+        return "\n".join(self.lines[-50:])
+
+    def wait_ready(self):
+        if self.ready.wait(READY_TIMEOUT_S) and self.grpc_port is not None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            why = (
+                f"did not log a 'pitwall ready ... grpc=127.0.0.1:PORT' line "
+                f"within {READY_TIMEOUT_S} s"
+            )
+        else:
+            why = f"exited with code {self.proc.returncode} before logging 'pitwall ready'"
+        self.reader.join(5)
+        pytest.fail(f"pitwall {why}; stderr:\n{self.log()}")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"pitwall did not stop within {STOP_TIMEOUT_S} s of SIGTERM:\n{self.log()}")
+        self.reader.join(5)
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    binary = Path(os.environ.get("PITWALL_BIN") or REPO / "target" / "debug" / "pitwall")
+    if not binary.is_file():
+        pytest.fail(f"{binary} does not exist; build it with `cargo build --bin pitwall`")
+    srv = Server(binary, tmp_path_factory.mktemp("pitwall-data"))
+    srv.wait_ready()
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"pitwall exited with {code} after SIGTERM; stderr:\n{srv.log()}"
+
+
+@pytest.fixture
+def stub(server, api):
+    _, pb2_grpc = api
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    grpc.channel_ready_future(channel).result(timeout=RPC_TIMEOUT_S)
+    yield pb2_grpc.SessionManagementServiceStub(channel)
+    channel.close()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+class Watch:
+    """Consumes a server stream in a thread: `subscribed` is set once its initial metadata has
+    arrived, and messages (or the error that ended the stream) go to a queue."""
+
+    def __init__(self, call):
+        self.call = call
+        self.subscribed = threading.Event()
+        self.messages = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.call.initial_metadata()
+            self.subscribed.set()
+            for message in self.call:
+                self.messages.put(message)
+        except grpc.RpcError as error:
+            self.messages.put(error)
+
+    def wait_subscribed(self):
+        assert self.subscribed.wait(WAIT_S), "no initial metadata on the notification stream"
+
+    def next(self):
+        try:
+            item = self.messages.get(timeout=WAIT_S)
+        except queue.Empty:
+            pytest.fail(f"no notification within {WAIT_S} s")
+        if isinstance(item, grpc.RpcError):
+            pytest.fail(f"notification stream ended: {item.code()} {item.details()}")
+        return item
+
+    def close(self):
+        self.call.cancel()
+        self.thread.join(5)
+
+
+def unique_source(name):
+    return f"py-{name}-{uuid.uuid4().hex[:8]}"
+
+
+def error_reasons(call):
+    """Values of the `pitwall-error` key in a call's initial and trailing metadata."""
+    metadata = list(call.initial_metadata() or ()) + list(call.trailing_metadata() or ())
+    return [value for key, value in metadata if key == ERROR_KEY]
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_seed_scenario(stub, api):
+    pb2, _ = api
+    source = unique_source("seed")
+
+    starts = Watch(
+        stub.GetSessionStartNotification(
+            pb2.GetSessionStartNotificationRequest(data_source=source), timeout=60
+        )
+    )
+    stops = Watch(
+        stub.GetSessionStopNotification(
+            pb2.GetSessionStopNotificationRequest(data_source=source), timeout=60
+        )
+    )
+    try:
+        starts.wait_subscribed()
+        stops.wait_subscribed()
+
+        request = pb2.CreateSessionRequest(
+            data_source=source,
+            identifier="Silverstone FP1",
+            details={"driver": "A", "track": "Silverstone"},
+        )
+        request.utc_offset.FromSeconds(3600)
+        created = stub.CreateSession(request, timeout=RPC_TIMEOUT_S)
+        assert created.success
+        key = created.session_key
+        assert str(uuid.UUID(key)) == key, f"session key {key!r} is not a lowercase UUID"
+
+        new = created.new_session
+        assert new.data_source == source
+        assert dict(new.topic_partition_offsets) == {f"{source}:0": 0, f"{source}_essential:0": 0}
+        assert new.utc_offset.ToSeconds() == 3600
+        assert new.HasField("creation_time")
+        assert abs(new.creation_time.ToSeconds() - time.time()) < 300
+        assert new.HasField("session_info")
+        assert new.session_info.type == "Session"
+        assert new.session_info.version == 1
+        assert new.session_info.identifier == "Silverstone FP1"
+        assert dict(new.session_info.details) == {"driver": "A", "track": "Silverstone"}
+
+        start = starts.next()
+        assert (start.session_key, start.data_source) == (key, source)
+
+        updated = stub.UpdateSessionDetails(
+            pb2.UpdateSessionDetailsRequest(
+                session_key=key, details={"driver": "B", "weather": "dry"}
+            ),
+            timeout=RPC_TIMEOUT_S,
+        )
+        assert updated.success
+
+        info = stub.GetSessionInfo(
+            pb2.GetSessionInfoRequest(session_key=key), timeout=RPC_TIMEOUT_S
+        )
+        assert info.success
+        assert info.data_source == source
+        assert dict(info.details) == {"driver": "B", "track": "Silverstone", "weather": "dry"}
+        assert info.identifier == "Silverstone FP1"
+        assert info.type == "Session"
+        assert info.version == 1
+        assert not info.is_complete
+        assert info.main_offset == 0
+        assert info.essentials_offset == 0
+        assert info.utc_offset.ToSeconds() == 3600
+        assert info.creation_time == new.creation_time
+        assert not info.HasField("termination_time")
+
+        current = stub.GetCurrentSessions(
+            pb2.GetCurrentSessionsRequest(data_source=source), timeout=RPC_TIMEOUT_S
+        )
+        assert current.success
+        assert list(current.session_keys) == [key]
+
+        ended = stub.EndSession(
+            pb2.EndSessionRequest(data_source=source, session_key=key), timeout=RPC_TIMEOUT_S
+        )
+        assert ended.success
+        assert ended.end_session.data_source == source
+        assert ended.end_session.HasField("termination_time")
+
+        stop = stops.next()
+        assert (stop.session_key, stop.data_source) == (key, source)
+
+        info = stub.GetSessionInfo(
+            pb2.GetSessionInfoRequest(session_key=key), timeout=RPC_TIMEOUT_S
+        )
+        assert info.success
+        assert info.is_complete
+        assert info.HasField("termination_time")
+        assert info.termination_time == ended.end_session.termination_time
+        assert dict(info.details) == {"driver": "B", "track": "Silverstone", "weather": "dry"}
+
+        again = stub.EndSession(
+            pb2.EndSessionRequest(data_source=source, session_key=key), timeout=RPC_TIMEOUT_S
+        )
+        assert again.success
+        assert again.end_session == ended.end_session
+
+        current = stub.GetCurrentSessions(
+            pb2.GetCurrentSessionsRequest(data_source=source), timeout=RPC_TIMEOUT_S
+        )
+        assert list(current.session_keys) == [key], "completed sessions stay listed"
+    finally:
+        starts.close()
+        stops.close()
+
+
+def test_unknown_session_key_is_refused_with_a_reason(stub, api):
+    pb2, _ = api
+    key = str(uuid.uuid4())
+    response, call = stub.GetSessionInfo.with_call(
+        pb2.GetSessionInfoRequest(session_key=key), timeout=RPC_TIMEOUT_S
+    )
+    assert call.code() == grpc.StatusCode.OK
+    assert not response.success
+    reasons = error_reasons(call)
+    assert reasons, f"no {ERROR_KEY!r} metadata on a refused GetSessionInfo"
+    assert any(key in reason for reason in reasons), reasons
+
+
+def test_invalid_data_source_is_refused_and_creates_nothing(stub, api):
+    pb2, _ = api
+    source = "bad source"
+    response, call = stub.CreateSession.with_call(
+        pb2.CreateSessionRequest(data_source=source), timeout=RPC_TIMEOUT_S
+    )
+    assert call.code() == grpc.StatusCode.OK
+    assert not response.success
+    assert response.session_key == ""
+    reasons = error_reasons(call)
+    assert reasons and all(reason.strip() for reason in reasons), reasons
+
+    current = stub.GetCurrentSessions(
+        pb2.GetCurrentSessionsRequest(data_source=source), timeout=RPC_TIMEOUT_S
+    )
+    assert list(current.session_keys) == []
