@@ -32,6 +32,9 @@ pub enum Command {
 }
 
 /// What a command does once decided.
+// Most decisions are appends; boxing the record would add an allocation per write to shrink
+// values that only move once, from the writer to the waiting caller.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Append this record; the request succeeds once it is durable and applied.

@@ -52,7 +52,10 @@ pub async fn serve(
 }
 
 async fn metrics_page(State(state): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render())
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.metrics.render(),
+    )
 }
 
 async fn ready_page(State(state): State<AdminState>) -> impl IntoResponse {

@@ -99,7 +99,10 @@ pub enum ConfigError {
 
 /// Reference keys accepted for compatibility that do not affect Pitwall's session service.
 const IGNORED_KEYS: &[(&str, &str)] = &[
-    ("IntegrateDataFormatManagement", "the data-format service is not part of Pitwall yet"),
+    (
+        "IntegrateDataFormatManagement",
+        "the data-format service is not part of Pitwall yet",
+    ),
     ("BatchingResponses", "it affects only the data-plane reader"),
 ];
 
@@ -122,7 +125,10 @@ impl AppConfig {
     }
 
     fn from_map(path: &Path, mut map: Map<String, Value>) -> Result<AppConfig, ConfigError> {
-        let mut keys = Keys { path, map: &mut map };
+        let mut keys = Keys {
+            path,
+            map: &mut map,
+        };
         let mut config = AppConfig {
             stream_api_port: keys.port("StreamApiPort")?,
             prometheus_metric_port: keys.port("PrometheusMetricPort")?,
@@ -350,7 +356,10 @@ mod tests {
 
     #[test]
     fn null_values_take_the_default() {
-        assert_eq!(parse(r#"{"StreamApiPort": null}"#).unwrap().stream_api_port, None);
+        assert_eq!(
+            parse(r#"{"StreamApiPort": null}"#).unwrap().stream_api_port,
+            None
+        );
     }
 
     #[test]

@@ -44,6 +44,8 @@ struct Job {
     reply: oneshot::Sender<Result<Decision, WriteError>>,
 }
 
+// Nearly every message is a write; `Stop` is sent once, so its wasted size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Write(Job),
     Stop,
@@ -176,9 +178,7 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
-            self.metrics
-                .write_queue_depth
-                .set(receiver.len() as i64);
+            self.metrics.write_queue_depth.set(receiver.len() as i64);
             self.process(&mut batch);
         }
         receiver.close();
@@ -270,7 +270,13 @@ impl WriterState {
 /// The session after `record`, as [`Projection::apply`] will leave it.
 fn next_state(current: Option<&Session>, record: &Record, next_sequence: &mut u64) -> Session {
     match (record, current) {
-        (Record::NewSession { session_key, packet }, _) => {
+        (
+            Record::NewSession {
+                session_key,
+                packet,
+            },
+            _,
+        ) => {
             let session = Session::start(session_key, *next_sequence, packet);
             *next_sequence += 1;
             session

@@ -12,11 +12,13 @@ use prometheus::{
 
 /// Latency buckets from 50 µs to 5 s: a durable commit is a few fsyncs, a read microseconds.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
 ];
 
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -44,7 +46,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let sessions = IntGaugeVec::new(
-            Opts::new("pitwall_sessions", "Sessions by data source and state (live, completed)"),
+            Opts::new(
+                "pitwall_sessions",
+                "Sessions by data source and state (live, completed)",
+            ),
             &["data_source", "state"],
         )
         .expect("valid metric");
@@ -122,7 +127,9 @@ impl Metrics {
             Box::new(notifications_sent.clone()),
             Box::new(subscribers_cut_off.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         Metrics {
             registry,

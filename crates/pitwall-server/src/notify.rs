@@ -259,7 +259,11 @@ impl Drop for Subscription {
         if let Some(registration) = self.registration.take()
             && let Some(hub) = registration.hub.upgrade()
         {
-            hub.remove(registration.kind, &registration.data_source, registration.id);
+            hub.remove(
+                registration.kind,
+                &registration.data_source,
+                registration.id,
+            );
         }
     }
 }
@@ -291,8 +295,16 @@ mod tests {
             event(EventKind::Ended, "a", "ds"),
         ]);
         hub.close();
-        let starts: Vec<_> = starts.by_ref().map(|k| k.unwrap().to_string()).collect().await;
-        let stops: Vec<_> = stops.by_ref().map(|k| k.unwrap().to_string()).collect().await;
+        let starts: Vec<_> = starts
+            .by_ref()
+            .map(|k| k.unwrap().to_string())
+            .collect()
+            .await;
+        let stops: Vec<_> = stops
+            .by_ref()
+            .map(|k| k.unwrap().to_string())
+            .collect()
+            .await;
         assert_eq!(starts, vec!["a", "b"]);
         assert_eq!(stops, vec!["a"]);
     }

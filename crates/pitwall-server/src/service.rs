@@ -137,9 +137,9 @@ impl SessionService {
     fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
         self.check_enabled(session_key)?;
         let projection = self.engine.read();
-        let session = projection
-            .get(session_key)
-            .ok_or_else(|| Failure::refused(session_key, Rejection::UnknownSession(session_key.into())))?;
+        let session = projection.get(session_key).ok_or_else(|| {
+            Failure::refused(session_key, Rejection::UnknownSession(session_key.into()))
+        })?;
         Ok(info_response(session))
     }
 
@@ -157,7 +157,8 @@ impl SessionService {
             let shutdown = self.shutdown.clone();
             let silent = futures::stream::once(async move { shutdown.wait().await })
                 .filter_map(|()| async { None });
-            self.metrics.observe_rpc(method, "disabled", started.elapsed());
+            self.metrics
+                .observe_rpc(method, "disabled", started.elapsed());
             return Ok(Response::new(Box::pin(silent)));
         }
         let subscription = self.hub.subscribe(kind, &data_source);
@@ -168,7 +169,8 @@ impl SessionService {
                  subscribe again and re-read the sessions"
             ))),
         });
-        self.metrics.observe_rpc(method, "success", started.elapsed());
+        self.metrics
+            .observe_rpc(method, "success", started.elapsed());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -185,14 +187,17 @@ impl SessionManagementService for SessionService {
             session_key: session_key.clone(),
             request: request.into_inner(),
         };
-        let result = self.write(command).await.and_then(|decision| match decision {
-            Decision::Append(Record::NewSession { packet, .. }) => Ok(CreateSessionResponse {
-                session_key,
-                new_session: Some(packet),
-                success: true,
-            }),
-            other => Err(unexpected("CreateSession", &other)),
-        });
+        let result = self
+            .write(command)
+            .await
+            .and_then(|decision| match decision {
+                Decision::Append(Record::NewSession { packet, .. }) => Ok(CreateSessionResponse {
+                    session_key,
+                    new_session: Some(packet),
+                    success: true,
+                }),
+                other => Err(unexpected("CreateSession", &other)),
+            });
         self.answer("CreateSession", started, result)
     }
 

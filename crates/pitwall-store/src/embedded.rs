@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use pitwall_core::Session;
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
 };
 use thiserror::Error;
 
@@ -115,12 +116,11 @@ impl EmbeddedStore {
         let mut sessions = Vec::with_capacity(table.len()? as usize);
         for row in table.iter()? {
             let (key, value) = row?;
-            let session =
-                Session::decode(value.value()).map_err(|source| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    key: key.value().to_owned(),
-                    source,
-                })?;
+            let session = Session::decode(value.value()).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                key: key.value().to_owned(),
+                source,
+            })?;
             sessions.push(session);
         }
         sessions.sort_unstable_by_key(|s| s.sequence);

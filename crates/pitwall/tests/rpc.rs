@@ -1,0 +1,895 @@
+//! Every RPC of `SessionManagementService`, its success and failure paths, over real gRPC on
+//! loopback against an in-process server.
+
+mod support;
+
+use pitwall_proto::api::*;
+use prost_types::{Duration, Timestamp};
+use support::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn create_returns_a_lowercase_uuid_key_and_the_new_session_packet() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: "Car1".into(),
+            identifier: "FP1".into(),
+            details: [("driver".to_owned(), "X".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success);
+    let key = &response.session_key;
+    assert_eq!(key.len(), 36);
+    assert_eq!(key, &key.to_lowercase());
+    assert_eq!(
+        key.split('-').map(str::len).collect::<Vec<_>>(),
+        vec![8, 4, 4, 4, 12]
+    );
+    let packet = response.new_session.unwrap();
+    assert_eq!(packet.data_source, "Car1");
+    assert_eq!(
+        packet.topic_partition_offsets,
+        [("Car1:0".to_owned(), 0), ("Car1_essential:0".to_owned(), 0)].into()
+    );
+    let info = packet.session_info.unwrap();
+    assert_eq!(info.data_source, "Car1");
+    assert_eq!(info.identifier, "FP1");
+    assert_eq!(info.details.get("driver").map(String::as_str), Some("X"));
+    assert_eq!(info.creation_time, packet.creation_time);
+}
+
+#[tokio::test]
+async fn create_defaults_type_version_utc_offset_and_creation_time() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let packet = response.new_session.unwrap();
+    let info = packet.session_info.clone().unwrap();
+    assert_eq!(info.r#type, "Session");
+    assert_eq!(info.version, 1);
+    assert_eq!(packet.utc_offset, Some(Duration::default()));
+    let created = packet.creation_time.unwrap().seconds;
+    assert!(
+        created >= before && created <= before + 60,
+        "{created} vs {before}"
+    );
+
+    let stored = info_of(&mut client, &response.session_key).await;
+    assert_eq!(stored.r#type, "Session");
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.utc_offset, Some(Duration::default()));
+}
+
+async fn info_of(client: &mut Client, key: &str) -> GetSessionInfoResponse {
+    let response = info(client, key).await;
+    assert!(response.success);
+    response
+}
+
+#[tokio::test]
+async fn create_keeps_given_fields_and_collapses_duplicate_associates() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let creation_time = Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 5,
+    };
+    let utc_offset = Duration {
+        seconds: -5 * 3600,
+        nanos: 0,
+    };
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            r#type: "Dyno".into(),
+            version: 3,
+            utc_offset: Some(utc_offset),
+            identifier: "run 7".into(),
+            associate_session_key: vec!["p1".into(), "p2".into(), "p1".into()],
+            details: [("a".to_owned(), "1".to_owned())].into(),
+            creation_time: Some(creation_time),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stored = info_of(&mut client, &response.session_key).await;
+    assert_eq!(stored.r#type, "Dyno");
+    assert_eq!(stored.version, 3);
+    assert_eq!(stored.utc_offset, Some(utc_offset));
+    assert_eq!(stored.identifier, "run 7");
+    assert_eq!(stored.associate_session_keys, vec!["p1", "p2"]);
+    assert_eq!(stored.creation_time, Some(creation_time));
+    assert_eq!(stored.details.len(), 1);
+}
+
+#[tokio::test]
+async fn invalid_creates_are_refused_with_a_reason_and_change_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let base = CreateSessionRequest {
+        data_source: "ds".into(),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, CreateSessionRequest)> = vec![
+        (
+            "data_source",
+            CreateSessionRequest {
+                data_source: "bad source".into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "data_source is empty",
+            CreateSessionRequest {
+                data_source: String::new(),
+                ..base.clone()
+            },
+        ),
+        (
+            "250 bytes",
+            CreateSessionRequest {
+                data_source: "a".repeat(250),
+                ..base.clone()
+            },
+        ),
+        (
+            "type",
+            CreateSessionRequest {
+                r#type: "t".repeat(257),
+                ..base.clone()
+            },
+        ),
+        (
+            "identifier",
+            CreateSessionRequest {
+                identifier: "i".repeat(1025),
+                ..base.clone()
+            },
+        ),
+        (
+            "detail key",
+            CreateSessionRequest {
+                details: [("k".repeat(257), "v".to_owned())].into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "value",
+            CreateSessionRequest {
+                details: [("k".to_owned(), "v".repeat(64 * 1024 + 1))].into(),
+                ..base.clone()
+            },
+        ),
+        (
+            "1025 details",
+            CreateSessionRequest {
+                details: (0..1025)
+                    .map(|i| (format!("k{i}"), String::new()))
+                    .collect(),
+                ..base.clone()
+            },
+        ),
+        (
+            "associate",
+            CreateSessionRequest {
+                associate_session_key: vec![String::new()],
+                ..base.clone()
+            },
+        ),
+        (
+            "257 associate",
+            CreateSessionRequest {
+                associate_session_key: (0..257).map(|i| format!("a{i}")).collect(),
+                ..base.clone()
+            },
+        ),
+        (
+            "utc_offset",
+            CreateSessionRequest {
+                utc_offset: Some(Duration {
+                    seconds: 24 * 3600 + 1,
+                    nanos: 0,
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "opposite signs",
+            CreateSessionRequest {
+                utc_offset: Some(Duration {
+                    seconds: 10,
+                    nanos: -1,
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "creation_time",
+            CreateSessionRequest {
+                creation_time: Some(Timestamp {
+                    seconds: 0,
+                    nanos: 1_000_000_000,
+                }),
+                ..base.clone()
+            },
+        ),
+        (
+            "years 1 to 9999",
+            CreateSessionRequest {
+                creation_time: Some(Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                }),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (expected, request) in cases {
+        let data_source = request.data_source.clone();
+        let response = client.create_session(request).await.unwrap();
+        let why = reason(&response).unwrap_or_default();
+        let body = response.into_inner();
+        assert!(!body.success, "accepted a request with a bad {expected}");
+        assert_eq!(body, CreateSessionResponse::default());
+        assert!(
+            why.contains(expected),
+            "reason '{why}' should mention '{expected}'"
+        );
+        assert!(list(&mut client, &data_source).await.is_empty());
+    }
+    assert!(list(&mut client, "ds").await.is_empty());
+}
+
+#[tokio::test]
+async fn limits_are_inclusive_at_their_maximum() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: "a".repeat(249),
+            r#type: "t".repeat(256),
+            identifier: "i".repeat(1024),
+            associate_session_key: (0..256).map(|i| format!("a{i}")).collect(),
+            details: (0..1024)
+                .map(|i| (format!("{i:0>256}"), String::new()))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success);
+}
+
+#[tokio::test]
+async fn a_session_over_the_size_limit_is_refused() {
+    let server = TestServer::start_with(|c| c.limits.session_bytes = 10_000).await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let response = client
+        .update_session_details(UpdateSessionDetailsRequest {
+            session_key: key.clone(),
+            details: [("big".to_owned(), "v".repeat(20_000))].into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&response).unwrap().contains("bytes encoded"));
+    assert!(!response.into_inner().success);
+    assert!(info_of(&mut client, &key).await.details.is_empty());
+}
+
+#[tokio::test]
+async fn a_request_over_the_message_limit_gets_resource_exhausted() {
+    let server = TestServer::start_with(|c| c.max_message_bytes = 64 * 1024).await;
+    let mut client = server.client().await;
+    let status = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            details: [("k".to_owned(), "v".repeat(65 * 1024))].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(list(&mut client, "ds").await.is_empty());
+}
+
+#[tokio::test]
+async fn the_default_message_limit_is_four_mebibytes() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let status = client
+        .get_session_info(GetSessionInfoRequest {
+            session_key: "k".repeat(4 * 1024 * 1024 + 1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test]
+async fn ending_a_session_returns_its_end_packet_with_the_sessions_data_source() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let termination_time = Timestamp {
+        seconds: 4_000_000_000,
+        nanos: 0,
+    };
+    let response = client
+        .end_session(EndSessionRequest {
+            data_source: "some-other-source".into(),
+            session_key: key.clone(),
+            termination_time: Some(termination_time),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success);
+    let packet = response.end_session.unwrap();
+    assert_eq!(packet.data_source, "ds");
+    assert_eq!(packet.termination_time, Some(termination_time));
+    assert_eq!(
+        packet.topic_partition_offsets,
+        [("ds:0".to_owned(), 0), ("ds_essential:0".to_owned(), 0)].into()
+    );
+    let stored = info_of(&mut client, &key).await;
+    assert!(stored.is_complete);
+    assert_eq!(stored.termination_time, Some(termination_time));
+}
+
+#[tokio::test]
+async fn ending_without_termination_time_uses_the_server_clock() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let created = info_of(&mut client, &key).await.creation_time.unwrap();
+    let ended = end(&mut client, &key).await.end_session.unwrap();
+    let terminated = ended.termination_time.unwrap();
+    assert!((terminated.seconds, terminated.nanos) >= (created.seconds, created.nanos));
+}
+
+#[tokio::test]
+async fn ending_an_ended_session_returns_the_original_packet() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let first = end(&mut client, &key).await;
+    let second = client
+        .end_session(EndSessionRequest {
+            session_key: key.clone(),
+            termination_time: Some(Timestamp {
+                seconds: 4_000_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.success);
+    assert_eq!(second.end_session, first.end_session);
+}
+
+#[tokio::test]
+async fn ending_an_unknown_session_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .end_session(EndSessionRequest {
+            session_key: "no-such-key".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(reason(&response).unwrap().contains("no-such-key"));
+    assert_eq!(response.into_inner(), EndSessionResponse::default());
+}
+
+#[tokio::test]
+async fn termination_before_creation_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let response = client
+        .end_session(EndSessionRequest {
+            session_key: key.clone(),
+            termination_time: Some(Timestamp {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(reason(&response).unwrap().contains("earlier than"));
+    assert!(!response.into_inner().success);
+    assert!(!info_of(&mut client, &key).await.is_complete);
+}
+
+#[tokio::test]
+async fn an_invalid_termination_time_is_refused_even_when_already_ended() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    end(&mut client, &key).await;
+    let response = client
+        .end_session(EndSessionRequest {
+            session_key: key,
+            termination_time: Some(Timestamp {
+                seconds: 0,
+                nanos: -1,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(reason(&response).unwrap().contains("nanos"));
+    assert!(!response.into_inner().success);
+}
+
+#[tokio::test]
+async fn listing_is_exact_match_in_creation_order_with_completed_sessions() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let first = create(&mut client, "ds").await;
+    let other_case = create(&mut client, "DS").await;
+    let second = create(&mut client, "ds").await;
+    let _prefixed = create(&mut client, "ds2").await;
+    end(&mut client, &first).await;
+    assert_eq!(list(&mut client, "ds").await, vec![first, second]);
+    assert_eq!(list(&mut client, "DS").await, vec![other_case]);
+    assert!(list(&mut client, "d").await.is_empty());
+}
+
+#[tokio::test]
+async fn listing_an_unusable_data_source_succeeds_empty() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "ds").await;
+    for data_source in ["", "not a valid source", "*"] {
+        assert!(list(&mut client, data_source).await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn session_info_reports_every_field() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "Car7").await;
+    let live = info_of(&mut client, &key).await;
+    assert_eq!(live.data_source, "Car7");
+    assert!(!live.is_complete);
+    assert!(live.streams.is_empty());
+    assert_eq!(live.main_offset, 0);
+    assert_eq!(live.essentials_offset, 0);
+    assert_eq!(
+        live.topic_partition_offsets,
+        [("Car7:0".to_owned(), 0), ("Car7_essential:0".to_owned(), 0)].into()
+    );
+    assert!(live.creation_time.is_some());
+    assert_eq!(
+        live.termination_time, None,
+        "no termination_time before the end"
+    );
+    assert_eq!(live.utc_offset, Some(Duration::default()));
+}
+
+#[tokio::test]
+async fn session_info_of_an_unknown_key_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let response = client
+        .get_session_info(GetSessionInfoRequest {
+            session_key: "missing".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&response).as_deref(),
+        Some("session 'missing' not found")
+    );
+    assert_eq!(response.into_inner(), GetSessionInfoResponse::default());
+}
+
+#[tokio::test]
+async fn updating_the_identifier_sets_it_and_an_empty_one_changes_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    for (identifier, expected) in [("Q1", "Q1"), ("", "Q1"), ("Q2", "Q2")] {
+        let response = client
+            .update_session_identifier(UpdateSessionIdentifierRequest {
+                session_key: key.clone(),
+                identifier: identifier.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(response.success);
+        assert_eq!(info_of(&mut client, &key).await.identifier, expected);
+    }
+}
+
+#[tokio::test]
+async fn updating_an_unknown_session_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let identifier = client
+        .update_session_identifier(UpdateSessionIdentifierRequest {
+            session_key: "nope".into(),
+            identifier: "x".into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&identifier).is_some());
+    assert!(!identifier.into_inner().success);
+    let associate = client
+        .add_associate_session(AddAssociateSessionRequest {
+            session_key: "nope".into(),
+            associate_session_key: "x".into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&associate).is_some());
+    assert!(!associate.into_inner().success);
+    let details = client
+        .update_session_details(UpdateSessionDetailsRequest {
+            session_key: "nope".into(),
+            details: [("a".to_owned(), "b".to_owned())].into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&details).is_some());
+    assert!(!details.into_inner().success);
+}
+
+#[tokio::test]
+async fn an_identifier_over_the_limit_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let response = client
+        .update_session_identifier(UpdateSessionIdentifierRequest {
+            session_key: key.clone(),
+            identifier: "i".repeat(1025),
+        })
+        .await
+        .unwrap();
+    assert!(!response.into_inner().success);
+    assert_eq!(info_of(&mut client, &key).await.identifier, "");
+}
+
+async fn add_associate(
+    client: &mut Client,
+    key: &str,
+    associate: &str,
+) -> tonic::Response<AddAssociateSessionResponse> {
+    client
+        .add_associate_session(AddAssociateSessionRequest {
+            session_key: key.into(),
+            associate_session_key: associate.into(),
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn adding_associates_appends_and_a_known_one_changes_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    for associate in ["a", "held-elsewhere", "a"] {
+        assert!(
+            add_associate(&mut client, &key, associate)
+                .await
+                .into_inner()
+                .success
+        );
+    }
+    assert_eq!(
+        info_of(&mut client, &key).await.associate_session_keys,
+        vec!["a", "held-elsewhere"]
+    );
+}
+
+#[tokio::test]
+async fn an_empty_or_own_associate_key_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    for associate in ["", key.as_str()] {
+        let response = add_associate(&mut client, &key, associate).await;
+        assert!(reason(&response).is_some());
+        assert!(!response.into_inner().success);
+    }
+    assert!(
+        info_of(&mut client, &key)
+            .await
+            .associate_session_keys
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn associates_beyond_the_limit_are_refused() {
+    let server = TestServer::start_with(|c| c.limits.associates_per_session = 2).await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    for associate in ["a", "b"] {
+        assert!(
+            add_associate(&mut client, &key, associate)
+                .await
+                .into_inner()
+                .success
+        );
+    }
+    let third = add_associate(&mut client, &key, "c").await;
+    assert!(reason(&third).unwrap().contains("at most 2"));
+    assert_eq!(
+        info_of(&mut client, &key).await.associate_session_keys,
+        vec!["a", "b"]
+    );
+}
+
+async fn update_details(
+    client: &mut Client,
+    key: &str,
+    details: &[(&str, &str)],
+) -> tonic::Response<UpdateSessionDetailsResponse> {
+    client
+        .update_session_details(UpdateSessionDetailsRequest {
+            session_key: key.into(),
+            details: details
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn details_are_upserted_and_an_empty_map_changes_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    assert!(
+        update_details(&mut client, &key, &[("a", "1"), ("b", "2")])
+            .await
+            .into_inner()
+            .success
+    );
+    assert!(
+        update_details(&mut client, &key, &[("b", "3"), ("c", "")])
+            .await
+            .into_inner()
+            .success
+    );
+    assert!(
+        update_details(&mut client, &key, &[])
+            .await
+            .into_inner()
+            .success
+    );
+    let details = info_of(&mut client, &key).await.details;
+    assert_eq!(
+        details,
+        [("a", "1"), ("b", "3"), ("c", "")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    );
+}
+
+#[tokio::test]
+async fn details_beyond_the_count_limit_are_refused_and_change_nothing() {
+    let server = TestServer::start_with(|c| c.limits.details_per_session = 2).await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    assert!(
+        update_details(&mut client, &key, &[("a", "1"), ("b", "2")])
+            .await
+            .into_inner()
+            .success
+    );
+    let response = update_details(&mut client, &key, &[("a", "9"), ("c", "3")]).await;
+    assert!(reason(&response).unwrap().contains("details"));
+    assert!(!response.into_inner().success);
+    assert_eq!(
+        info_of(&mut client, &key)
+            .await
+            .details
+            .get("a")
+            .map(String::as_str),
+        Some("1")
+    );
+}
+
+#[tokio::test]
+async fn an_empty_detail_key_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    let response = update_details(&mut client, &key, &[("", "v")]).await;
+    assert!(reason(&response).is_some());
+    assert!(!response.into_inner().success);
+}
+
+#[tokio::test]
+async fn ended_sessions_may_still_be_updated() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let key = create(&mut client, "ds").await;
+    end(&mut client, &key).await;
+    assert!(
+        update_details(&mut client, &key, &[("lap", "12")])
+            .await
+            .into_inner()
+            .success
+    );
+    assert!(
+        add_associate(&mut client, &key, "other")
+            .await
+            .into_inner()
+            .success
+    );
+    let updated = client
+        .update_session_identifier(UpdateSessionIdentifierRequest {
+            session_key: key.clone(),
+            identifier: "after".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.success);
+    let stored = info_of(&mut client, &key).await;
+    assert!(stored.is_complete);
+    assert_eq!(stored.identifier, "after");
+    assert_eq!(stored.associate_session_keys, vec!["other"]);
+    assert_eq!(stored.details.len(), 1);
+}
+
+#[tokio::test]
+async fn writes_are_read_back_at_once_on_another_connection() {
+    let server = TestServer::start().await;
+    let mut writer = server.client().await;
+    let mut reader = server.client().await;
+    for i in 0..20 {
+        let key = create(&mut writer, "ds").await;
+        assert!(
+            update_details(&mut writer, &key, &[("i", &i.to_string())])
+                .await
+                .into_inner()
+                .success
+        );
+        assert_eq!(info_of(&mut reader, &key).await.details["i"], i.to_string());
+        assert_eq!(list(&mut reader, "ds").await.last(), Some(&key));
+    }
+}
+
+#[tokio::test]
+async fn with_the_feature_switched_off_every_unary_rpc_is_refused() {
+    let server = TestServer::start_with(|c| c.integrate_session_management = false).await;
+    let mut client = server.client().await;
+    let create = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(reason(&create).unwrap().contains("disabled"));
+    assert_eq!(create.into_inner(), CreateSessionResponse::default());
+    let listing = client
+        .get_current_sessions(GetCurrentSessionsRequest {
+            data_source: "ds".into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&listing).unwrap().contains("disabled"));
+    assert!(!listing.into_inner().success);
+    let checks = [
+        reason(
+            &client
+                .end_session(EndSessionRequest::default())
+                .await
+                .unwrap(),
+        ),
+        reason(
+            &client
+                .get_session_info(GetSessionInfoRequest::default())
+                .await
+                .unwrap(),
+        ),
+        reason(
+            &client
+                .update_session_identifier(UpdateSessionIdentifierRequest::default())
+                .await
+                .unwrap(),
+        ),
+        reason(
+            &client
+                .add_associate_session(AddAssociateSessionRequest::default())
+                .await
+                .unwrap(),
+        ),
+        reason(
+            &client
+                .update_session_details(UpdateSessionDetailsRequest::default())
+                .await
+                .unwrap(),
+        ),
+    ];
+    for check in checks {
+        assert!(check.unwrap().contains("disabled"));
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_sessions_per_data_source_and_rpcs_by_outcome() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let a = create(&mut client, "alpha").await;
+    create(&mut client, "alpha").await;
+    create(&mut client, "beta").await;
+    end(&mut client, &a).await;
+    info(&mut client, "unknown").await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"stream_api_sessions_total{data_source="alpha"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, r#"stream_api_sessions_total{data_source="beta"}"#),
+        Some(1.0)
+    );
+    assert!(metrics.contains("# TYPE stream_api_sessions_total gauge"));
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"pitwall_sessions{data_source="alpha",state="completed"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"pitwall_rpc_requests_total{method="CreateSession",outcome="success"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"pitwall_rpc_requests_total{method="GetSessionInfo",outcome="not_found"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"pitwall_rpc_duration_seconds_count{method="EndSession",outcome="success"}"#
+        ),
+        Some(1.0)
+    );
+}

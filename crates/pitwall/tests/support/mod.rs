@@ -1,0 +1,278 @@
+//! Shared setup for the end-to-end tests: servers on loopback ephemeral ports, in this process or
+//! as a child process, and small client helpers.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
+use pitwall_proto::api::*;
+use pitwall_server::{Config, RunningServer};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = SessionManagementServiceClient<Channel>;
+
+/// Upper bound for anything a test waits for; reaching it is a failure, not a pass.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A server running inside the test process on a temporary data directory.
+pub struct TestServer {
+    server: Option<RunningServer>,
+    config: Config,
+    dir: Arc<tempfile::TempDir>,
+}
+
+pub fn loopback_config(data_dir: &Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut config = loopback_config(dir.path());
+        adjust(&mut config);
+        let server = pitwall_server::start(config.clone()).await.unwrap();
+        TestServer {
+            server: Some(server),
+            config,
+            dir,
+        }
+    }
+
+    fn running(&self) -> &RunningServer {
+        self.server.as_ref().expect("server is running")
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.running().grpc_addr())
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.grpc_url()).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(&self.running().metrics_addr().to_string(), "/metrics")
+            .await
+            .1
+    }
+
+    pub async fn http(&self, path: &str) -> (u16, String) {
+        http_get(&self.running().metrics_addr().to_string(), path).await
+    }
+
+    pub fn shutdown_handle(&self) -> pitwall_server::Shutdown {
+        self.running().shutdown_handle()
+    }
+
+    /// Stops gracefully and starts again on the same data directory (new ports).
+    pub async fn restart(mut self) -> TestServer {
+        self.stop().await;
+        let server = pitwall_server::start(self.config.clone()).await.unwrap();
+        self.server = Some(server);
+        self
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.unwrap();
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    SessionManagementServiceClient::new(channel)
+}
+
+/// The `pitwall-error` reason of a `success = false` answer.
+pub fn reason<T>(response: &tonic::Response<T>) -> Option<String> {
+    response
+        .metadata()
+        .get("pitwall-error")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+pub async fn create(client: &mut Client, data_source: &str) -> String {
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: data_source.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success, "create in {data_source} failed");
+    response.session_key
+}
+
+pub async fn end(client: &mut Client, session_key: &str) -> EndSessionResponse {
+    client
+        .end_session(EndSessionRequest {
+            session_key: session_key.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn info(client: &mut Client, session_key: &str) -> GetSessionInfoResponse {
+    client
+        .get_session_info(GetSessionInfoRequest {
+            session_key: session_key.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn list(client: &mut Client, data_source: &str) -> Vec<String> {
+    let response = client
+        .get_current_sessions(GetCurrentSessionsRequest {
+            data_source: data_source.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success);
+    response.session_keys
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line of a Prometheus text exposition, e.g.
+/// `stream_api_sessions_total{data_source="ds"}`.
+pub fn metric_value(exposition: &str, sample: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(sample)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    })
+}
+
+/// The `pitwall` binary as a child process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub grpc_addr: String,
+    pub metrics_addr: String,
+    /// Lines of standard error after the ready line, as they arrive.
+    pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pitwall"))
+}
+
+impl ServerProcess {
+    /// Starts `pitwall serve` on loopback ephemeral ports and waits for its ready line.
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        let mut child = Command::new(binary())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("PITWALL_LISTEN")
+            .env_remove("PITWALL_METRICS_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let ready = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("pitwall ready") {
+                    return line;
+                }
+            }
+            panic!("pitwall exited before it was ready");
+        })
+        .await
+        .expect("pitwall did not report ready in time");
+        let (sender, log) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = sender.send(line);
+            }
+        });
+        ServerProcess {
+            child,
+            grpc_addr: field(&ready, "grpc="),
+            metrics_addr: field(&ready, "metrics="),
+            log,
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("process is running");
+        let status = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// The value after `name` in a log line, up to the next space.
+pub fn field(line: &str, name: &str) -> String {
+    let start = line
+        .find(name)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + name.len();
+    line[start..].split_whitespace().next().unwrap().to_owned()
+}
