@@ -24,5 +24,5 @@ pub mod shutdown;
 
 pub use config::{AppConfig, Config};
 pub use pitwall_core::Limits;
-pub use server::{RunningServer, ServeError, StartError, start};
+pub use server::{Launched, RunningServer, ServeError, StartError, launch, start};
 pub use shutdown::Shutdown;

@@ -1,7 +1,14 @@
-//! Startup and shutdown of one server: open and replay the store, open the ports, report ready;
-//! on shutdown stop accepting, end streams, finish in-flight writes, close the store.
+//! Startup and shutdown of one server.
+//!
+//! Startup is two steps. [`launch`] opens (and locks) the store and binds both ports: from then
+//! on health answers `NOT_SERVING`, `/readyz` 503, and session RPCs `UNAVAILABLE`, so an
+//! orchestrator can tell "starting" from "down" during a long replay. [`Launched::finish`] reads
+//! the store into the projection, starts the writer and reports ready (health `SERVING`).
+//! Shutdown: health `NOT_SERVING`, stop accepting, end streams, finish in-flight writes, close
+//! the store.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use pitwall_core::Projection;
@@ -12,8 +19,10 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::admin::{self, Readiness};
 use crate::config::Config;
@@ -23,6 +32,9 @@ use crate::metrics::Metrics;
 use crate::notify::Hub;
 use crate::service::SessionService;
 use crate::shutdown::Shutdown;
+
+/// Name of the session service in gRPC health checks.
+pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementService";
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -36,6 +48,8 @@ pub enum StartError {
     },
     #[error("cannot start the writer thread: {0}")]
     Writer(std::io::Error),
+    #[error("gRPC reflection cannot read the service descriptors: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -50,10 +64,31 @@ pub enum ServeError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// Ports bound and answering, store open but not read yet.
+pub struct Launched {
+    config: Config,
+    started: Instant,
+    store: Option<EmbeddedStore>,
+    addrs: Addrs,
+    metrics: Metrics,
+    hub: Arc<Hub>,
+    engine: Arc<OnceLock<Engine>>,
+    health: HealthReporter,
+    readiness: Readiness,
+    shutdown: Shutdown,
+    grpc_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    admin_task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    grpc: SocketAddr,
+    metrics: SocketAddr,
+}
+
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
-    grpc_addr: SocketAddr,
-    metrics_addr: SocketAddr,
+    addrs: Addrs,
     shutdown: Shutdown,
     done: JoinHandle<Result<(), ServeError>>,
 }
@@ -61,11 +96,11 @@ pub struct RunningServer {
 impl RunningServer {
     /// The address the gRPC port is bound to (the real port when 0 was asked for).
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
+        self.addrs.grpc
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_addr
+        self.addrs.metrics
     }
 
     /// A handle that starts a graceful shutdown when triggered.
@@ -85,64 +120,59 @@ impl RunningServer {
     }
 }
 
-/// Opens the store, replays it, binds both ports and starts serving.
+/// Opens the store, replays it, binds both ports and starts serving: [`launch`] then
+/// [`Launched::finish`].
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    launch(config).await?.finish().await
+}
+
+/// Opens and locks the store and binds both ports; health says `NOT_SERVING` until
+/// [`Launched::finish`] has read the store.
+pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let started = Instant::now();
     let metrics = Metrics::new();
-
     let data_dir = config.data_dir.clone();
     let store_options = EmbeddedOptions {
         cache_bytes: config.store_cache_bytes,
     };
-    let (store, projection) = tokio::task::spawn_blocking(move || {
-        let store = EmbeddedStore::open(&data_dir, &store_options)?;
-        let mut projection = Projection::default();
-        for session in store.load()? {
-            projection.restore(session);
-        }
-        Ok::<_, StoreError>((store, projection))
-    })
-    .await??;
-    for (data_source, counts) in projection.counts_by_data_source() {
-        metrics.set_session_counts(data_source, counts.total, counts.completed);
-    }
-    let sessions = projection.len();
-    info!(
-        sessions,
-        path = %store.path().display(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "store opened and replayed"
-    );
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir, &store_options))
+        .await??;
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
-    let grpc_addr = local_addr(&grpc_listener, config.listen, "gRPC")?;
-    let metrics_addr = local_addr(&metrics_listener, config.metrics_listen, "metrics")?;
-
-    let hub = Hub::new(config.subscriber_queue, metrics.clone());
-    let (engine, writer) = Engine::start(
-        store,
-        projection,
-        hub.clone(),
-        metrics.clone(),
-        EngineOptions {
-            limits: config.limits.clone(),
-            write_queue: config.write_queue,
-            max_batch: config.max_batch,
-        },
-    )
-    .map_err(StartError::Writer)?;
+    let addrs = Addrs {
+        grpc: local_addr(&grpc_listener, config.listen, "gRPC")?,
+        metrics: local_addr(&metrics_listener, config.metrics_listen, "metrics")?,
+    };
 
     let shutdown = Shutdown::new();
+    let readiness = Readiness::default();
+    let hub = Hub::new(config.subscriber_queue, metrics.clone());
+    let engine = Arc::new(OnceLock::new());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["", SESSION_SERVICE_NAME] {
+        health
+            .set_service_status(name, ServingStatus::NotServing)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
     let service = SessionService::new(
-        engine,
+        engine.clone(),
         hub.clone(),
         metrics.clone(),
         config.limits.clone(),
         config.integrate_session_management,
         shutdown.clone(),
     );
-    let grpc = SessionManagementServiceServer::new(service)
+    let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -150,56 +180,155 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(MapResponseLayer::new(oversize_as_resource_exhausted))
-            .add_service(grpc)
+            .add_service(sessions)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.wait().await }),
     );
-    let readiness = Readiness::default();
     let admin_task = tokio::spawn(admin::serve(
         metrics_listener,
-        metrics,
+        metrics.clone(),
         readiness.clone(),
         shutdown.clone(),
     ));
-
-    readiness.set(true);
-    if !config.integrate_session_management {
-        info!("IntegrateSessionManagement is false: session RPCs answer success = false");
-    }
     info!(
-        grpc = %grpc_addr,
-        metrics = %metrics_addr,
-        data_dir = %config.data_dir.display(),
-        sessions,
-        startup_ms = started.elapsed().as_millis() as u64,
-        "pitwall ready"
+        grpc = %addrs.grpc,
+        metrics = %addrs.metrics,
+        path = %store.path().display(),
+        "store opened and ports bound; reading the store"
     );
-
-    let stopping = shutdown.clone();
-    let done = tokio::spawn(async move {
-        stopping.wait().await;
-        let began = Instant::now();
-        info!("shutting down: no new connections, ending notification streams");
-        readiness.set(false);
-        hub.close();
-        let grpc_result = grpc_task.await;
-        // Every request has been answered; the writer finishes what is queued and closes.
-        writer.stop().await;
-        let admin_result = admin_task.await;
-        info!(
-            elapsed_ms = began.elapsed().as_millis() as u64,
-            "shutdown complete"
-        );
-        grpc_result??;
-        admin_result??;
-        Ok(())
-    });
-
-    Ok(RunningServer {
-        grpc_addr,
-        metrics_addr,
+    Ok(Launched {
+        config,
+        started,
+        store: Some(store),
+        addrs,
+        metrics,
+        hub,
+        engine,
+        health,
+        readiness,
         shutdown,
-        done,
+        grpc_task: Some(grpc_task),
+        admin_task: Some(admin_task),
     })
+}
+
+impl Launched {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.addrs.grpc
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.addrs.metrics
+    }
+
+    /// A handle that starts a graceful shutdown when triggered; a shutdown triggered before
+    /// `finish` takes effect as soon as the server is ready.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Reads the store into the projection, starts the writer and reports ready.
+    pub async fn finish(mut self) -> Result<RunningServer, StartError> {
+        let replay_started = Instant::now();
+        let store = self.store.take().expect("finish runs once");
+        let (store, projection) = tokio::task::spawn_blocking(move || {
+            let mut projection = Projection::default();
+            for session in store.load()? {
+                projection.restore(session);
+            }
+            Ok::<_, StoreError>((store, projection))
+        })
+        .await??;
+        for (data_source, counts) in projection.counts_by_data_source() {
+            self.metrics
+                .set_session_counts(data_source, counts.total, counts.completed);
+        }
+        let sessions = projection.len();
+        info!(
+            sessions,
+            data_sources = projection.counts_by_data_source().count(),
+            elapsed_ms = replay_started.elapsed().as_millis() as u64,
+            "store read"
+        );
+
+        let (engine, writer) = Engine::start(
+            store,
+            projection,
+            self.hub.clone(),
+            self.metrics.clone(),
+            EngineOptions {
+                limits: self.config.limits.clone(),
+                write_queue: self.config.write_queue,
+                max_batch: self.config.max_batch,
+            },
+        )
+        .map_err(StartError::Writer)?;
+        // Only `finish` sets it, once.
+        let _ = self.engine.set(engine);
+        for name in ["", SESSION_SERVICE_NAME] {
+            self.health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        self.readiness.set(true);
+        if !self.config.integrate_session_management {
+            info!("IntegrateSessionManagement is false: session RPCs answer success = false");
+        }
+        info!(
+            grpc = %self.addrs.grpc,
+            metrics = %self.addrs.metrics,
+            data_dir = %self.config.data_dir.display(),
+            sessions,
+            startup_ms = self.started.elapsed().as_millis() as u64,
+            "pitwall ready"
+        );
+
+        let stopping = self.shutdown.clone();
+        let health = self.health.clone();
+        let readiness = self.readiness.clone();
+        let hub = self.hub.clone();
+        let grpc_task = self.grpc_task.take().expect("finish runs once");
+        let admin_task = self.admin_task.take().expect("finish runs once");
+        let done = tokio::spawn(async move {
+            stopping.wait().await;
+            let began = Instant::now();
+            info!("shutting down: no new connections, ending notification streams");
+            readiness.set(false);
+            for name in ["", SESSION_SERVICE_NAME] {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            hub.close();
+            let grpc_result = grpc_task.await;
+            // Every request has been answered; the writer finishes what is queued and closes.
+            writer.stop().await;
+            let admin_result = admin_task.await;
+            info!(
+                elapsed_ms = began.elapsed().as_millis() as u64,
+                "shutdown complete"
+            );
+            grpc_result??;
+            admin_result??;
+            Ok(())
+        });
+        Ok(RunningServer {
+            addrs: self.addrs,
+            shutdown: self.shutdown.clone(),
+            done,
+        })
+    }
+}
+
+impl Drop for Launched {
+    /// A launch abandoned before `finish` (startup failed) must not leave its ports serving.
+    fn drop(&mut self) {
+        if self.grpc_task.is_some() {
+            self.shutdown.trigger();
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
@@ -213,8 +342,7 @@ fn local_addr(
     addr: SocketAddr,
     what: &'static str,
 ) -> Result<SocketAddr, StartError> {
-    listener.local_addr().map_err(|source| {
-        error!(%addr, what, "cannot read the bound address");
-        StartError::Bind { addr, what, source }
-    })
+    listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, what, source })
 }

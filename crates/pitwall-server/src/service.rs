@@ -5,7 +5,7 @@
 //! kept for what is not the client's fault (storage, overload, shutdown).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -26,7 +26,8 @@ use crate::shutdown::Shutdown;
 pub const ERROR_METADATA_KEY: &str = "pitwall-error";
 
 pub struct SessionService {
-    engine: Engine,
+    /// Set once the store has been read; until then every RPC answers `UNAVAILABLE`.
+    engine: Arc<OnceLock<Engine>>,
     hub: Arc<Hub>,
     metrics: Metrics,
     limits: Limits,
@@ -58,7 +59,7 @@ type NotificationStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 
 impl SessionService {
     pub fn new(
-        engine: Engine,
+        engine: Arc<OnceLock<Engine>>,
         hub: Arc<Hub>,
         metrics: Metrics,
         limits: Limits,
@@ -83,6 +84,10 @@ impl SessionService {
         }
     }
 
+    fn engine(&self) -> Result<&Engine, Failure> {
+        self.engine.get().ok_or_else(|| Failure::Error(starting()))
+    }
+
     /// Validates, then hands the command to the writer and waits for it to be durable.
     async fn write(&self, command: Command) -> Result<Decision, Failure> {
         let session_key = command.session_key().to_owned();
@@ -90,7 +95,7 @@ impl SessionService {
         command
             .validate(&self.limits)
             .map_err(|rejection| Failure::refused(&session_key, rejection))?;
-        self.engine.submit(command).await.map_err(|e| match e {
+        self.engine()?.submit(command).await.map_err(|e| match e {
             WriteError::Rejected(rejection) => Failure::refused(&session_key, rejection),
             WriteError::Overloaded(_) => Failure::Error(Status::resource_exhausted(e.to_string())),
             WriteError::Unavailable(_) | WriteError::ShuttingDown => {
@@ -136,7 +141,7 @@ impl SessionService {
 
     fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
         self.check_enabled(session_key)?;
-        let projection = self.engine.read();
+        let projection = self.engine()?.read();
         let session = projection.get(session_key).ok_or_else(|| {
             Failure::refused(session_key, Rejection::UnknownSession(session_key.into()))
         })?;
@@ -153,6 +158,11 @@ impl SessionService {
         make: fn(String, String) -> T,
     ) -> Result<Response<NotificationStream<T>>, Status> {
         let started = Instant::now();
+        if self.engine.get().is_none() {
+            self.metrics
+                .observe_rpc(method, "unavailable", started.elapsed());
+            return Err(starting());
+        }
         if !self.enabled {
             let shutdown = self.shutdown.clone();
             let silent = futures::stream::once(async move { shutdown.wait().await })
@@ -235,9 +245,11 @@ impl SessionManagementService for SessionService {
     ) -> Result<Response<GetCurrentSessionsResponse>, Status> {
         let started = Instant::now();
         let data_source = request.into_inner().data_source;
-        let result = self.check_enabled("").map(|()| GetCurrentSessionsResponse {
-            session_keys: self.engine.read().keys_of(&data_source).to_vec(),
-            success: true,
+        let result = self.check_enabled("").and_then(|()| {
+            Ok(GetCurrentSessionsResponse {
+                session_keys: self.engine()?.read().keys_of(&data_source).to_vec(),
+                success: true,
+            })
         });
         self.answer("GetCurrentSessions", started, result)
     }
@@ -350,6 +362,10 @@ fn info_response(session: &Session) -> GetSessionInfoResponse {
         creation_time: session.creation_time,
         termination_time: session.termination_time(),
     }
+}
+
+fn starting() -> Status {
+    Status::unavailable("the server is starting: the store is still being read; retry shortly")
 }
 
 fn unexpected(method: &str, decision: &Decision) -> Failure {

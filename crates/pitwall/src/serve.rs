@@ -4,21 +4,23 @@
 use anyhow::Context;
 use pitwall_server::config::Config;
 use pitwall_server::{AppConfig, Limits};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cli::ServeArgs;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = build_config(&args)?;
-    let server = pitwall_server::start(config).await?;
-    let shutdown = server.shutdown_handle();
+    // Registered before anything is bound, so a signal at any point after the ready line (or
+    // during startup) stops the server gracefully instead of killing the process.
+    let signals = Signals::register().context("cannot listen for SIGINT and SIGTERM")?;
+    let launched = pitwall_server::launch(config).await?;
+    let shutdown = launched.shutdown_handle();
     tokio::spawn(async move {
-        match wait_for_signal().await {
-            Ok(signal) => info!(signal, "signal received"),
-            Err(e) => warn!(error = %e, "cannot listen for signals; stopping"),
-        }
+        let signal = signals.recv().await;
+        info!(signal, "signal received");
         shutdown.trigger();
     });
+    let server = launched.finish().await?;
     server.wait().await.context("server stopped with an error")
 }
 
@@ -59,19 +61,25 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => Ok("SIGTERM"),
-        _ = interrupt.recv() => Ok("SIGINT"),
-    }
+/// SIGTERM and SIGINT, listened for from registration on.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() -> std::io::Result<&'static str> {
-    tokio::signal::ctrl_c().await?;
-    Ok("Ctrl-C")
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
 }
