@@ -11,8 +11,24 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(flatten)]
     pub log: LogArgs,
+    /// Without a command, `pitwall` serves (as `pitwall serve`).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+}
+
+impl Cli {
+    /// The command to run: the one given, or `serve` with its flags from the environment.
+    pub fn command(self) -> Command {
+        self.command
+            .unwrap_or_else(|| Command::Serve(Box::new(ServeOnly::parse_from(["pitwall"]).serve)))
+    }
+}
+
+/// `serve`'s arguments alone, to fill them from the environment and defaults.
+#[derive(Debug, Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
+    let result = match cli.command() {
         cli::Command::Serve(args) => runtime.block_on(serve::run(*args)),
     };
     match result {
