@@ -2,7 +2,7 @@
 //!
 //! Nothing but generated code lives here: `open_data` holds the session packets (also the
 //! records of the log), `api` the `SessionManagementService` requests, responses, client and
-//! server. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
+//! server, `key_generator` the remote key generator's client. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
@@ -18,6 +18,11 @@ pub mod ma {
                 tonic::include_proto!("ma.streaming.api.v1");
             }
         }
+        pub mod key_generator {
+            pub mod v1 {
+                tonic::include_proto!("ma.streaming.key_generator.v1");
+            }
+        }
     }
 }
 
@@ -26,6 +31,9 @@ pub use ma::streaming::open_data::v1 as open_data;
 
 /// `ma.streaming.api.v1`: the session management service.
 pub use ma::streaming::api::v1 as api;
+
+/// `ma.streaming.key_generator.v1`: the remote session key generator.
+pub use ma::streaming::key_generator::v1 as key_generator;
 
 /// Encoded `FileDescriptorSet` of every file above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

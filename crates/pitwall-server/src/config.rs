@@ -32,6 +32,10 @@ pub struct Config {
     pub max_batch: usize,
     /// Page cache of the embedded store.
     pub store_cache_bytes: usize,
+    /// `host:port` of a remote key generator; `None` generates keys locally.
+    pub remote_key_generator: Option<String>,
+    /// How long CreateSession waits for the remote key generator.
+    pub key_generator_timeout: std::time::Duration,
 }
 
 impl Default for Config {
@@ -47,6 +51,8 @@ impl Default for Config {
             write_queue: 16_384,
             max_batch: 1024,
             store_cache_bytes: 64 * 1024 * 1024,
+            remote_key_generator: None,
+            key_generator_timeout: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -89,6 +95,10 @@ pub enum ConfigError {
     },
     #[error("config file {path}: the top level must be a JSON object")]
     NotAnObject { path: PathBuf },
+    #[error(
+        "config file {path}: UseRemoteKeyGenerator is true but RemoteKeyGeneratorServiceAddress is empty; give the generator's host:port"
+    )]
+    NoKeyGeneratorAddress { path: PathBuf },
     #[error("config file {path}: key '{key}' {problem}")]
     Key {
         path: PathBuf,
@@ -159,8 +169,15 @@ impl AppConfig {
     }
 
     /// Applies the keys that configure the embedded session service. `listen_given` and
-    /// `metrics_given` say whether the address came from a flag or variable, which wins.
-    pub fn apply_to(&self, config: &mut Config, listen_given: bool, metrics_given: bool) {
+    /// `metrics_given` say whether the address came from a flag or variable, which wins; a
+    /// remote key generator given by flag or variable wins likewise.
+    pub fn apply_to(
+        &self,
+        path: &Path,
+        config: &mut Config,
+        listen_given: bool,
+        metrics_given: bool,
+    ) -> Result<(), ConfigError> {
         if let (Some(port), false) = (self.stream_api_port, listen_given) {
             config.listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         }
@@ -170,6 +187,19 @@ impl AppConfig {
         if let Some(enabled) = self.integrate_session_management {
             config.integrate_session_management = enabled;
         }
+        if self.use_remote_key_generator == Some(true) && config.remote_key_generator.is_none() {
+            match self.remote_key_generator_service_address.as_deref() {
+                Some(address) if !address.trim().is_empty() => {
+                    config.remote_key_generator = Some(address.trim().to_owned());
+                }
+                _ => {
+                    return Err(ConfigError::NoKeyGeneratorAddress {
+                        path: path.to_owned(),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keys read but without effect on the embedded store, for the startup log.
@@ -189,12 +219,6 @@ impl AppConfig {
             unused.push(
                 "InitialisationTimeoutSeconds is ignored: Pitwall is ready once its store is \
                  fully read, not after a quiet period"
-                    .to_owned(),
-            );
-        }
-        if self.use_remote_key_generator == Some(true) {
-            unused.push(
-                "UseRemoteKeyGenerator is not supported yet: session keys are generated locally"
                     .to_owned(),
             );
         }
@@ -366,7 +390,8 @@ mod tests {
     fn config_ports_apply_only_when_no_flag_gave_the_address() {
         let app = parse(r#"{"StreamApiPort": 1234, "PrometheusMetricPort": 4321}"#).unwrap();
         let mut config = Config::default();
-        app.apply_to(&mut config, false, true);
+        app.apply_to(Path::new("AppConfig.json"), &mut config, false, true)
+            .unwrap();
         assert_eq!(config.listen.port(), 1234);
         assert_eq!(config.metrics_listen.port(), DEFAULT_METRICS_PORT);
     }
@@ -375,7 +400,25 @@ mod tests {
     fn the_feature_switch_is_read() {
         let app = parse(r#"{"IntegrateSessionManagement": false}"#).unwrap();
         let mut config = Config::default();
-        app.apply_to(&mut config, false, false);
+        app.apply_to(Path::new("AppConfig.json"), &mut config, false, false)
+            .unwrap();
         assert!(!config.integrate_session_management);
+    }
+
+    #[test]
+    fn the_remote_key_generator_needs_an_address() {
+        let path = Path::new("AppConfig.json");
+        let mut config = Config::default();
+        let app = parse(
+            r#"{"UseRemoteKeyGenerator": true, "RemoteKeyGeneratorServiceAddress": "keys:15379"}"#,
+        )
+        .unwrap();
+        app.apply_to(path, &mut config, false, false).unwrap();
+        assert_eq!(config.remote_key_generator.as_deref(), Some("keys:15379"));
+        let without = parse(r#"{"UseRemoteKeyGenerator": true}"#).unwrap();
+        let err = without
+            .apply_to(path, &mut Config::default(), false, false)
+            .unwrap_err();
+        assert!(err.to_string().contains("RemoteKeyGeneratorServiceAddress"));
     }
 }

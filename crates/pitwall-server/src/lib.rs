@@ -6,6 +6,7 @@
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
 //! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
+//! - [`keys`]: new session keys, local UUIDs or the remote key generator.
 //! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
 //! - [`shutdown`]: the shutdown signal every task watches.
 //!
@@ -16,6 +17,7 @@ pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod grpc_status;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod server;

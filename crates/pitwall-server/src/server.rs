@@ -28,13 +28,15 @@ use crate::admin::{self, Readiness};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::grpc_status::oversize_as_resource_exhausted;
+use crate::keys::KeySource;
 use crate::metrics::Metrics;
 use crate::notify::Hub;
 use crate::service::SessionService;
 use crate::shutdown::Shutdown;
 
-/// Name of the session service in gRPC health checks.
+/// Name of the session service in gRPC health checks and reflection.
 pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementService";
+const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -50,6 +52,8 @@ pub enum StartError {
     Writer(std::io::Error),
     #[error("gRPC reflection cannot read the service descriptors: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    KeyGenerator(String),
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -158,12 +162,23 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(SESSION_SERVICE_NAME)
+        .with_service_name(HEALTH_SERVICE_NAME)
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(SESSION_SERVICE_NAME)
+        .with_service_name(HEALTH_SERVICE_NAME)
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
 
+    let keys = match &config.remote_key_generator {
+        Some(address) => KeySource::remote(address, config.key_generator_timeout)
+            .map_err(StartError::KeyGenerator)?,
+        None => KeySource::Local,
+    };
     let service = SessionService::new(
         engine.clone(),
         hub.clone(),
@@ -171,6 +186,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         config.limits.clone(),
         config.integrate_session_management,
         shutdown.clone(),
+        keys,
     );
     let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
@@ -273,6 +289,9 @@ impl Launched {
                 .await;
         }
         self.readiness.set(true);
+        if let Some(address) = &self.config.remote_key_generator {
+            info!(%address, "session keys come from the remote key generator");
+        }
         if !self.config.integrate_session_management {
             info!("IntegrateSessionManagement is false: session RPCs answer success = false");
         }

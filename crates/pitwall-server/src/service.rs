@@ -15,9 +15,9 @@ use pitwall_proto::api::*;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
-use uuid::Uuid;
 
 use crate::engine::{Engine, WriteError};
+use crate::keys::KeySource;
 use crate::metrics::Metrics;
 use crate::notify::{FellBehind, Hub, Kind};
 use crate::shutdown::Shutdown;
@@ -33,6 +33,7 @@ pub struct SessionService {
     limits: Limits,
     enabled: bool,
     shutdown: Shutdown,
+    keys: KeySource,
 }
 
 /// Why a request did not succeed.
@@ -65,6 +66,7 @@ impl SessionService {
         limits: Limits,
         enabled: bool,
         shutdown: Shutdown,
+        keys: KeySource,
     ) -> SessionService {
         SessionService {
             engine,
@@ -73,6 +75,7 @@ impl SessionService {
             limits,
             enabled,
             shutdown,
+            keys,
         }
     }
 
@@ -139,6 +142,38 @@ impl SessionService {
         }
     }
 
+    async fn create(
+        &self,
+        request: CreateSessionRequest,
+    ) -> Result<CreateSessionResponse, Failure> {
+        self.check_enabled("")?;
+        // Validated before a key is asked for, so a remote generator is not called for requests
+        // that will be refused anyway; `write` checks again with the key (an associate may not
+        // be the session itself).
+        let mut command = Command::Create {
+            session_key: String::new(),
+            request,
+        };
+        command
+            .validate(&self.limits)
+            .map_err(|rejection| Failure::refused("", rejection))?;
+        let session_key = self.keys.next_key().await.map_err(Failure::Error)?;
+        if let Command::Create {
+            session_key: key, ..
+        } = &mut command
+        {
+            key.clone_from(&session_key);
+        }
+        match self.write(command).await? {
+            Decision::Append(Record::NewSession { packet, .. }) => Ok(CreateSessionResponse {
+                session_key,
+                new_session: Some(packet),
+                success: true,
+            }),
+            other => Err(unexpected("CreateSession", &other)),
+        }
+    }
+
     fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
         self.check_enabled(session_key)?;
         let projection = self.engine()?.read();
@@ -192,22 +227,7 @@ impl SessionManagementService for SessionService {
         request: Request<CreateSessionRequest>,
     ) -> Result<Response<CreateSessionResponse>, Status> {
         let started = Instant::now();
-        let session_key = Uuid::new_v4().to_string();
-        let command = Command::Create {
-            session_key: session_key.clone(),
-            request: request.into_inner(),
-        };
-        let result = self
-            .write(command)
-            .await
-            .and_then(|decision| match decision {
-                Decision::Append(Record::NewSession { packet, .. }) => Ok(CreateSessionResponse {
-                    session_key,
-                    new_session: Some(packet),
-                    success: true,
-                }),
-                other => Err(unexpected("CreateSession", &other)),
-            });
+        let result = self.create(request.into_inner()).await;
         self.answer("CreateSession", started, result)
     }
 

@@ -84,6 +84,14 @@ pub struct ServeArgs {
     /// Page cache of the embedded store, in bytes.
     #[arg(long, env = "PITWALL_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub store_cache_bytes: usize,
+    /// host:port of a remote key generator (ma.streaming.key_generator.v1) to take session
+    /// keys from [default: local UUIDs, or RemoteKeyGeneratorServiceAddress from --config when
+    /// UseRemoteKeyGenerator is true].
+    #[arg(long, env = "PITWALL_REMOTE_KEY_GENERATOR")]
+    pub remote_key_generator: Option<String>,
+    /// How long CreateSession waits for the remote key generator, in milliseconds.
+    #[arg(long, env = "PITWALL_KEY_GENERATOR_TIMEOUT_MS", default_value_t = 2000)]
+    pub key_generator_timeout_ms: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

@@ -46,6 +46,8 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         write_queue: args.write_queue,
         max_batch: args.max_batch,
         store_cache_bytes: args.store_cache_bytes,
+        remote_key_generator: args.remote_key_generator.clone(),
+        key_generator_timeout: std::time::Duration::from_millis(args.key_generator_timeout_ms),
     };
     if let Some(path) = &args.config {
         let app = AppConfig::load(path)?;
@@ -53,10 +55,11 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             info!(config = %path.display(), "{note}");
         }
         app.apply_to(
+            path,
             &mut config,
             args.listen.is_some(),
             args.metrics_listen.is_some(),
-        );
+        )?;
     }
     Ok(config)
 }
