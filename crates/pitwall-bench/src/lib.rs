@@ -1,0 +1,32 @@
+//! Benchmarks of the Pitwall server, driven over gRPC from outside like any client, and of
+//! etcd as a peer with the same loops and payload.
+//!
+//! - [`server`]: spawns `pitwall serve` (or attaches to a running one), waits for its ready
+//!   line, stops it with SIGTERM.
+//! - [`process`]: what is read and done to a server process: memory, SIGTERM, free ports.
+//! - [`connection`]: the HTTP/2 connections request loops are spread over.
+//! - [`driver`]: request loops, closed-loop or open-loop at a fixed rate.
+//! - [`latency`]: latency histograms and their percentiles.
+//! - [`payload`]: the session-sized create request (five details) both systems store.
+//! - [`scenario`]: load scenarios: health, create, update, get, end, mixed.
+//! - [`fanout`]: many notification subscribers while sessions are created; delivery checks.
+//! - [`recovery`]: fill a store, restart on it, time to ready and memory per session.
+//! - [`etcd`]: the peer, spawned and driven with `Put` and `Watch`.
+//! - [`report`]: results, medians over runs, goals, markdown tables.
+//! - [`suite`]: everything in one command (`all`), and the peer comparison (`etcd`).
+//!
+//! The benchmarks check correctness (no failed request, every notification once and in order,
+//! every session back after a restart) and measure; only the measuring depends on the machine.
+
+pub mod connection;
+pub mod driver;
+pub mod etcd;
+pub mod fanout;
+pub mod latency;
+pub mod payload;
+pub mod process;
+pub mod recovery;
+pub mod report;
+pub mod scenario;
+pub mod server;
+pub mod suite;

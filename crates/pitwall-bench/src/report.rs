@@ -1,0 +1,473 @@
+//! Results, their medians over repeated runs, the goals they are held against, and the
+//! markdown tables they are printed as.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::latency::Percentiles;
+
+/// One load scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    /// `health`, `create`, …, or `etcd put` for the peer.
+    pub scenario: String,
+    /// `closed`, or `open N/s`.
+    pub pace: String,
+    pub concurrency: usize,
+    pub connections: usize,
+    /// Successful requests.
+    pub requests: u64,
+    pub errors: u64,
+    /// Open loop: requests due but never sent because the server fell behind the rate.
+    pub unsent: u64,
+    pub seconds: f64,
+    /// Successful requests per second.
+    pub throughput: f64,
+    /// Throughput over the closed-loop `health` throughput of the same run.
+    pub vs_health: Option<f64>,
+    pub latency: Percentiles,
+    pub rss_before_mib: Option<f64>,
+    pub rss_after_mib: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// One notification fan-out.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    /// `pitwall` or `etcd`.
+    pub system: String,
+    pub subscribers: usize,
+    /// Writes per second offered.
+    pub rate: f64,
+    /// Writes acknowledged.
+    pub writes: u64,
+    pub write_errors: u64,
+    /// Notifications every subscriber should have had: writes × subscribers.
+    pub expected: u64,
+    pub delivered: u64,
+    pub missed: u64,
+    /// Notifications that arrived after one of a later write.
+    pub reordered: u64,
+    pub duplicates: u64,
+    /// Notifications of keys this run did not write.
+    pub unexpected: u64,
+    /// Subscriber streams that ended with an error.
+    pub stream_errors: u64,
+    /// From the write's acknowledgement to the subscriber's receipt (0 when it came first).
+    pub from_ack: Percentiles,
+    /// From when the write was due to be sent to the subscriber's receipt.
+    pub from_send: Percentiles,
+    /// Share of notifications received before their write was acknowledged.
+    pub before_ack: f64,
+    pub rss_before_mib: Option<f64>,
+    pub rss_after_mib: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// Filling a store, restarting on it, and the memory it takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryResult {
+    pub sessions: u64,
+    /// Creates per second while filling (at the fill concurrency).
+    pub fill_rate: f64,
+    pub store_mib: f64,
+    /// SIGTERM until exit (0) of the filled server.
+    pub stop_seconds: f64,
+    /// Spawn until the `pitwall ready` line on the filled store.
+    pub ready_seconds: f64,
+    /// Spawn until ready on an empty store, for comparison.
+    pub empty_ready_seconds: f64,
+    /// Sessions the restarted server reported reading.
+    pub sessions_at_ready: u64,
+    pub rss_empty_mib: f64,
+    pub rss_filled_mib: f64,
+    pub rss_restarted_mib: f64,
+    /// (RSS after restart − RSS of an empty server) / sessions.
+    pub bytes_per_session: f64,
+    /// Sampled sessions read back after the restart that were missing or wrong.
+    pub sample_failures: u64,
+}
+
+/// A goal from the issue and whether the figure met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    pub goal: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+/// Everything one command measured: one run, or the medians of several.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub runs: usize,
+    pub load: Vec<LoadResult>,
+    pub fanout: Vec<FanoutResult>,
+    pub recovery: Option<RecoveryResult>,
+    pub goals: Vec<Goal>,
+}
+
+impl Report {
+    /// Correctness problems (never timings): failed requests, missed, reordered or duplicated
+    /// notifications, sessions lost across a restart.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for load in &self.load {
+            if load.errors > 0 {
+                problems.push(format!(
+                    "{} ({}): {} errors, first: {}",
+                    load.scenario,
+                    load.pace,
+                    load.errors,
+                    load.first_error.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        for f in &self.fanout {
+            let wrong = f.write_errors + f.missed + f.reordered + f.duplicates + f.unexpected;
+            if wrong + f.stream_errors > 0 || f.delivered != f.expected {
+                problems.push(format!(
+                    "{} fan-out: {} write errors, {} missed, {} reordered, {} duplicates, \
+                     {} unexpected, {} stream errors; first: {}",
+                    f.system,
+                    f.write_errors,
+                    f.missed,
+                    f.reordered,
+                    f.duplicates,
+                    f.unexpected,
+                    f.stream_errors,
+                    f.first_error.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        if let Some(r) = &self.recovery
+            && (r.sessions_at_ready != r.sessions || r.sample_failures > 0)
+        {
+            problems.push(format!(
+                "recovery: {} sessions written, {} read at restart, {} sampled sessions wrong",
+                r.sessions, r.sessions_at_ready, r.sample_failures
+            ));
+        }
+        problems
+    }
+
+    /// The medians of several runs of the same command: each figure separately, rows matched
+    /// by position (every run measures the same rows in the same order).
+    pub fn median(runs: &[Report]) -> Report {
+        let Some(first) = runs.first() else {
+            return Report::default();
+        };
+        let load = (0..first.load.len())
+            .map(|i| {
+                median_load(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.load.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let fanout = (0..first.fanout.len())
+            .map(|i| {
+                median_fanout(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.fanout.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let recoveries: Vec<_> = runs.iter().filter_map(|r| r.recovery.as_ref()).collect();
+        Report {
+            runs: runs.len(),
+            load,
+            fanout,
+            recovery: (!recoveries.is_empty()).then(|| median_recovery(&recoveries)),
+            goals: Vec::new(),
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let of_runs = if self.runs > 1 {
+            format!(" (medians of {} runs)", self.runs)
+        } else {
+            String::new()
+        };
+        if !self.load.is_empty() {
+            let _ = writeln!(out, "### Load{of_runs}\n");
+            out.push_str(&load_table(&self.load));
+            out.push('\n');
+        }
+        if !self.fanout.is_empty() {
+            let _ = writeln!(out, "### Notification fan-out{of_runs}\n");
+            out.push_str(&fanout_table(&self.fanout));
+            out.push('\n');
+        }
+        if let Some(recovery) = &self.recovery {
+            let _ = writeln!(out, "### Recovery and memory{of_runs}\n");
+            out.push_str(&recovery_table(recovery));
+            out.push('\n');
+        }
+        if !self.goals.is_empty() {
+            let _ = writeln!(out, "### Goals\n");
+            out.push_str(&goal_table(&self.goals));
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn optional(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "–".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+fn load_table(rows: &[LoadResult]) -> String {
+    let mut out = String::from(
+        "| scenario | pace | conc. | conns | s | requests | errors | req/s | × health | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | RSS MiB before → after |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let unsent = if r.unsent > 0 {
+            format!(" ({} unsent)", r.unsent)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {}{unsent} | {} | {} | {:.1} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} → {} |",
+            r.scenario,
+            r.pace,
+            r.concurrency,
+            r.connections,
+            r.seconds,
+            r.requests,
+            r.errors,
+            r.throughput,
+            optional(r.vs_health, 2),
+            r.latency.p50,
+            r.latency.p90,
+            r.latency.p99,
+            r.latency.p999,
+            r.latency.max,
+            optional(r.rss_before_mib, 0),
+            optional(r.rss_after_mib, 0),
+        );
+    }
+    out
+}
+
+fn fanout_table(rows: &[FanoutResult]) -> String {
+    let mut out = String::from(
+        "| system | subscribers | writes/s | writes | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | RSS MiB before → after |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} → {} |",
+            r.system,
+            r.subscribers,
+            r.rate,
+            r.writes,
+            r.delivered,
+            r.expected,
+            r.missed,
+            r.reordered,
+            r.from_ack.p50,
+            r.from_ack.p90,
+            r.from_ack.p99,
+            r.from_ack.p999,
+            r.from_ack.max,
+            r.from_send.p50,
+            r.from_send.p99,
+            r.before_ack * 100.0,
+            optional(r.rss_before_mib, 0),
+            optional(r.rss_after_mib, 0),
+        );
+    }
+    out
+}
+
+fn recovery_table(r: &RecoveryResult) -> String {
+    let mut out = String::from(
+        "| sessions | fill creates/s | store MiB | stop s | ready s (empty store) | ready s (filled) | sessions read | RSS MiB empty | RSS MiB filled | RSS MiB restarted | bytes/session |\n\
+         |--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    let _ = writeln!(
+        out,
+        "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        r.sessions,
+        r.fill_rate,
+        r.store_mib,
+        r.stop_seconds,
+        r.empty_ready_seconds,
+        r.ready_seconds,
+        r.sessions_at_ready,
+        r.rss_empty_mib,
+        r.rss_filled_mib,
+        r.rss_restarted_mib,
+        r.bytes_per_session,
+    );
+    out
+}
+
+fn goal_table(goals: &[Goal]) -> String {
+    let mut out = String::from("| goal | measured | met |\n|---|---|---|\n");
+    for g in goals {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            g.goal,
+            g.measured,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+    out
+}
+
+/// The median of some values (the mean of the middle two for an even count).
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().filter(|v| !v.is_nan()).collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn median_option(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let present: Vec<f64> = values.into_iter().flatten().collect();
+    (!present.is_empty()).then(|| median(present))
+}
+
+fn median_count(values: impl IntoIterator<Item = u64>) -> u64 {
+    median(values.into_iter().map(|v| v as f64)).round() as u64
+}
+
+fn median_percentiles(values: &[Percentiles]) -> Percentiles {
+    Percentiles {
+        p50: median(values.iter().map(|p| p.p50)),
+        p90: median(values.iter().map(|p| p.p90)),
+        p99: median(values.iter().map(|p| p.p99)),
+        p999: median(values.iter().map(|p| p.p999)),
+        max: median(values.iter().map(|p| p.max)),
+    }
+}
+
+fn median_load(rows: &[&LoadResult]) -> LoadResult {
+    let first = rows[0];
+    LoadResult {
+        scenario: first.scenario.clone(),
+        // Open-loop rates follow each run's own maximum, so they differ slightly.
+        pace: if rows.iter().all(|r| r.pace == first.pace) {
+            first.pace.clone()
+        } else if first.pace.starts_with("open") {
+            let rate = median(rows.iter().filter_map(|r| {
+                r.pace
+                    .strip_prefix("open ")
+                    .and_then(|p| p.strip_suffix("/s"))
+                    .and_then(|p| p.parse().ok())
+            }));
+            format!("open {rate:.0}/s")
+        } else {
+            first.pace.clone()
+        },
+        concurrency: first.concurrency,
+        connections: first.connections,
+        requests: median_count(rows.iter().map(|r| r.requests)),
+        errors: rows.iter().map(|r| r.errors).max().unwrap_or(0),
+        unsent: median_count(rows.iter().map(|r| r.unsent)),
+        seconds: median(rows.iter().map(|r| r.seconds)),
+        throughput: median(rows.iter().map(|r| r.throughput)),
+        vs_health: median_option(rows.iter().map(|r| r.vs_health)),
+        latency: median_percentiles(&rows.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
+        rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
+        first_error: rows.iter().find_map(|r| r.first_error.clone()),
+    }
+}
+
+fn median_fanout(rows: &[&FanoutResult]) -> FanoutResult {
+    let first = rows[0];
+    // Correctness counts are summed over runs, not medianed: one miss in any run is a miss.
+    let sum = |f: fn(&FanoutResult) -> u64| rows.iter().map(|r| f(r)).sum::<u64>();
+    FanoutResult {
+        system: first.system.clone(),
+        subscribers: first.subscribers,
+        rate: first.rate,
+        writes: median_count(rows.iter().map(|r| r.writes)),
+        write_errors: sum(|r| r.write_errors),
+        expected: median_count(rows.iter().map(|r| r.expected)),
+        delivered: median_count(rows.iter().map(|r| r.delivered)),
+        missed: sum(|r| r.missed),
+        reordered: sum(|r| r.reordered),
+        duplicates: sum(|r| r.duplicates),
+        unexpected: sum(|r| r.unexpected),
+        stream_errors: sum(|r| r.stream_errors),
+        from_ack: median_percentiles(&rows.iter().map(|r| r.from_ack).collect::<Vec<_>>()),
+        from_send: median_percentiles(&rows.iter().map(|r| r.from_send).collect::<Vec<_>>()),
+        before_ack: median(rows.iter().map(|r| r.before_ack)),
+        rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
+        rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
+        first_error: rows.iter().find_map(|r| r.first_error.clone()),
+    }
+}
+
+fn median_recovery(rows: &[&RecoveryResult]) -> RecoveryResult {
+    let m = |f: fn(&RecoveryResult) -> f64| median(rows.iter().map(|r| f(r)));
+    RecoveryResult {
+        sessions: rows[0].sessions,
+        fill_rate: m(|r| r.fill_rate),
+        store_mib: m(|r| r.store_mib),
+        stop_seconds: m(|r| r.stop_seconds),
+        ready_seconds: m(|r| r.ready_seconds),
+        empty_ready_seconds: m(|r| r.empty_ready_seconds),
+        // The worst run: a restart that lost sessions must show.
+        sessions_at_ready: rows.iter().map(|r| r.sessions_at_ready).min().unwrap_or(0),
+        rss_empty_mib: m(|r| r.rss_empty_mib),
+        rss_filled_mib: m(|r| r.rss_filled_mib),
+        rss_restarted_mib: m(|r| r.rss_restarted_mib),
+        bytes_per_session: m(|r| r.bytes_per_session),
+        sample_failures: rows.iter().map(|r| r.sample_failures).sum(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
+    fn open_loop_rates_are_medianed_in_the_label() {
+        let row = |pace: &str| LoadResult {
+            scenario: "create".into(),
+            pace: pace.into(),
+            concurrency: 1,
+            connections: 1,
+            requests: 1,
+            errors: 0,
+            unsent: 0,
+            seconds: 1.0,
+            throughput: 1.0,
+            vs_health: None,
+            latency: Percentiles::default(),
+            rss_before_mib: None,
+            rss_after_mib: None,
+            first_error: None,
+        };
+        let (a, b, c) = (row("open 100/s"), row("open 300/s"), row("open 200/s"));
+        assert_eq!(median_load(&[&a, &b, &c]).pace, "open 200/s");
+    }
+}

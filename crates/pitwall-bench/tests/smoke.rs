@@ -1,0 +1,171 @@
+//! Smoke test of every benchmark against the real `pitwall` binary, with tiny counts for about
+//! a second each. It checks correctness only (no failed request, every notification once and
+//! in order, every session back after a restart), never timings: those depend on the machine.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The `pitwall` binary built into the same target directory as this test's `pitwall-bench`.
+/// `cargo test --workspace` builds every workspace binary before it runs any test.
+fn pitwall_binary() -> PathBuf {
+    let bench = Path::new(env!("CARGO_BIN_EXE_pitwall-bench"));
+    let pitwall = bench.with_file_name("pitwall");
+    assert!(
+        pitwall.exists(),
+        "no pitwall binary at {}: run the tests with `cargo test --workspace`, or build it first \
+         with `cargo build --bin pitwall`",
+        pitwall.display()
+    );
+    pitwall
+}
+
+/// Runs `pitwall-bench --strict <args>` against a spawned server and returns its JSON report.
+fn bench(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let json = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_pitwall-bench"))
+        .arg("--strict")
+        .arg("--json")
+        .arg(&json)
+        .args(args)
+        .arg("--server-bin")
+        .arg(pitwall_binary())
+        .output()
+        .expect("pitwall-bench runs");
+    assert!(
+        output.status.success(),
+        "pitwall-bench {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&json).expect("the JSON report is written");
+    serde_json::from_str(&text).expect("the JSON report parses")
+}
+
+fn count(value: &Value, field: &str) -> u64 {
+    value[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no count {field} in {value}"))
+}
+
+const SHORT_LOAD: &[&str] = &[
+    "--duration",
+    "0.7",
+    "--warmup",
+    "0.1",
+    "--concurrency",
+    "8",
+    "--connections",
+    "2",
+];
+
+#[test]
+fn every_load_scenario_answers_every_request() {
+    let mut args = vec!["load", "--scenario", "health,create,update,get,end,mixed"];
+    args.extend_from_slice(SHORT_LOAD);
+    let report = bench(&args);
+    let load = report["load"].as_array().expect("load rows");
+    let names: Vec<&str> = load.iter().filter_map(|r| r["scenario"].as_str()).collect();
+    assert_eq!(names, ["health", "create", "update", "get", "end", "mixed"]);
+    for row in load {
+        assert!(count(row, "requests") > 0, "no request answered: {row}");
+        assert_eq!(count(row, "errors"), 0, "{row}");
+        assert!(row["vs_health"].as_f64().is_some(), "{row}");
+    }
+}
+
+#[test]
+fn open_loop_create_answers_every_request() {
+    let mut args = vec!["load", "--scenario", "create,end", "--rate", "200"];
+    args.extend_from_slice(SHORT_LOAD);
+    let report = bench(&args);
+    for row in report["load"].as_array().expect("load rows") {
+        assert_eq!(row["pace"], "open 200/s", "{row}");
+        assert!(count(row, "requests") > 0, "{row}");
+        assert_eq!(count(row, "errors"), 0, "{row}");
+    }
+}
+
+#[test]
+fn fanout_delivers_every_session_to_every_subscriber_in_order() {
+    let report = bench(&[
+        "fanout",
+        "--subscribers",
+        "20",
+        "--create-rate",
+        "200",
+        "--seconds",
+        "1",
+    ]);
+    let fanout = &report["fanout"][0];
+    assert!(count(fanout, "writes") > 0, "{fanout}");
+    assert_eq!(count(fanout, "delivered"), count(fanout, "expected"));
+    assert_eq!(count(fanout, "expected"), 20 * count(fanout, "writes"));
+    for field in [
+        "missed",
+        "reordered",
+        "duplicates",
+        "unexpected",
+        "stream_errors",
+    ] {
+        assert_eq!(count(fanout, field), 0, "{field}: {fanout}");
+    }
+}
+
+#[test]
+fn recovery_restarts_with_every_session() {
+    let report = bench(&["recovery", "--sessions", "2000", "--fill-concurrency", "16"]);
+    let recovery = &report["recovery"];
+    assert_eq!(count(recovery, "sessions_at_ready"), 2000, "{recovery}");
+    assert_eq!(count(recovery, "sample_failures"), 0, "{recovery}");
+}
+
+/// etcd is optional: the peer runs only where an `etcd` binary is on PATH.
+#[test]
+fn etcd_peer_runs_when_etcd_is_installed() {
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("etcd").is_file()));
+    if !on_path {
+        eprintln!("etcd is not on PATH; the peer benchmark is skipped");
+        return;
+    }
+    let mut args = vec![
+        "etcd",
+        "--subscribers",
+        "10",
+        "--create-rate",
+        "100",
+        "--seconds",
+        "1",
+    ];
+    args.extend_from_slice(SHORT_LOAD);
+    let report = bench(&args);
+    let load = report["load"].as_array().expect("load rows");
+    assert!(
+        load.iter()
+            .any(|r| r["scenario"] == "etcd put" && count(r, "requests") > 0)
+    );
+    let systems: Vec<&str> = report["fanout"]
+        .as_array()
+        .expect("fan-out rows")
+        .iter()
+        .filter_map(|r| r["system"].as_str())
+        .collect();
+    assert_eq!(systems, ["pitwall", "etcd"]);
+}
+
+#[test]
+fn all_quick_reports_every_table_and_goal() {
+    let report = bench(&["all", "--quick", "--no-etcd", "--runs", "2"]);
+    assert_eq!(count(&report, "runs"), 2);
+    assert!(
+        report["load"]
+            .as_array()
+            .is_some_and(|rows| rows.len() == 7)
+    );
+    assert!(report["recovery"].is_object());
+    let goals = report["goals"].as_array().expect("goals");
+    assert!(goals.len() >= 4, "{goals:?}");
+}
