@@ -36,6 +36,8 @@ pub struct Config {
     pub remote_key_generator: Option<String>,
     /// How long CreateSession waits for the remote key generator.
     pub key_generator_timeout: std::time::Duration,
+    /// How long shutdown waits for open requests and streams before closing them.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             store_cache_bytes: 64 * 1024 * 1024,
             remote_key_generator: None,
             key_generator_timeout: std::time::Duration::from_secs(2),
+            shutdown_grace: std::time::Duration::from_secs(10),
         }
     }
 }

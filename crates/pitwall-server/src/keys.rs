@@ -17,11 +17,14 @@ const MAX_REMOTE_KEY_BYTES: usize = 256;
 pub enum KeySource {
     /// A random (v4) UUID in lowercase 8-4-4-4-12 form.
     Local,
-    Remote {
-        address: String,
-        client: UniqueKeyGeneratorServiceClient<Channel>,
-        deadline: Duration,
-    },
+    Remote(Box<RemoteGenerator>),
+}
+
+#[derive(Clone)]
+pub struct RemoteGenerator {
+    address: String,
+    client: UniqueKeyGeneratorServiceClient<Channel>,
+    deadline: Duration,
 }
 
 impl KeySource {
@@ -35,26 +38,26 @@ impl KeySource {
         };
         let endpoint = Endpoint::from_shared(url)
             .map_err(|e| format!("remote key generator address '{address}' is not valid: {e}"))?
-            .connect_timeout(deadline)
-            .timeout(deadline);
-        Ok(KeySource::Remote {
+            .connect_timeout(deadline);
+        Ok(KeySource::Remote(Box::new(RemoteGenerator {
             address: address.to_owned(),
             client: UniqueKeyGeneratorServiceClient::new(endpoint.connect_lazy()),
             deadline,
-        })
+        })))
     }
 
     /// A new session key. A remote generator that fails, answers late or answers without a
     /// string key gives `UNAVAILABLE`.
     pub async fn next_key(&self) -> Result<String, Status> {
-        let (address, client, deadline) = match self {
+        let RemoteGenerator {
+            address,
+            client,
+            deadline,
+        } = match self {
             KeySource::Local => return Ok(Uuid::new_v4().to_string()),
-            KeySource::Remote {
-                address,
-                client,
-                deadline,
-            } => (address, client, *deadline),
+            KeySource::Remote(remote) => remote.as_ref(),
         };
+        let deadline = *deadline;
         let request = GenerateUniqueKeyRequest {
             r#type: KeyType::String as i32,
         };

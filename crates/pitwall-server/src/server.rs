@@ -22,7 +22,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
 use crate::config::Config;
@@ -305,6 +305,7 @@ impl Launched {
         );
 
         let stopping = self.shutdown.clone();
+        let grace = self.config.shutdown_grace;
         let health = self.health.clone();
         let readiness = self.readiness.clone();
         let hub = self.hub.clone();
@@ -321,8 +322,21 @@ impl Launched {
                     .await;
             }
             hub.close();
-            let grpc_result = grpc_task.await;
-            // Every request has been answered; the writer finishes what is queued and closes.
+            // In-flight requests finish; a stream that does not end by itself (a health Watch)
+            // is cut when the grace period is over, so it cannot hold the process open.
+            let abort = grpc_task.abort_handle();
+            let grpc_result = match tokio::time::timeout(grace, grpc_task).await {
+                Ok(result) => result.map_err(ServeError::from),
+                Err(_) => {
+                    warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "requests still open after the shutdown grace period; closing them"
+                    );
+                    abort.abort();
+                    Ok(Ok(()))
+                }
+            };
+            // The writer finishes what is queued, then closes the store.
             writer.stop().await;
             let admin_result = admin_task.await;
             info!(

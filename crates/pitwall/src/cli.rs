@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::values;
+
 #[derive(Debug, Parser)]
 #[command(name = "pitwall", version, about = "The Stream API session service")]
 pub struct Cli {
@@ -35,6 +37,96 @@ struct ServeOnly {
 pub enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
+    /// See and change sessions on a running server.
+    Session(SessionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SessionArgs {
+    /// The server's gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "PITWALL_SERVER",
+        default_value = "http://127.0.0.1:13579"
+    )]
+    pub server: String,
+    /// Output format: a table for people, JSON for scripts (JSON lines for `watch`).
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: SessionCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionCommand {
+    /// Create a session and print its key.
+    Create {
+        #[arg(long)]
+        data_source: String,
+        /// Session type [server default: Session].
+        #[arg(long = "type")]
+        session_type: Option<String>,
+        /// Version [server default: 1].
+        #[arg(long)]
+        version: Option<u32>,
+        #[arg(long)]
+        identifier: Option<String>,
+        /// Offset from UTC, as ±HH:MM.
+        #[arg(long, value_parser = values::parse_utc_offset, allow_hyphen_values = true)]
+        utc_offset: Option<prost_types::Duration>,
+        /// A detail as key=value; repeat for more.
+        #[arg(long = "detail", value_parser = values::parse_detail)]
+        details: Vec<(String, String)>,
+        /// An associate session key; repeat for more.
+        #[arg(long = "associate")]
+        associates: Vec<String>,
+    },
+    /// List the sessions of a data source, oldest first.
+    List {
+        #[arg(long)]
+        data_source: String,
+        /// Only sessions that have not ended.
+        #[arg(long, conflicts_with = "complete")]
+        live: bool,
+        /// Only sessions that have ended.
+        #[arg(long)]
+        complete: bool,
+    },
+    /// Show everything about one session.
+    Get { session_key: String },
+    /// Change a session's identifier and/or details.
+    Update {
+        session_key: String,
+        #[arg(long)]
+        identifier: Option<String>,
+        /// A detail as key=value; repeat for more.
+        #[arg(long = "detail", value_parser = values::parse_detail)]
+        details: Vec<(String, String)>,
+    },
+    /// Add an associate session.
+    Associate {
+        session_key: String,
+        associate_session_key: String,
+    },
+    /// End a session.
+    End {
+        session_key: String,
+        /// Termination time, RFC 3339 (e.g. 2026-05-01T14:03:00Z) [default: now, server clock].
+        #[arg(long, value_parser = values::parse_time)]
+        at: Option<prost_types::Timestamp>,
+    },
+    /// Print sessions of a data source starting and stopping, until Ctrl-C.
+    Watch {
+        #[arg(long)]
+        data_source: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +184,9 @@ pub struct ServeArgs {
     /// How long CreateSession waits for the remote key generator, in milliseconds.
     #[arg(long, env = "PITWALL_KEY_GENERATOR_TIMEOUT_MS", default_value_t = 2000)]
     pub key_generator_timeout_ms: u64,
+    /// How long shutdown waits for open requests and streams before closing them, in seconds.
+    #[arg(long, env = "PITWALL_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

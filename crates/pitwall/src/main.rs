@@ -2,11 +2,16 @@
 //!
 //! - [`cli`]: the command line (flags, `PITWALL_*` variables).
 //! - [`serve`]: `pitwall serve`, the server process: config, signals, exit code.
+//! - [`session`]: `pitwall session …`, the client commands; [`output`] prints their results,
+//!   [`values`] reads and prints details, offsets and times.
 //! - [`logging`]: the `tracing` subscriber (level and format).
 
 mod cli;
 mod logging;
+mod output;
 mod serve;
+mod session;
+mod values;
 
 use clap::Parser;
 
@@ -25,6 +30,15 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command() {
         cli::Command::Serve(args) => runtime.block_on(serve::run(*args)),
+        cli::Command::Session(args) => {
+            return match runtime.block_on(session::run(args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pitwall: {e}");
+                    std::process::ExitCode::from(e.exit_code())
+                }
+            };
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

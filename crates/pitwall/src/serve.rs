@@ -48,6 +48,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         store_cache_bytes: args.store_cache_bytes,
         remote_key_generator: args.remote_key_generator.clone(),
         key_generator_timeout: std::time::Duration::from_millis(args.key_generator_timeout_ms),
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
     };
     if let Some(path) = &args.config {
         let app = AppConfig::load(path)?;

@@ -1,0 +1,496 @@
+//! `pitwall session …`: the client commands, over gRPC to a running server.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
+use pitwall_proto::api::*;
+use serde_json::{Value, json};
+use thiserror::Error;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+use crate::cli::{Output, SessionArgs, SessionCommand};
+use crate::output;
+use crate::values::{format_time, format_utc_offset};
+
+/// How long a call may wait for the server's answer (for `watch`, for the subscription to be
+/// confirmed) before the command gives up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sessions whose details `list` fetches at once.
+const LIST_CONCURRENCY: usize = 16;
+
+/// Why a command failed; each prints as one line.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot reach the Pitwall server at {url}: {why}")]
+    Unreachable { url: String, why: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("the server answered {code:?}: {message}")]
+    Failed { code: Code, message: String },
+    #[error("the server URL '{0}' is not valid; use e.g. http://127.0.0.1:13579")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    /// 1: the server refused or failed the request; 3: the server could not be reached.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Unreachable { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+type Client = SessionManagementServiceClient<Channel>;
+
+struct Session {
+    client: Client,
+    url: String,
+    output: Output,
+}
+
+pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
+    let endpoint = Endpoint::from_shared(args.server.clone())
+        .map_err(|_| ClientError::BadUrl(args.server.clone()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unreachable {
+            url: args.server.clone(),
+            why: root_cause(&e),
+        })?;
+    let session = Session {
+        client: SessionManagementServiceClient::new(channel),
+        url: args.server,
+        output: args.output,
+    };
+    match args.command {
+        SessionCommand::Create {
+            data_source,
+            session_type,
+            version,
+            identifier,
+            utc_offset,
+            details,
+            associates,
+        } => {
+            let request = CreateSessionRequest {
+                data_source,
+                r#type: session_type.unwrap_or_default(),
+                version: version.unwrap_or_default(),
+                utc_offset,
+                identifier: identifier.unwrap_or_default(),
+                associate_session_key: associates,
+                details: details.into_iter().collect(),
+                creation_time: None,
+            };
+            session.create(request).await
+        }
+        SessionCommand::List {
+            data_source,
+            live,
+            complete,
+        } => session.list(&data_source, live, complete).await,
+        SessionCommand::Get { session_key } => session.get(&session_key).await,
+        SessionCommand::Update {
+            session_key,
+            identifier,
+            details,
+        } => session.update(&session_key, identifier, details).await,
+        SessionCommand::Associate {
+            session_key,
+            associate_session_key,
+        } => {
+            session
+                .associate(&session_key, &associate_session_key)
+                .await
+        }
+        SessionCommand::End { session_key, at } => session.end(&session_key, at).await,
+        SessionCommand::Watch { data_source } => session.watch(&data_source).await,
+    }
+}
+
+impl Session {
+    async fn create(&self, request: CreateSessionRequest) -> Result<(), ClientError> {
+        let response = self.check(self.client.clone().create_session(request).await)?;
+        match self.output {
+            Output::Table => output::text(&response.session_key),
+            Output::Json => {
+                let packet = response.new_session.unwrap_or_default();
+                output::json(&json!({
+                    "session_key": response.session_key,
+                    "data_source": packet.data_source,
+                    "creation_time": packet.creation_time.as_ref().map(format_time),
+                    "topic_partition_offsets": packet.topic_partition_offsets,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn list(&self, data_source: &str, live: bool, complete: bool) -> Result<(), ClientError> {
+        let keys = self
+            .check(
+                self.client
+                    .clone()
+                    .get_current_sessions(GetCurrentSessionsRequest {
+                        data_source: data_source.to_owned(),
+                    })
+                    .await,
+            )?
+            .session_keys;
+        let infos: Vec<(String, GetSessionInfoResponse)> = futures::stream::iter(keys)
+            .map(|key| {
+                let mut client = self.client.clone();
+                async move {
+                    let info = self.check(
+                        client
+                            .get_session_info(GetSessionInfoRequest {
+                                session_key: key.clone(),
+                            })
+                            .await,
+                    )?;
+                    Ok::<_, ClientError>((key, info))
+                }
+            })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let shown = infos
+            .into_iter()
+            .filter(|(_, info)| if info.is_complete { !live } else { !complete });
+        match self.output {
+            Output::Table => {
+                let rows: Vec<Vec<String>> = shown
+                    .map(|(key, info)| {
+                        vec![
+                            key,
+                            info.identifier,
+                            info.r#type,
+                            info.creation_time
+                                .as_ref()
+                                .map(format_time)
+                                .unwrap_or_default(),
+                            info.termination_time
+                                .as_ref()
+                                .map(format_time)
+                                .unwrap_or_else(|| "-".into()),
+                            info.details.len().to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &["KEY", "IDENTIFIER", "TYPE", "CREATED", "ENDED", "DETAILS"],
+                    &rows,
+                );
+            }
+            Output::Json => {
+                let sessions: Vec<Value> =
+                    shown.map(|(key, info)| info_json(&key, &info)).collect();
+                output::json(&Value::Array(sessions));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, session_key: &str) -> Result<(), ClientError> {
+        let info = self.check(
+            self.client
+                .clone()
+                .get_session_info(GetSessionInfoRequest {
+                    session_key: session_key.to_owned(),
+                })
+                .await,
+        )?;
+        match self.output {
+            Output::Json => output::json(&info_json(session_key, &info)),
+            Output::Table => {
+                let list = |items: &[String]| {
+                    if items.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        items.join(", ")
+                    }
+                };
+                let offsets: Vec<String> = info
+                    .topic_partition_offsets
+                    .iter()
+                    .map(|(topic, offset)| format!("{topic}={offset}"))
+                    .collect();
+                let mut pairs = vec![
+                    ("session_key", session_key.to_owned()),
+                    ("data_source", info.data_source.clone()),
+                    ("identifier", info.identifier.clone()),
+                    ("type", info.r#type.clone()),
+                    ("version", info.version.to_string()),
+                    ("complete", info.is_complete.to_string()),
+                    (
+                        "created",
+                        info.creation_time
+                            .as_ref()
+                            .map(format_time)
+                            .unwrap_or_default(),
+                    ),
+                    (
+                        "ended",
+                        info.termination_time
+                            .as_ref()
+                            .map(format_time)
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                    (
+                        "utc_offset",
+                        format_utc_offset(&info.utc_offset.unwrap_or_default()),
+                    ),
+                    ("offsets", list(&offsets)),
+                    ("main_offset", info.main_offset.to_string()),
+                    ("essentials_offset", info.essentials_offset.to_string()),
+                    ("streams", list(&info.streams)),
+                    ("associates", list(&info.associate_session_keys)),
+                    ("details", info.details.len().to_string()),
+                ];
+                let details: Vec<(String, String)> = info
+                    .details
+                    .iter()
+                    .map(|(k, v)| (format!("  {k}"), v.clone()))
+                    .collect();
+                pairs.extend(details.iter().map(|(k, v)| (k.as_str(), v.clone())));
+                output::fields(&pairs);
+            }
+        }
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        session_key: &str,
+        identifier: Option<String>,
+        details: Vec<(String, String)>,
+    ) -> Result<(), ClientError> {
+        if let Some(identifier) = &identifier {
+            self.check(
+                self.client
+                    .clone()
+                    .update_session_identifier(UpdateSessionIdentifierRequest {
+                        session_key: session_key.to_owned(),
+                        identifier: identifier.clone(),
+                    })
+                    .await,
+            )?;
+        }
+        let details: BTreeMap<String, String> = details.into_iter().collect();
+        if !details.is_empty() || identifier.is_none() {
+            self.check(
+                self.client
+                    .clone()
+                    .update_session_details(UpdateSessionDetailsRequest {
+                        session_key: session_key.to_owned(),
+                        details: details.clone(),
+                    })
+                    .await,
+            )?;
+        }
+        match self.output {
+            Output::Table => output::text(&format!("updated {session_key}")),
+            Output::Json => output::json(&json!({
+                "session_key": session_key,
+                "identifier": identifier,
+                "details": details,
+            })),
+        }
+        Ok(())
+    }
+
+    async fn associate(&self, session_key: &str, associate: &str) -> Result<(), ClientError> {
+        self.check(
+            self.client
+                .clone()
+                .add_associate_session(AddAssociateSessionRequest {
+                    session_key: session_key.to_owned(),
+                    associate_session_key: associate.to_owned(),
+                })
+                .await,
+        )?;
+        match self.output {
+            Output::Table => output::text(&format!("associated {associate} with {session_key}")),
+            Output::Json => output::json(&json!({
+                "session_key": session_key,
+                "associate_session_key": associate,
+            })),
+        }
+        Ok(())
+    }
+
+    async fn end(
+        &self,
+        session_key: &str,
+        termination_time: Option<prost_types::Timestamp>,
+    ) -> Result<(), ClientError> {
+        let response = self.check(
+            self.client
+                .clone()
+                .end_session(EndSessionRequest {
+                    data_source: String::new(),
+                    session_key: session_key.to_owned(),
+                    termination_time,
+                })
+                .await,
+        )?;
+        let packet = response.end_session.unwrap_or_default();
+        let ended = packet.termination_time.as_ref().map(format_time);
+        match self.output {
+            Output::Table => output::text(&format!(
+                "ended {session_key} at {}",
+                ended.as_deref().unwrap_or("?")
+            )),
+            Output::Json => output::json(&json!({
+                "session_key": session_key,
+                "data_source": packet.data_source,
+                "termination_time": ended,
+                "topic_partition_offsets": packet.topic_partition_offsets,
+            })),
+        }
+        Ok(())
+    }
+
+    async fn watch(&self, data_source: &str) -> Result<(), ClientError> {
+        let starts = self
+            .client
+            .clone()
+            .get_session_start_notification(GetSessionStartNotificationRequest {
+                data_source: data_source.to_owned(),
+            })
+            .await
+            .map_err(|status| self.failure(status))?
+            .into_inner()
+            .map_ok(|n| ("started", n.session_key, n.data_source));
+        let stops = self
+            .client
+            .clone()
+            .get_session_stop_notification(GetSessionStopNotificationRequest {
+                data_source: data_source.to_owned(),
+            })
+            .await
+            .map_err(|status| self.failure(status))?
+            .into_inner()
+            .map_ok(|n| ("stopped", n.session_key, n.data_source));
+        // Both subscriptions are registered: nothing from here on is missed.
+        eprintln!(
+            "watching data source '{data_source}' for sessions starting and stopping; Ctrl-C to stop"
+        );
+        let mut events = futures::stream::select(starts, stops);
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            match event {
+                None => return Ok(()),
+                Some(Err(status)) => return Err(self.failure(status)),
+                Some(Ok((kind, session_key, data_source))) => match self.output {
+                    Output::Table => {
+                        output::text(&format!("{kind:<8} {session_key}  {data_source}"))
+                    }
+                    Output::Json => output::json(&json!({
+                        "event": kind,
+                        "session_key": session_key,
+                        "data_source": data_source,
+                    })),
+                },
+            }
+        }
+    }
+
+    /// The body of a successful answer; the `pitwall-error` reason of a refused one.
+    fn check<T>(&self, answer: Result<Response<T>, Status>) -> Result<T, ClientError>
+    where
+        T: Succeeded,
+    {
+        let response = answer.map_err(|status| self.failure(status))?;
+        let reason = response
+            .metadata()
+            .get("pitwall-error")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.into_inner();
+        if body.succeeded() {
+            return Ok(body);
+        }
+        Err(ClientError::Refused(reason.unwrap_or_else(|| {
+            "the server refused the request (no reason given)".into()
+        })))
+    }
+
+    fn failure(&self, status: Status) -> ClientError {
+        // A transport failure surfaces as UNAVAILABLE with the connection error as its source.
+        if status.code() == Code::Unavailable && std::error::Error::source(&status).is_some() {
+            return ClientError::Unreachable {
+                url: self.url.clone(),
+                why: root_cause(&status),
+            };
+        }
+        ClientError::Failed {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+fn info_json(session_key: &str, info: &GetSessionInfoResponse) -> Value {
+    json!({
+        "session_key": session_key,
+        "data_source": info.data_source,
+        "identifier": info.identifier,
+        "type": info.r#type,
+        "version": info.version,
+        "is_complete": info.is_complete,
+        "creation_time": info.creation_time.as_ref().map(format_time),
+        "termination_time": info.termination_time.as_ref().map(format_time),
+        "utc_offset": format_utc_offset(&info.utc_offset.unwrap_or_default()),
+        "associate_session_keys": info.associate_session_keys,
+        "details": info.details,
+        "topic_partition_offsets": info.topic_partition_offsets,
+        "main_offset": info.main_offset,
+        "essentials_offset": info.essentials_offset,
+        "streams": info.streams,
+    })
+}
+
+/// The innermost cause of an error, which says what actually went wrong (refused, timed out).
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+/// Responses that carry a `success` flag.
+trait Succeeded {
+    fn succeeded(&self) -> bool;
+}
+
+macro_rules! succeeded {
+    ($($t:ty),*) => {$(
+        impl Succeeded for $t {
+            fn succeeded(&self) -> bool {
+                self.success
+            }
+        }
+    )*};
+}
+succeeded!(
+    CreateSessionResponse,
+    EndSessionResponse,
+    GetCurrentSessionsResponse,
+    GetSessionInfoResponse,
+    UpdateSessionIdentifierResponse,
+    AddAssociateSessionResponse,
+    UpdateSessionDetailsResponse
+);
