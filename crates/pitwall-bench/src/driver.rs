@@ -4,7 +4,9 @@
 //!
 //! Open-loop latency is measured from the time a request was scheduled to leave, not from
 //! when it actually left: a loop stuck behind a slow answer sends late, and that wait is part
-//! of what a client sending at this rate would see (no coordinated omission).
+//! of what a client sending at this rate would see (no coordinated omission). Every request
+//! due before the end is sent, late if need be, unless the loop is still behind once the run
+//! has lasted twice its duration: those are counted as unsent.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -51,8 +53,8 @@ pub struct Outcome<S> {
     pub loops: Vec<S>,
     pub succeeded: u64,
     pub failed: u64,
-    /// Open loop only: requests that were due before the end but not sent (the server could
-    /// not keep up with the rate).
+    /// Open loop only: requests due before the end but still not sent when the run had
+    /// lasted twice its duration (the server could not keep up with the rate).
     pub unsent: u64,
     /// From the start until the last loop finished.
     pub elapsed: Duration,
@@ -91,6 +93,7 @@ pub async fn run<S: Step>(
     let count = loops.len().max(1);
     let start = Instant::now();
     let deadline = start + duration;
+    let hard_stop = deadline + duration;
     let tasks: Vec<_> = loops
         .into_iter()
         .enumerate()
@@ -106,7 +109,7 @@ pub async fn run<S: Step>(
                     ))
                 }
             };
-            tokio::spawn(run_loop(state, deadline, schedule))
+            tokio::spawn(run_loop(state, deadline, hard_stop, schedule))
         })
         .collect();
     let mut outcome = Outcome {
@@ -136,6 +139,7 @@ pub async fn run<S: Step>(
 async fn run_loop<S: Step>(
     mut state: S,
     deadline: Instant,
+    hard_stop: Instant,
     schedule: Option<(Instant, Duration)>,
 ) -> LoopOutcome<S> {
     let (mut succeeded, mut failed, mut unsent) = (0, 0, 0);
@@ -148,7 +152,7 @@ async fn run_loop<S: Step>(
                 if due >= deadline {
                     break;
                 }
-                if Instant::now() >= deadline {
+                if Instant::now() >= hard_stop {
                     // Due before the end, but the loop fell too far behind to send them.
                     let behind = deadline.duration_since(due).as_nanos();
                     unsent += behind.div_ceil(interval.as_nanos().max(1)) as u64;

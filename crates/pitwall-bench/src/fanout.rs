@@ -85,6 +85,8 @@ pub struct Receipts {
 pub struct Writes {
     pub writes: Vec<Write>,
     pub errors: u64,
+    /// Writes due but never sent: the system could not keep up with the rate.
+    pub unsent: u64,
     pub first_error: Option<String>,
 }
 
@@ -130,6 +132,7 @@ pub async fn run<F: Feed, W: Writer>(
         Writes {
             writes,
             errors: outcome.failed,
+            unsent: outcome.unsent,
             first_error: outcome.first_error,
         },
         receipts,
@@ -236,6 +239,7 @@ pub fn check(
         subscribers,
         rate,
         writes: writes.writes.len() as u64,
+        unsent: writes.unsent,
         write_errors: writes.errors + unacknowledged + unlisted,
         expected: order.len() as u64 * subscribers as u64,
         delivered,
@@ -376,6 +380,7 @@ mod tests {
         let writes = Writes {
             writes: vec![write(1, t), write(2, t)],
             errors: 0,
+            unsent: 0,
             first_error: None,
         };
         let receipts = Receipts {
@@ -394,6 +399,7 @@ mod tests {
         let writes = Writes {
             writes: vec![write(1, t), write(2, t), write(3, t)],
             errors: 0,
+            unsent: 0,
             first_error: None,
         };
         let receipts = Receipts {

@@ -42,6 +42,8 @@ pub struct FanoutResult {
     pub rate: f64,
     /// Writes acknowledged.
     pub writes: u64,
+    /// Writes due but never sent: the system fell behind the rate.
+    pub unsent: u64,
     pub write_errors: u64,
     /// Notifications every subscriber should have had: writes × subscribers.
     pub expected: u64,
@@ -259,17 +261,18 @@ fn load_table(rows: &[LoadResult]) -> String {
 
 fn fanout_table(rows: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "| system | subscribers | writes/s | writes | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | RSS MiB before → after |\n\
+        "| system | subscribers | offered writes/s | writes (unsent) | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | RSS MiB before → after |\n\
          |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} → {} |",
+            "| {} | {} | {:.0} | {} ({}) | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} → {} |",
             r.system,
             r.subscribers,
             r.rate,
             r.writes,
+            r.unsent,
             r.delivered,
             r.expected,
             r.missed,
@@ -402,6 +405,7 @@ fn median_fanout(rows: &[&FanoutResult]) -> FanoutResult {
         subscribers: first.subscribers,
         rate: first.rate,
         writes: median_count(rows.iter().map(|r| r.writes)),
+        unsent: median_count(rows.iter().map(|r| r.unsent)),
         write_errors: sum(|r| r.write_errors),
         expected: median_count(rows.iter().map(|r| r.expected)),
         delivered: median_count(rows.iter().map(|r| r.delivered)),

@@ -230,10 +230,13 @@ pub fn goals(report: &Report) -> Vec<Goal> {
                 f.subscribers, f.rate
             ),
             measured: format!(
-                "ack→received p99 {:.2} ms; {} missed, {} reordered",
-                f.from_ack.p99, f.missed, f.reordered
+                "ack→received p99 {:.2} ms; {} missed, {} reordered; {} of the writes not sent in time",
+                f.from_ack.p99, f.missed, f.reordered, f.unsent
             ),
-            met: f.from_ack.p99 <= 50.0 && wrong == 0 && f.delivered == f.expected,
+            met: f.from_ack.p99 <= 50.0
+                && wrong == 0
+                && f.delivered == f.expected
+                && f.unsent == 0,
         });
     }
     if let Some(r) = &report.recovery {
