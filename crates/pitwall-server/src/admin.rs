@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
+use tracing::warn;
 
+use crate::auth::{Access, Denied, http_rule};
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::shutdown::Shutdown;
 
@@ -35,17 +37,24 @@ struct AdminState {
     readiness: Readiness,
 }
 
-pub async fn serve(
-    listener: TcpListener,
+/// Serves the admin endpoints on `listener` (plain TCP or TLS) until shutdown.
+pub async fn serve<L>(
+    listener: L,
     metrics: Metrics,
     readiness: Readiness,
+    access: Access,
     shutdown: Shutdown,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_page))
-        .with_state(AdminState { metrics, readiness });
+        .with_state(AdminState { metrics, readiness })
+        .layer(axum::middleware::from_fn_with_state(access, authorize));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
         .await
@@ -63,5 +72,24 @@ async fn ready_page(State(state): State<AdminState>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Checks the request's bearer token against the path's rule.
+async fn authorize(State(access): State<Access>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    match access.check(
+        http_rule(&path),
+        request.headers().get(header::AUTHORIZATION),
+    ) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => {
+            warn!(path, reason = denied.message(), "admin request denied");
+            let status = match denied {
+                Denied::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                Denied::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            };
+            (status, format!("{}\n", denied.message())).into_response()
+        }
     }
 }

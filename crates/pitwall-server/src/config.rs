@@ -38,6 +38,10 @@ pub struct Config {
     pub key_generator_timeout: std::time::Duration,
     /// How long shutdown waits for open requests and streams before closing them.
     pub shutdown_grace: std::time::Duration,
+    /// TLS on both ports; `None` serves cleartext (h2c and HTTP/1.1).
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Bearer tokens with roles; `None` leaves access open.
+    pub auth_tokens: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -56,6 +60,8 @@ impl Default for Config {
             remote_key_generator: None,
             key_generator_timeout: std::time::Duration::from_secs(2),
             shutdown_grace: std::time::Duration::from_secs(10),
+            tls: None,
+            auth_tokens: None,
         }
     }
 }

@@ -9,11 +9,14 @@
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
 //! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
 //! - [`shutdown`]: the shutdown signal every task watches.
+//! - [`tls`]: certificate files and TLS termination for both ports; [`auth`]: bearer tokens,
+//!   roles, and the rule of every RPC and admin path.
 //!
 //! Only the engine's writer thread writes the store or changes the projection; request
 //! handlers read the projection and submit commands.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod grpc_status;
@@ -23,6 +26,7 @@ pub mod notify;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 
 pub use config::{AppConfig, Config};
 pub use pitwall_core::Limits;

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use futures::StreamExt;
 use pitwall_core::Projection;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
 use pitwall_store::embedded::EmbeddedOptions;
@@ -18,13 +19,16 @@ use pitwall_store::{EmbeddedStore, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
 use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::grpc_status::oversize_as_resource_exhausted;
@@ -33,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::notify::Hub;
 use crate::service::SessionService;
 use crate::shutdown::Shutdown;
+use crate::tls::{AdminListener, Tls};
 
 /// Name of the session service in gRPC health checks and reflection.
 pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementService";
@@ -54,6 +59,10 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     KeyGenerator(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    TokenFile(#[from] crate::auth::TokenFileError),
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -77,6 +86,8 @@ pub struct Launched {
     metrics: Metrics,
     hub: Arc<Hub>,
     engine: Arc<OnceLock<Engine>>,
+    access: Access,
+    tls: bool,
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
@@ -93,6 +104,7 @@ struct Addrs {
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
     addrs: Addrs,
+    access: Access,
     shutdown: Shutdown,
     done: JoinHandle<Result<(), ServeError>>,
 }
@@ -110,6 +122,11 @@ impl RunningServer {
     /// A handle that starts a graceful shutdown when triggered.
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()
+    }
+
+    /// The access check, to reload its token file.
+    pub fn access(&self) -> Access {
+        self.access.clone()
     }
 
     /// Starts a graceful shutdown and waits for it to finish.
@@ -148,6 +165,15 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         grpc: local_addr(&grpc_listener, config.listen, "gRPC")?,
         metrics: local_addr(&metrics_listener, config.metrics_listen, "metrics")?,
     };
+
+    let tls = config.tls.as_ref().map(Tls::load).transpose()?;
+    let access = Access::new(
+        config
+            .auth_tokens
+            .as_deref()
+            .map(Tokens::load)
+            .transpose()?,
+    );
 
     let shutdown = Shutdown::new();
     let readiness = Readiness::default();
@@ -191,23 +217,50 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .layer(
+            ServiceBuilder::new()
+                .layer(MapResponseLayer::new(oversize_as_resource_exhausted))
+                .layer(GrpcAuthLayer {
+                    access: access.clone(),
+                }),
+        )
+        .add_service(sessions)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let grpc_shutdown = shutdown.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .layer(MapResponseLayer::new(oversize_as_resource_exhausted))
-            .add_service(sessions)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.wait().await }),
-    );
-    let admin_task = tokio::spawn(admin::serve(
-        metrics_listener,
-        metrics.clone(),
-        readiness.clone(),
-        shutdown.clone(),
-    ));
+    let stop_serving = async move { grpc_shutdown.wait().await };
+    let grpc_task = match &tls {
+        Some(tls) => {
+            let connections = ReceiverStream::new(tls.accept_grpc(grpc_listener, shutdown.clone()))
+                .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
+            tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
+        }
+        None => {
+            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop_serving))
+        }
+    };
+    let admin_task = match &tls {
+        Some(tls) => tokio::spawn(admin::serve(
+            AdminListener {
+                accepted: tls.accept_admin(metrics_listener, shutdown.clone()),
+                local_addr: addrs.metrics,
+            },
+            metrics.clone(),
+            readiness.clone(),
+            access.clone(),
+            shutdown.clone(),
+        )),
+        None => tokio::spawn(admin::serve(
+            metrics_listener,
+            metrics.clone(),
+            readiness.clone(),
+            access.clone(),
+            shutdown.clone(),
+        )),
+    };
     info!(
         grpc = %addrs.grpc,
         metrics = %addrs.metrics,
@@ -222,6 +275,8 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         metrics,
         hub,
         engine,
+        access,
+        tls: tls.is_some(),
         health,
         readiness,
         shutdown,
@@ -243,6 +298,11 @@ impl Launched {
     /// `finish` takes effect as soon as the server is ready.
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()
+    }
+
+    /// The access check, to reload its token file.
+    pub fn access(&self) -> Access {
+        self.access.clone()
     }
 
     /// Reads the store into the projection, starts the writer and reports ready.
@@ -295,10 +355,23 @@ impl Launched {
         if !self.config.integrate_session_management {
             info!("IntegrateSessionManagement is false: session RPCs answer success = false");
         }
+        let access = if self.access.is_enabled() {
+            "tokens"
+        } else if self.config.listen.ip().is_loopback() {
+            "open"
+        } else {
+            warn!(
+                listen = %self.config.listen,
+                "access is open: no --auth-tokens, and the gRPC port listens beyond loopback"
+            );
+            "open-beyond-loopback"
+        };
         info!(
             grpc = %self.addrs.grpc,
             metrics = %self.addrs.metrics,
             data_dir = %self.config.data_dir.display(),
+            tls = self.tls,
+            access,
             sessions,
             startup_ms = self.started.elapsed().as_millis() as u64,
             "pitwall ready"
@@ -349,6 +422,7 @@ impl Launched {
         });
         Ok(RunningServer {
             addrs: self.addrs,
+            access: self.access.clone(),
             shutdown: self.shutdown.clone(),
             done,
         })

@@ -43,7 +43,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct SessionArgs {
-    /// The server's gRPC URL.
+    /// The server's gRPC URL (https:// when the server uses TLS).
     #[arg(
         long,
         global = true,
@@ -51,6 +51,12 @@ pub struct SessionArgs {
         default_value = "http://127.0.0.1:13579"
     )]
     pub server: String,
+    /// Bearer token sent with every call.
+    #[arg(long, global = true, env = "PITWALL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate that signed the server's certificate (for https:// URLs).
+    #[arg(long, global = true, env = "PITWALL_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format: a table for people, JSON for scripts (JSON lines for `watch`).
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -184,6 +190,19 @@ pub struct ServeArgs {
     /// How long CreateSession waits for the remote key generator, in milliseconds.
     #[arg(long, env = "PITWALL_KEY_GENERATOR_TIMEOUT_MS", default_value_t = 2000)]
     pub key_generator_timeout_ms: u64,
+    /// PEM certificate (chain) served on both ports; with --tls-key, TLS replaces cleartext.
+    #[arg(long, env = "PITWALL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PITWALL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): gRPC clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, env = "PITWALL_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Bearer tokens, one 'ROLE TOKEN' per line (roles: read, write, admin; '#' comments).
+    /// Reloaded on SIGHUP. Without it, access is open.
+    #[arg(long, env = "PITWALL_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
     /// How long shutdown waits for open requests and streams before closing them, in seconds.
     #[arg(long, env = "PITWALL_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,

@@ -3,23 +3,53 @@
 
 use anyhow::Context;
 use pitwall_server::config::Config;
+use std::path::PathBuf;
+
+use pitwall_server::auth::Access;
+use pitwall_server::tls::TlsFiles;
 use pitwall_server::{AppConfig, Limits};
-use tracing::info;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{info, warn};
 
 use crate::cli::ServeArgs;
+
+/// Reloads the token file on every SIGHUP; connections stay open. A bad file keeps the
+/// tokens in force and says why.
+async fn reload_tokens_on_hangup(mut hangups: Signal, access: Access, path: PathBuf) {
+    while hangups.recv().await.is_some() {
+        match access.reload(&path) {
+            Ok((read, write, admin)) => info!(
+                path = %path.display(),
+                read,
+                write,
+                admin,
+                "token file reloaded"
+            ),
+            Err(e) => {
+                warn!(error = %e, "token file not reloaded; the previous tokens stay in force")
+            }
+        }
+    }
+}
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = build_config(&args)?;
     // Registered before anything is bound, so a signal at any point after the ready line (or
     // during startup) stops the server gracefully instead of killing the process.
     let signals = Signals::register().context("cannot listen for SIGINT and SIGTERM")?;
+    let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let token_file = config.auth_tokens.clone();
     let launched = pitwall_server::launch(config).await?;
     let shutdown = launched.shutdown_handle();
+    let access = launched.access();
     tokio::spawn(async move {
         let signal = signals.recv().await;
         info!(signal, "signal received");
         shutdown.trigger();
     });
+    if let Some(path) = token_file {
+        tokio::spawn(reload_tokens_on_hangup(hangups, access, path));
+    }
     let server = launched.finish().await?;
     server.wait().await.context("server stopped with an error")
 }
@@ -49,6 +79,15 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         remote_key_generator: args.remote_key_generator.clone(),
         key_generator_timeout: std::time::Duration::from_millis(args.key_generator_timeout_ms),
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+            }),
+            _ => None,
+        },
+        auth_tokens: args.auth_tokens.clone(),
     };
     if let Some(path) = &args.config {
         let app = AppConfig::load(path)?;
@@ -67,13 +106,12 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
 
 /// SIGTERM and SIGINT, listened for from registration on.
 struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
+    terminate: Signal,
+    interrupt: Signal,
 }
 
 impl Signals {
     fn register() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
         Ok(Signals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,

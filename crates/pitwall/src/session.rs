@@ -8,7 +8,10 @@ use pitwall_proto::api::session_management_service_client::SessionManagementServ
 use pitwall_proto::api::*;
 use serde_json::{Value, json};
 use thiserror::Error;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
 use crate::cli::{Output, SessionArgs, SessionCommand};
@@ -33,6 +36,12 @@ pub enum ClientError {
     Failed { code: Code, message: String },
     #[error("the server URL '{0}' is not valid; use e.g. http://127.0.0.1:13579")]
     BadUrl(String),
+    #[error(
+        "the server refused the token ({code:?}): {message}; pass --token or set PITWALL_TOKEN"
+    )]
+    Denied { code: Code, message: String },
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl ClientError {
@@ -45,7 +54,22 @@ impl ClientError {
     }
 }
 
-type Client = SessionManagementServiceClient<Channel>;
+type Client = SessionManagementServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer …` to every call when a token is given.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 struct Session {
     client: Client,
@@ -54,19 +78,50 @@ struct Session {
 }
 
 pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
-    let endpoint = Endpoint::from_shared(args.server.clone())
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
         .map_err(|_| ClientError::BadUrl(args.server.clone()))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            url: args.server.clone(),
-            why: root_cause(&e),
+    let tls = args.server.starts_with("https://");
+    if tls {
+        let path = args.ca_cert.as_ref().ok_or_else(|| {
+            ClientError::Setup(format!(
+                "{} uses TLS: pass --ca-cert with the CA that signed the server's certificate",
+                args.server
+            ))
         })?;
+        let pem = std::fs::read(path).map_err(|e| {
+            ClientError::Setup(format!(
+                "cannot read CA certificate {}: {e}",
+                path.display()
+            ))
+        })?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| ClientError::Setup(format!("TLS setup failed: {}", root_cause(&e))))?;
+    }
+    let bearer = match &args.token {
+        None => Bearer(None),
+        Some(token) => Bearer(Some(
+            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                ClientError::Setup("the token has characters a header cannot carry".into())
+            })?,
+        )),
+    };
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut why = root_cause(&e);
+        if tls {
+            why.push_str(" (TLS: is --ca-cert the CA that signed the server's certificate?)");
+        } else if why.contains("connection reset") || why.contains("protocol") {
+            why.push_str(" (if the server uses TLS, use an https:// URL)");
+        }
+        ClientError::Unreachable {
+            url: args.server.clone(),
+            why,
+        }
+    })?;
     let session = Session {
-        client: SessionManagementServiceClient::new(channel),
+        client: SessionManagementServiceClient::with_interceptor(channel, bearer),
         url: args.server,
         output: args.output,
     };
@@ -433,6 +488,15 @@ impl Session {
             return ClientError::Unreachable {
                 url: self.url.clone(),
                 why: root_cause(&status),
+            };
+        }
+        if matches!(
+            status.code(),
+            Code::Unauthenticated | Code::PermissionDenied
+        ) {
+            return ClientError::Denied {
+                code: status.code(),
+                message: status.message().to_owned(),
             };
         }
         ClientError::Failed {
