@@ -38,7 +38,7 @@ pub enum Command {
     /// Run the server.
     Serve(Box<ServeArgs>),
     /// See and change sessions on a running server.
-    Session(SessionArgs),
+    Session(Box<SessionArgs>),
 }
 
 #[derive(Debug, Args)]

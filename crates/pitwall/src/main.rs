@@ -31,7 +31,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command() {
         cli::Command::Serve(args) => runtime.block_on(serve::run(*args)),
         cli::Command::Session(args) => {
-            return match runtime.block_on(session::run(args)) {
+            return match runtime.block_on(session::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pitwall: {e}");
