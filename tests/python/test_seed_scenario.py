@@ -1,143 +1,20 @@
 """Interoperability tests: a Python gRPC client, with stubs generated from proto/, against a
-running `pitwall serve`.
+running `pitwall serve` with security off (the default)."""
 
-The binary is `$PITWALL_BIN` if set, else `<repo>/target/debug/pitwall` (built by
-`cargo build --bin pitwall`).
-"""
-
-import importlib
-import importlib.resources
-import os
 import queue
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_tools import protoc
 
-REPO = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO / "proto"
-PROTO_FILES = [
-    "ma/streaming/api/v1/api.proto",
-    "ma/streaming/open_data/v1/open_data.proto",
-]
-READY_TIMEOUT_S = 30
-STOP_TIMEOUT_S = 30
-WAIT_S = 10  # for stream metadata and messages
-RPC_TIMEOUT_S = 10
-ERROR_KEY = "pitwall-error"
-READY_RE = re.compile(r"pitwall ready.*grpc=127\.0\.0\.1:(\d+) metrics=127\.0\.0\.1:(\d+)")
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def api(tmp_path_factory):
-    """Generates the Python stubs into a temp dir and returns (api_pb2, api_pb2_grpc)."""
-    out = tmp_path_factory.mktemp("stubs")
-    well_known = importlib.resources.files("grpc_tools") / "_proto"
-    rc = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{well_known}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            *PROTO_FILES,
-        ]
-    )
-    assert rc == 0, f"grpc_tools.protoc failed with exit code {rc}"
-    sys.path.insert(0, str(out))
-    try:
-        pb2 = importlib.import_module("ma.streaming.api.v1.api_pb2")
-        pb2_grpc = importlib.import_module("ma.streaming.api.v1.api_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
-    return pb2, pb2_grpc
-
-
-class Server:
-    """`pitwall serve` as a subprocess, its stderr read by a background thread."""
-
-    def __init__(self, binary, data_dir):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PITWALL_")}
-        env["PITWALL_LOG"] = "info"
-        self.proc = subprocess.Popen(
-            [
-                str(binary),
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(data_dir),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.lines = []
-        self.grpc_port = None
-        self.ready = threading.Event()
-        self.reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self.reader.start()
-
-    def _read_stderr(self):
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            match = READY_RE.search(line)
-            if match and not self.ready.is_set():
-                self.grpc_port = int(match.group(1))
-                self.ready.set()
-        self.ready.set()  # stderr closed: the process ended (or closed it)
-
-    def log(self):
-        return "\n".join(self.lines[-50:])
-
-    def wait_ready(self):
-        if self.ready.wait(READY_TIMEOUT_S) and self.grpc_port is not None:
-            return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-            why = (
-                f"did not log a 'pitwall ready ... grpc=127.0.0.1:PORT' line "
-                f"within {READY_TIMEOUT_S} s"
-            )
-        else:
-            why = f"exited with code {self.proc.returncode} before logging 'pitwall ready'"
-        self.reader.join(5)
-        pytest.fail(f"pitwall {why}; stderr:\n{self.log()}")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"pitwall did not stop within {STOP_TIMEOUT_S} s of SIGTERM:\n{self.log()}")
-        self.reader.join(5)
-        return code
+from conftest import ERROR_KEY, RPC_TIMEOUT_S, WAIT_S, Server, pitwall_binary
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    binary = Path(os.environ.get("PITWALL_BIN") or REPO / "target" / "debug" / "pitwall")
-    if not binary.is_file():
-        pytest.fail(f"{binary} does not exist; build it with `cargo build --bin pitwall`")
-    srv = Server(binary, tmp_path_factory.mktemp("pitwall-data"))
+    srv = Server(pitwall_binary(), tmp_path_factory.mktemp("pitwall-data"))
     srv.wait_ready()
     yield srv
     code = srv.stop()

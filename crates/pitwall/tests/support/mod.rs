@@ -75,6 +75,10 @@ impl TestServer {
         http_get(&self.running().metrics_addr().to_string(), path).await
     }
 
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.running().metrics_addr()
+    }
+
     pub fn shutdown_handle(&self) -> pitwall_server::Shutdown {
         self.running().shutdown_handle()
     }
@@ -275,4 +279,71 @@ pub fn field(line: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in {line}"))
         + name.len();
     line[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+/// A test certificate authority with a server certificate (for `localhost` and `127.0.0.1`) and
+/// a client certificate, written as PEM files.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: String,
+    pub client_key: String,
+    /// A key that does not belong to the server certificate.
+    pub stray_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Pitwall test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server = server_params.signed_by(&server_key, &ca).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(vec!["pitwall-client".to_owned()]).unwrap();
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params.signed_by(&client_key, &ca).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        TestPki {
+            ca: write("ca.pem", ca.pem()),
+            server_cert: write("server.pem", server.pem()),
+            server_key: write("server.key", server_key.serialize_pem()),
+            stray_key: write("stray.key", KeyPair::generate().unwrap().serialize_pem()),
+            client_cert: client.pem(),
+            client_key: client_key.serialize_pem(),
+            dir,
+        }
+    }
+
+    pub fn files(&self, client_ca: bool) -> pitwall_server::tls::TlsFiles {
+        pitwall_server::tls::TlsFiles {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            client_ca: client_ca.then(|| self.ca.clone()),
+        }
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(&self.ca).unwrap()
+    }
 }
