@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use pitwall_core::Limits;
+pub use pitwall_store::kafka::StreamLayout;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
@@ -13,12 +14,29 @@ pub const DEFAULT_GRPC_PORT: u16 = 13579;
 /// Default Prometheus port of the reference server.
 pub const DEFAULT_METRICS_PORT: u16 = 2468;
 
+/// Where sessions are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The embedded store in `data_dir`.
+    Embedded,
+    /// The session topic of a Kafka cluster.
+    Kafka {
+        brokers: String,
+        topic: String,
+        /// How long a produce, a broker query or waiting to read a write back may take.
+        timeout: std::time::Duration,
+    },
+}
+
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    /// How a data source's streams map to Kafka (`StreamCreationStrategy`, `PartitionMappings`).
+    pub stream_layout: StreamLayout,
     /// `IntegrateSessionManagement`: when false every unary RPC answers `success = false`.
     pub integrate_session_management: bool,
     pub limits: Limits,
@@ -50,6 +68,8 @@ impl Default for Config {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_GRPC_PORT)),
             metrics_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_METRICS_PORT)),
             data_dir: PathBuf::from("pitwall-data"),
+            store: StoreConfig::Embedded,
+            stream_layout: StreamLayout::PartitionBased(Vec::new()),
             integrate_session_management: true,
             limits: Limits::default(),
             max_message_bytes: 4 * 1024 * 1024,
@@ -196,6 +216,15 @@ impl AppConfig {
         if let Some(enabled) = self.integrate_session_management {
             config.integrate_session_management = enabled;
         }
+        config.stream_layout = match self.stream_creation_strategy {
+            Some(2) => StreamLayout::TopicBased,
+            _ => StreamLayout::PartitionBased(
+                self.partition_mappings
+                    .iter()
+                    .map(|m| (m.stream.clone(), m.partition))
+                    .collect(),
+            ),
+        };
         if self.use_remote_key_generator == Some(true) && config.remote_key_generator.is_none() {
             match self.remote_key_generator_service_address.as_deref() {
                 Some(address) if !address.trim().is_empty() => {
@@ -211,13 +240,19 @@ impl AppConfig {
         Ok(())
     }
 
-    /// Keys read but without effect on the embedded store, for the startup log.
-    pub fn unused_here(&self) -> Vec<String> {
+    /// Keys read but without effect with this store, for the startup log.
+    pub fn unused_here(&self, store: &StoreConfig) -> Vec<String> {
+        let embedded = *store == StoreConfig::Embedded;
         let mut unused = Vec::new();
-        if self.broker_url.is_some() {
-            unused.push("BrokerUrl is ignored: the embedded store needs no broker".to_owned());
+        if self.broker_url.is_some() && embedded {
+            unused.push(
+                "BrokerUrl is ignored: the embedded store needs no broker (use --store kafka)"
+                    .to_owned(),
+            );
         }
-        if self.stream_creation_strategy.is_some() || !self.partition_mappings.is_empty() {
+        if embedded
+            && (self.stream_creation_strategy.is_some() || !self.partition_mappings.is_empty())
+        {
             unused.push(
                 "StreamCreationStrategy and PartitionMappings are ignored: without a broker \
                  sessions have no streams"

@@ -2,12 +2,13 @@
 //!
 //! Write commands go through one bounded queue to one writer thread. It takes everything
 //! waiting (up to `max_batch`), decides each command against the sessions as they will be after
-//! the earlier ones, makes the batch durable in one commit, applies it to the projection,
-//! queues the notifications, and only then answers each caller. Many concurrent writes thus
-//! share one fsync (group commit) and every acknowledged write is on disk.
+//! the earlier ones, and makes the batch durable: embedded, in one fsync'd commit (group
+//! commit), then applies it to the projection and queues the notifications; on Kafka, by
+//! producing every record and waiting until this instance's follower has read them back and
+//! applied them. Only then is each caller answered.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,8 +20,10 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
+pub use crate::apply::SharedProjection;
+use crate::apply::{Applier, read};
+use crate::kafka_backend::KafkaBackend;
 use crate::metrics::Metrics;
-use crate::notify::Hub;
 
 /// Why a write was not done.
 #[derive(Debug, Error)]
@@ -35,13 +38,9 @@ pub enum WriteError {
     ShuttingDown,
 }
 
-/// The projection behind a `std` lock: held for map lookups and clones only, never across an
-/// await; the writer holds it exclusively just long enough to apply one committed batch.
-pub type SharedProjection = Arc<RwLock<Projection>>;
-
-struct Job {
-    command: Command,
-    reply: oneshot::Sender<Result<Decision, WriteError>>,
+pub(crate) struct Job {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<Decision, WriteError>>,
 }
 
 // Nearly every message is a write; `Stop` is sent once, so its wasted size does not matter.
@@ -58,6 +57,7 @@ pub struct Engine {
     queue_capacity: usize,
     projection: SharedProjection,
     metrics: Metrics,
+    kafka: Option<Arc<KafkaBackend>>,
 }
 
 /// Owns the writer thread; [`Writer::stop`] drains it and closes the store.
@@ -72,22 +72,29 @@ pub struct EngineOptions {
     pub max_batch: usize,
 }
 
+/// Where the writer makes records durable.
+pub enum Backend {
+    Embedded(EmbeddedStore),
+    Kafka(Arc<KafkaBackend>),
+}
+
 impl Engine {
-    /// Starts the writer on `store`, whose sessions are already in `projection`.
+    /// Starts the writer on `backend`; `applier.projection` already holds its sessions.
     pub fn start(
-        store: EmbeddedStore,
-        projection: Projection,
-        hub: Arc<Hub>,
-        metrics: Metrics,
+        backend: Backend,
+        applier: Applier,
         options: EngineOptions,
     ) -> std::io::Result<(Engine, Writer)> {
         let (sender, receiver) = mpsc::channel(options.write_queue.max(1));
-        let projection = Arc::new(RwLock::new(projection));
+        let projection = applier.projection.clone();
+        let metrics = applier.metrics.clone();
+        let kafka = match &backend {
+            Backend::Kafka(kafka) => Some(kafka.clone()),
+            Backend::Embedded(_) => None,
+        };
         let state = WriterState {
-            store,
-            projection: projection.clone(),
-            hub,
-            metrics: metrics.clone(),
+            backend,
+            applier,
             limits: options.limits,
             max_batch: options.max_batch.max(1),
         };
@@ -99,6 +106,7 @@ impl Engine {
             queue_capacity: options.write_queue.max(1),
             projection,
             metrics,
+            kafka,
         };
         Ok((
             engine,
@@ -130,6 +138,17 @@ impl Engine {
     pub fn read(&self) -> RwLockReadGuard<'_, Projection> {
         read(&self.projection)
     }
+
+    /// The data source's streams: none without a broker.
+    pub async fn streams(&self, data_source: &str) -> Vec<String> {
+        let Some(kafka) = self.kafka.clone() else {
+            return Vec::new();
+        };
+        let data_source = data_source.to_owned();
+        tokio::task::spawn_blocking(move || kafka.streams(&data_source))
+            .await
+            .unwrap_or_default()
+    }
 }
 
 impl Writer {
@@ -144,19 +163,27 @@ impl Writer {
     }
 }
 
-struct WriterState {
-    store: EmbeddedStore,
-    projection: SharedProjection,
-    hub: Arc<Hub>,
-    metrics: Metrics,
+pub(crate) struct WriterState {
+    backend: Backend,
+    applier: Applier,
     limits: Limits,
     max_batch: usize,
 }
 
-/// A decided command waiting for its batch to commit.
-struct Pending {
-    reply: oneshot::Sender<Result<Decision, WriteError>>,
-    outcome: Result<Decision, Rejection>,
+/// A decided command waiting for its batch to be durable.
+pub(crate) struct Pending {
+    pub reply: oneshot::Sender<Result<Decision, WriteError>>,
+    pub outcome: Result<Decision, WriteError>,
+}
+
+/// A batch decided against the projection and itself.
+pub(crate) struct Decided {
+    /// One per job, in order.
+    pub pending: Vec<Pending>,
+    /// The records to append, in order, with the index of the job each belongs to.
+    pub records: Vec<(usize, Record)>,
+    /// Sessions as the batch leaves them.
+    pub changed: HashMap<String, Session>,
 }
 
 impl WriterState {
@@ -178,7 +205,10 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
-            self.metrics.write_queue_depth.set(receiver.len() as i64);
+            self.applier
+                .metrics
+                .write_queue_depth
+                .set(receiver.len() as i64);
             self.process(&mut batch);
         }
         receiver.close();
@@ -188,45 +218,33 @@ impl WriterState {
                 let _ = job.reply.send(Err(WriteError::ShuttingDown));
             }
         }
-        info!(path = %self.store.path().display(), "store closed");
+        match &self.backend {
+            Backend::Embedded(store) => info!(path = %store.path().display(), "store closed"),
+            Backend::Kafka(_) => info!("writer stopped"),
+        }
     }
 
     fn process(&self, batch: &mut Vec<Job>) {
-        let ctx = Context {
-            now: now(),
-            limits: &self.limits,
-            offsets: &embedded_offsets,
-        };
-        // Sessions as this batch leaves them, to decide later commands and to persist.
-        let mut changed: HashMap<String, Session> = HashMap::new();
-        let mut records = Vec::new();
-        let mut pending = Vec::with_capacity(batch.len());
-        {
-            let projection = read(&self.projection);
-            let mut next_sequence = projection.next_sequence();
-            for job in batch.drain(..) {
-                let key = job.command.session_key().to_owned();
-                let current = changed.get(&key).or_else(|| projection.get(&key));
-                let outcome = job.command.decide(current, &ctx);
-                if let Ok(Decision::Append(record)) = &outcome {
-                    let session = next_state(current, record, &mut next_sequence);
-                    changed.insert(key, session);
-                    records.push(record.clone());
-                }
-                pending.push(Pending {
-                    reply: job.reply,
-                    outcome,
-                });
-            }
+        match &self.backend {
+            Backend::Embedded(store) => self.process_embedded(store, batch),
+            Backend::Kafka(kafka) => kafka.process(self, batch),
         }
+    }
 
+    fn process_embedded(&self, store: &EmbeddedStore, batch: &mut Vec<Job>) {
+        let Decided {
+            pending,
+            records,
+            changed,
+        } = self.decide(batch, &BTreeMap::new(), &HashMap::new());
         if !changed.is_empty() {
             let started = Instant::now();
-            let committed = self.store.commit(changed.values());
-            self.metrics
+            let committed = store.commit(changed.values());
+            let metrics = &self.applier.metrics;
+            metrics
                 .commit_duration
                 .observe(started.elapsed().as_secs_f64());
-            self.metrics.commit_batch_size.observe(pending.len() as f64);
+            metrics.commit_batch_size.observe(pending.len() as f64);
             if let Err(e) = committed {
                 error!(error = %e, writes = pending.len(), "commit failed; the batch is refused");
                 let message = e.to_string();
@@ -235,35 +253,78 @@ impl WriterState {
                 }
                 return;
             }
-            self.apply(records);
+            self.applier
+                .apply(records.into_iter().map(|(_, record)| record));
         }
         for p in pending {
-            let _ = p.reply.send(p.outcome.map_err(WriteError::from));
+            let _ = p.reply.send(p.outcome);
         }
     }
 
-    /// Applies committed records, then queues their notifications: before any caller is
-    /// answered, and in log order.
-    fn apply(&self, records: Vec<Record>) {
-        let mut events = Vec::new();
-        {
-            let mut projection = write(&self.projection);
-            for record in records {
-                events.extend(projection.apply(record));
+    /// Decides every job against the projection and the batch so far. `offsets` gives the
+    /// offsets of data sources (Kafka); without an entry a data source gets the embedded
+    /// offsets. Jobs whose data source is in `unavailable` fail with that reason.
+    pub(crate) fn decide(
+        &self,
+        batch: &mut Vec<Job>,
+        offsets: &BTreeMap<String, BTreeMap<String, i64>>,
+        unavailable: &HashMap<String, String>,
+    ) -> Decided {
+        let offsets_of = |data_source: &str| {
+            offsets
+                .get(data_source)
+                .cloned()
+                .unwrap_or_else(|| embedded_offsets(data_source))
+        };
+        let ctx = Context {
+            now: now(),
+            limits: &self.limits,
+            offsets: &offsets_of,
+        };
+        let mut decided = Decided {
+            pending: Vec::with_capacity(batch.len()),
+            records: Vec::new(),
+            changed: HashMap::new(),
+        };
+        let projection = read(&self.applier.projection);
+        let mut next_sequence = projection.next_sequence();
+        for (index, job) in batch.drain(..).enumerate() {
+            let key = job.command.session_key().to_owned();
+            let current = decided.changed.get(&key).or_else(|| projection.get(&key));
+            if let Some(reason) = data_source_of(&job.command, current)
+                .and_then(|data_source| unavailable.get(&data_source))
+            {
+                decided.pending.push(Pending {
+                    reply: job.reply,
+                    outcome: Err(WriteError::Unavailable(reason.clone())),
+                });
+                continue;
             }
-            let mut counted = std::collections::HashSet::new();
-            for event in &events {
-                if counted.insert(event.data_source.as_str()) {
-                    let counts = projection.counts_of(&event.data_source);
-                    self.metrics.set_session_counts(
-                        &event.data_source,
-                        counts.total,
-                        counts.completed,
-                    );
-                }
+            let outcome = job.command.decide(current, &ctx);
+            if let Ok(Decision::Append(record)) = &outcome {
+                let session = next_state(current, record, &mut next_sequence);
+                decided.changed.insert(key, session);
+                decided.records.push((index, record.clone()));
             }
+            decided.pending.push(Pending {
+                reply: job.reply,
+                outcome: outcome.map_err(WriteError::from),
+            });
         }
-        self.hub.publish(&events);
+        decided
+    }
+
+    pub(crate) fn applier(&self) -> &Applier {
+        &self.applier
+    }
+}
+
+/// The data source whose offsets a command needs: a create's, or the ended session's.
+pub(crate) fn data_source_of(command: &Command, current: Option<&Session>) -> Option<String> {
+    match command {
+        Command::Create { request, .. } => Some(request.data_source.clone()),
+        Command::End(_) => current.map(|session| session.data_source.clone()),
+        _ => None,
     }
 }
 
@@ -304,14 +365,4 @@ fn now() -> Timestamp {
         seconds: since_epoch.as_secs() as i64,
         nanos: since_epoch.subsec_nanos() as i32,
     }
-}
-
-// A panic while holding the projection lock would come from a bug in apply; the projection is
-// then as the last complete apply left it, so reads may go on.
-fn read(projection: &SharedProjection) -> RwLockReadGuard<'_, Projection> {
-    projection.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write(projection: &SharedProjection) -> RwLockWriteGuard<'_, Projection> {
-    projection.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,7 +1,9 @@
 //! The Pitwall server: everything between the network and the store.
 //!
 //! - [`config`]: the one `Config`, and the reference's `AppConfig.json` keys.
-//! - [`engine`]: the single writer (group commit into the store) and the shared projection.
+//! - [`engine`]: the single writer (group commit into the store) and the shared projection;
+//!   [`apply`]: records into the projection, then notifications; [`kafka_backend`]: the
+//!   follower of the Kafka topic and the Kafka write path.
 //! - [`notify`]: start/stop subscribers per data source, bounded queues, cut-off of laggards.
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
@@ -12,14 +14,16 @@
 //! - [`tls`]: certificate files and TLS termination for both ports; [`auth`]: bearer tokens,
 //!   roles, and the rule of every RPC and admin path.
 //!
-//! Only the engine's writer thread writes the store or changes the projection; request
-//! handlers read the projection and submit commands.
+//! Only the engine's writer thread writes the store; only the writer (embedded) or the Kafka
+//! follower changes the projection; request handlers read the projection and submit commands.
 
 pub mod admin;
+pub mod apply;
 pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod grpc_status;
+pub mod kafka_backend;
 pub mod keys;
 pub mod metrics;
 pub mod notify;

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub notification_streams: IntGaugeVec,
     pub notifications_sent: IntCounterVec,
     pub subscribers_cut_off: IntCounterVec,
+    /// 1 while the Kafka broker answers (Kafka store only).
+    pub broker_up: IntGauge,
 }
 
 impl Metrics {
@@ -115,6 +117,11 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let broker_up = IntGauge::new(
+            "pitwall_kafka_broker_up",
+            "1 while the Kafka broker answers metadata requests (Kafka store only)",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(sessions_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(sessions.clone()),
@@ -126,6 +133,7 @@ impl Metrics {
             Box::new(notification_streams.clone()),
             Box::new(notifications_sent.clone()),
             Box::new(subscribers_cut_off.clone()),
+            Box::new(broker_up.clone()),
         ] {
             registry
                 .register(collector)
@@ -143,6 +151,7 @@ impl Metrics {
             notification_streams,
             notifications_sent,
             subscribers_cut_off,
+            broker_up,
         }
     }
 

@@ -8,13 +8,14 @@
 //! the store.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pitwall_core::Projection;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
 use pitwall_store::embedded::EmbeddedOptions;
+use pitwall_store::kafka::{KafkaOptions, KafkaStoreError};
 use pitwall_store::{EmbeddedStore, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -28,10 +29,12 @@ use tower::util::MapResponseLayer;
 use tracing::{info, warn};
 
 use crate::admin::{self, Readiness};
+use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
-use crate::config::Config;
-use crate::engine::{Engine, EngineOptions};
+use crate::config::{Config, StoreConfig};
+use crate::engine::{Backend, Engine, EngineOptions};
 use crate::grpc_status::oversize_as_resource_exhausted;
+use crate::kafka_backend::KafkaBackend;
 use crate::keys::KeySource;
 use crate::metrics::Metrics;
 use crate::notify::Hub;
@@ -63,6 +66,10 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     TokenFile(#[from] crate::auth::TokenFileError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaStoreError),
+    #[error("stopped before the server was ready")]
+    StoppedBeforeReady,
     #[error("startup task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -156,8 +163,13 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let store_options = EmbeddedOptions {
         cache_bytes: config.store_cache_bytes,
     };
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir, &store_options))
-        .await??;
+    let store = match &config.store {
+        StoreConfig::Embedded => Some(
+            tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir, &store_options))
+                .await??,
+        ),
+        StoreConfig::Kafka { .. } => None,
+    };
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
@@ -261,16 +273,26 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
             shutdown.clone(),
         )),
     };
-    info!(
-        grpc = %addrs.grpc,
-        metrics = %addrs.metrics,
-        path = %store.path().display(),
-        "store opened and ports bound; reading the store"
-    );
+    match (&store, &config.store) {
+        (Some(store), _) => info!(
+            grpc = %addrs.grpc,
+            metrics = %addrs.metrics,
+            path = %store.path().display(),
+            "store opened and ports bound; reading the store"
+        ),
+        (None, StoreConfig::Kafka { brokers, topic, .. }) => info!(
+            grpc = %addrs.grpc,
+            metrics = %addrs.metrics,
+            %brokers,
+            %topic,
+            "ports bound; reading the Kafka session topic"
+        ),
+        (None, StoreConfig::Embedded) => {}
+    }
     Ok(Launched {
         config,
         started,
-        store: Some(store),
+        store,
         addrs,
         metrics,
         hub,
@@ -308,32 +330,73 @@ impl Launched {
     /// Reads the store into the projection, starts the writer and reports ready.
     pub async fn finish(mut self) -> Result<RunningServer, StartError> {
         let replay_started = Instant::now();
-        let store = self.store.take().expect("finish runs once");
-        let (store, projection) = tokio::task::spawn_blocking(move || {
-            let mut projection = Projection::default();
-            for session in store.load()? {
-                projection.restore(session);
+        let applier = Applier {
+            projection: Arc::new(RwLock::new(Projection::default())),
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (backend, follower) = match (self.store.take(), &self.config.store) {
+            (Some(store), _) => {
+                let projection = applier.projection.clone();
+                let store = tokio::task::spawn_blocking(move || {
+                    let sessions = store.load()?;
+                    let mut projection = projection.write().unwrap_or_else(|e| e.into_inner());
+                    for session in sessions {
+                        projection.restore(session);
+                    }
+                    Ok::<_, StoreError>(store)
+                })
+                .await??;
+                (Backend::Embedded(store), None)
             }
-            Ok::<_, StoreError>((store, projection))
-        })
-        .await??;
-        for (data_source, counts) in projection.counts_by_data_source() {
-            self.metrics
-                .set_session_counts(data_source, counts.total, counts.completed);
-        }
-        let sessions = projection.len();
-        info!(
-            sessions,
-            data_sources = projection.counts_by_data_source().count(),
-            elapsed_ms = replay_started.elapsed().as_millis() as u64,
-            "store read"
-        );
+            (
+                None,
+                StoreConfig::Kafka {
+                    brokers,
+                    topic,
+                    timeout,
+                },
+            ) => {
+                let options = KafkaOptions {
+                    brokers: brokers.clone(),
+                    topic: topic.clone(),
+                    timeout: *timeout,
+                };
+                let layout = self.config.stream_layout.clone();
+                let (applier, shutdown) = (applier.clone(), self.shutdown.clone());
+                let started = tokio::task::spawn_blocking(move || {
+                    KafkaBackend::start(options, layout, applier, &shutdown)
+                })
+                .await??;
+                let Some((kafka, follower)) = started else {
+                    return Err(StartError::StoppedBeforeReady);
+                };
+                (Backend::Kafka(kafka), Some(follower))
+            }
+            (None, StoreConfig::Embedded) => unreachable!("launch opens the embedded store"),
+        };
+        let sessions = {
+            let projection = read(&applier.projection);
+            for (data_source, counts) in projection.counts_by_data_source() {
+                self.metrics
+                    .set_session_counts(data_source, counts.total, counts.completed);
+            }
+            info!(
+                sessions = projection.len(),
+                data_sources = projection.counts_by_data_source().count(),
+                elapsed_ms = replay_started.elapsed().as_millis() as u64,
+                "store read"
+            );
+            projection.len()
+        };
+        let broker = match &backend {
+            Backend::Kafka(kafka) => Some(kafka.clone()),
+            Backend::Embedded(_) => None,
+        };
 
         let (engine, writer) = Engine::start(
-            store,
-            projection,
-            self.hub.clone(),
-            self.metrics.clone(),
+            backend,
+            applier,
             EngineOptions {
                 limits: self.config.limits.clone(),
                 write_queue: self.config.write_queue,
@@ -377,6 +440,14 @@ impl Launched {
             "pitwall ready"
         );
 
+        if let Some(kafka) = broker {
+            tokio::spawn(watch_broker(
+                kafka,
+                self.health.clone(),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+            ));
+        }
         let stopping = self.shutdown.clone();
         let grace = self.config.shutdown_grace;
         let health = self.health.clone();
@@ -411,6 +482,9 @@ impl Launched {
             };
             // The writer finishes what is queued, then closes the store.
             writer.stop().await;
+            if let Some(follower) = follower {
+                let _ = tokio::task::spawn_blocking(move || follower.stop()).await;
+            }
             let admin_result = admin_task.await;
             info!(
                 elapsed_ms = began.elapsed().as_millis() as u64,
@@ -434,6 +508,44 @@ impl Drop for Launched {
     fn drop(&mut self) {
         if self.grpc_task.is_some() {
             self.shutdown.trigger();
+        }
+    }
+}
+
+/// How often the broker is asked whether it is there.
+const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Marks the session service `NOT_SERVING` while the broker does not answer (writes cannot be
+/// made durable; reads still answer from the last applied state), `SERVING` again when it does.
+async fn watch_broker(
+    kafka: Arc<KafkaBackend>,
+    health: HealthReporter,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
+    let mut up = true;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(BROKER_PROBE_INTERVAL) => {}
+            () = shutdown.wait() => return,
+        }
+        let probe = kafka.clone();
+        let answered = tokio::task::spawn_blocking(move || probe.probe())
+            .await
+            .unwrap_or(false);
+        metrics.broker_up.set(i64::from(answered));
+        if answered != up && !shutdown.is_triggered() {
+            up = answered;
+            let status = if up {
+                info!("Kafka broker answers again; writes are served");
+                ServingStatus::Serving
+            } else {
+                warn!("Kafka broker does not answer; writes answer UNAVAILABLE until it returns");
+                ServingStatus::NotServing
+            };
+            health
+                .set_service_status(SESSION_SERVICE_NAME, status)
+                .await;
         }
     }
 }

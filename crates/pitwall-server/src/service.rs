@@ -174,13 +174,18 @@ impl SessionService {
         }
     }
 
-    fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
+    async fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
         self.check_enabled(session_key)?;
-        let projection = self.engine()?.read();
-        let session = projection.get(session_key).ok_or_else(|| {
-            Failure::refused(session_key, Rejection::UnknownSession(session_key.into()))
-        })?;
-        Ok(info_response(session))
+        let engine = self.engine()?;
+        let mut response = {
+            let projection = engine.read();
+            let session = projection.get(session_key).ok_or_else(|| {
+                Failure::refused(session_key, Rejection::UnknownSession(session_key.into()))
+            })?;
+            info_response(session)
+        };
+        response.streams = engine.streams(&response.data_source).await;
+        Ok(response)
     }
 
     /// A notification stream of `kind` for `data_source`; with the feature off, a stream that
@@ -279,7 +284,7 @@ impl SessionManagementService for SessionService {
         request: Request<GetSessionInfoRequest>,
     ) -> Result<Response<GetSessionInfoResponse>, Status> {
         let started = Instant::now();
-        let result = self.session_info(&request.into_inner().session_key);
+        let result = self.session_info(&request.into_inner().session_key).await;
         self.answer("GetSessionInfo", started, result)
     }
 
@@ -371,7 +376,7 @@ fn info_response(session: &Session) -> GetSessionInfoResponse {
         version: session.version,
         associate_session_keys: session.associates.clone(),
         is_complete: session.is_complete(),
-        // Streams come from a data plane; the embedded store has none.
+        // Filled by the caller from the broker; the embedded store has none.
         streams: Vec::new(),
         topic_partition_offsets: session.start_offsets.clone(),
         main_offset: offset_of(session.data_source.clone()),

@@ -146,6 +146,12 @@ pub struct LogArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Embedded,
+    Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -167,6 +173,21 @@ pub struct ServeArgs {
     /// A reference-format AppConfig.json.
     #[arg(long, env = "PITWALL_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Where sessions are kept: the embedded store in --data-dir, or a Kafka topic shared by
+    /// every instance.
+    #[arg(long, env = "PITWALL_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// Kafka bootstrap servers, host:port[,host:port…] [default: BrokerUrl from --config, else
+    /// localhost:9092].
+    #[arg(long, env = "PITWALL_BROKER")]
+    pub broker: Option<String>,
+    /// The Kafka topic of session records.
+    #[arg(long, env = "PITWALL_KAFKA_TOPIC", default_value = "SessionInfo")]
+    pub kafka_topic: String,
+    /// How long a Kafka write (or a broker query) may take before it answers UNAVAILABLE, in
+    /// milliseconds.
+    #[arg(long, env = "PITWALL_KAFKA_TIMEOUT_MS", default_value_t = 10_000)]
+    pub kafka_timeout_ms: u64,
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "PITWALL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,

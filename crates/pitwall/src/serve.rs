@@ -6,12 +6,13 @@ use pitwall_server::config::Config;
 use std::path::PathBuf;
 
 use pitwall_server::auth::Access;
+use pitwall_server::config::StoreConfig;
 use pitwall_server::tls::TlsFiles;
 use pitwall_server::{AppConfig, Limits};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
-use crate::cli::ServeArgs;
+use crate::cli::{ServeArgs, StoreKind};
 
 /// Reloads the token file on every SIGHUP; connections stay open. A bad file keeps the
 /// tokens in force and says why.
@@ -50,7 +51,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = token_file {
         tokio::spawn(reload_tokens_on_hangup(hangups, access, path));
     }
-    let server = launched.finish().await?;
+    let server = match launched.finish().await {
+        Ok(server) => server,
+        Err(pitwall_server::StartError::StoppedBeforeReady) => {
+            info!("stopped before the server was ready");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     server.wait().await.context("server stopped with an error")
 }
 
@@ -60,6 +68,8 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         listen: args.listen.unwrap_or(defaults.listen),
         metrics_listen: args.metrics_listen.unwrap_or(defaults.metrics_listen),
         data_dir: args.data_dir.clone(),
+        store: StoreConfig::Embedded,
+        stream_layout: defaults.stream_layout.clone(),
         integrate_session_management: true,
         limits: Limits {
             data_source_bytes: args.limits.max_data_source_bytes,
@@ -89,9 +99,19 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         },
         auth_tokens: args.auth_tokens.clone(),
     };
+    let mut broker_url = None;
     if let Some(path) = &args.config {
         let app = AppConfig::load(path)?;
-        for note in app.notes.iter().chain(&app.unused_here()) {
+        broker_url = app.broker_url.clone();
+        let store = match args.store {
+            StoreKind::Embedded => StoreConfig::Embedded,
+            StoreKind::Kafka => StoreConfig::Kafka {
+                brokers: String::new(),
+                topic: String::new(),
+                timeout: std::time::Duration::ZERO,
+            },
+        };
+        for note in app.notes.iter().chain(&app.unused_here(&store)) {
             info!(config = %path.display(), "{note}");
         }
         app.apply_to(
@@ -100,6 +120,17 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             args.listen.is_some(),
             args.metrics_listen.is_some(),
         )?;
+    }
+    if args.store == StoreKind::Kafka {
+        config.store = StoreConfig::Kafka {
+            brokers: args
+                .broker
+                .clone()
+                .or(broker_url)
+                .unwrap_or_else(|| "localhost:9092".to_owned()),
+            topic: args.kafka_topic.clone(),
+            timeout: std::time::Duration::from_millis(args.kafka_timeout_ms),
+        };
     }
     Ok(config)
 }
