@@ -266,7 +266,7 @@ impl KafkaLog {
                     .map_err(|(e, _)| KafkaStoreError::Produce(e))
             })
             .collect();
-        pending
+        let results: Vec<_> = pending
             .into_iter()
             .map(|sent| {
                 let delivery = futures::executor::block_on(sent?)
@@ -275,7 +275,20 @@ impl KafkaLog {
                     .map(|d| (d.partition, d.offset))
                     .map_err(|(e, _)| KafkaStoreError::Produce(e))
             })
-            .collect()
+            .collect();
+        // The topic was deleted under us (or the broker lost it): create it again so the next
+        // writes succeed; these ones are answered as failed.
+        let topic_missing = results.iter().any(|r| {
+            matches!(
+                r,
+                Err(KafkaStoreError::Produce(e))
+                    if e.rdkafka_error_code() == Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+            )
+        });
+        if topic_missing && let Err(e) = self.ensure_topic() {
+            warn!(error = %e, "the session topic is missing and cannot be created");
+        }
+        results
     }
 
     /// Whether the broker answers a metadata query for the topic.

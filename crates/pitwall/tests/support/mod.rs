@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
 use pitwall_proto::api::*;
+use pitwall_server::config::StoreConfig;
 use pitwall_server::{Config, RunningServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -27,11 +28,44 @@ pub struct TestServer {
     dir: Arc<tempfile::TempDir>,
 }
 
+/// The Kafka broker the suite runs against when `PITWALL_TEST_KAFKA` names one; otherwise
+/// every server uses the embedded store. The same test bodies cover both stores.
+pub fn kafka_broker() -> Option<String> {
+    std::env::var("PITWALL_TEST_KAFKA")
+        .ok()
+        .filter(|broker| !broker.is_empty())
+}
+
+/// The topic a test's server uses on Kafka: one per data directory, so a restart on the same
+/// directory replays the same topic and tests do not see each other's sessions.
+pub fn topic_for(data_dir: &Path) -> String {
+    let name: String = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .collect();
+    format!("pitwall-test{name}")
+}
+
+pub fn store_for(data_dir: &Path) -> StoreConfig {
+    match kafka_broker() {
+        Some(brokers) => StoreConfig::Kafka {
+            brokers,
+            topic: topic_for(data_dir),
+            timeout: Duration::from_secs(10),
+        },
+        None => StoreConfig::Embedded,
+    }
+}
+
 pub fn loopback_config(data_dir: &Path) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
+        store: store_for(data_dir),
         ..Config::default()
     }
 }
@@ -45,6 +79,10 @@ impl TestServer {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let mut config = loopback_config(dir.path());
         adjust(&mut config);
+        TestServer::start_config(config, dir).await
+    }
+
+    async fn start_config(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
         let server = pitwall_server::start(config.clone()).await.unwrap();
         TestServer {
             server: Some(server),
@@ -81,6 +119,16 @@ impl TestServer {
 
     pub fn shutdown_handle(&self) -> pitwall_server::Shutdown {
         self.running().shutdown_handle()
+    }
+
+    /// On Kafka, another instance on the same topic (its own data directory and ports).
+    pub async fn another_instance(&self) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            ..self.config.clone()
+        };
+        TestServer::start_config(config, dir).await
     }
 
     /// Stops gracefully and starts again on the same data directory (new ports).
@@ -214,6 +262,22 @@ pub fn binary() -> PathBuf {
 impl ServerProcess {
     /// Starts `pitwall serve` on loopback ephemeral ports and waits for its ready line.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_on_topic(data_dir, &topic_for(data_dir), extra).await
+    }
+
+    /// Like [`ServerProcess::start`]; on Kafka, on the given topic (to run several instances).
+    pub async fn start_on_topic(data_dir: &Path, topic: &str, extra: &[&str]) -> ServerProcess {
+        let mut store_args = Vec::new();
+        if let Some(broker) = kafka_broker() {
+            store_args = vec![
+                "--store".to_owned(),
+                "kafka".to_owned(),
+                "--broker".to_owned(),
+                broker,
+                "--kafka-topic".to_owned(),
+                topic.to_owned(),
+            ];
+        }
         let mut child = Command::new(binary())
             .args([
                 "serve",
@@ -224,6 +288,7 @@ impl ServerProcess {
             ])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(&store_args)
             .args(extra)
             .env_remove("PITWALL_LISTEN")
             .env_remove("PITWALL_METRICS_LISTEN")

@@ -1,0 +1,450 @@
+//! The Kafka store with several instances on one topic, and interoperability with what the
+//! reference server writes. Runs when `PITWALL_TEST_KAFKA` names a broker (scripts/test starts
+//! one); the other end-to-end tests also run against it then, with the same test bodies.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pitwall_proto::api::*;
+use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, Packet, SessionInfoPacket};
+use prost::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::*;
+use tokio::time::timeout;
+
+/// Skips the test (with a note) when no broker is configured.
+macro_rules! broker_or_skip {
+    () => {
+        match kafka_broker() {
+            Some(broker) => broker,
+            None => {
+                eprintln!("no PITWALL_TEST_KAFKA broker: Kafka test not run");
+                return;
+            }
+        }
+    };
+}
+
+/// Polls `check` until it holds: state written on one instance reaches the others through the
+/// topic, with no event to wait for on the reading side.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    timeout(PATIENCE, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} did not happen in time"));
+}
+
+#[tokio::test]
+async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_others() {
+    broker_or_skip!();
+    let a = TestServer::start().await;
+    let b = a.another_instance().await;
+    let c = a.another_instance().await;
+    let (mut on_a, mut on_b, mut on_c) = (a.client().await, b.client().await, c.client().await);
+    let mut starts_b = on_b
+        .get_session_start_notification(GetSessionStartNotificationRequest {
+            data_source: "ds".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stops_c = on_c
+        .get_session_stop_notification(GetSessionStopNotificationRequest {
+            data_source: "ds".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let key = on_a
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            identifier: "from a".into(),
+            details: [("car".to_owned(), "7".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_key;
+    let started = timeout(PATIENCE, starts_b.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(started.session_key, key);
+    // The notification follows the apply: the session is readable on b now.
+    let seen = info(&mut on_b, &key).await;
+    assert!(seen.success);
+    assert_eq!(seen.identifier, "from a");
+    assert_eq!(seen.details["car"], "7");
+
+    on_b.update_session_details(UpdateSessionDetailsRequest {
+        session_key: key.clone(),
+        details: [("lap".to_owned(), "3".to_owned())].into(),
+    })
+    .await
+    .unwrap();
+    end(&mut on_b, &key).await;
+    let stopped = timeout(PATIENCE, stops_c.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(stopped.session_key, key);
+    let on_c_now = info(&mut on_c, &key).await;
+    assert!(on_c_now.is_complete);
+    assert_eq!(on_c_now.details["lap"], "3");
+    assert_eq!(list(&mut on_c, "ds").await, vec![key.clone()]);
+    eventually("the end reaching a", || {
+        let mut on_a = on_a.clone();
+        let key = key.clone();
+        async move { info(&mut on_a, &key).await.is_complete }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_associates_from_two_instances_both_end_up_in_the_list() {
+    broker_or_skip!();
+    let a = TestServer::start().await;
+    let b = a.another_instance().await;
+    let (mut on_a, on_b) = (a.client().await, b.client().await);
+    let key = create(&mut on_a, "ds").await;
+    eventually("the session reaching b", || {
+        let mut on_b = on_b.clone();
+        let key = key.clone();
+        async move { info(&mut on_b, &key).await.success }
+    })
+    .await;
+    let mut expected = BTreeSet::new();
+    for round in 0..15 {
+        let (from_a, from_b) = (format!("a{round}"), format!("b{round}"));
+        let add = |mut client: Client, associate: String| {
+            let key = key.clone();
+            async move {
+                client
+                    .add_associate_session(AddAssociateSessionRequest {
+                        session_key: key,
+                        associate_session_key: associate,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .success
+            }
+        };
+        let (ok_a, ok_b) = tokio::join!(
+            add(on_a.clone(), from_a.clone()),
+            add(on_b.clone(), from_b.clone())
+        );
+        assert!(ok_a && ok_b);
+        expected.insert(from_a);
+        expected.insert(from_b);
+    }
+    for client in [&on_a, &on_b] {
+        let client = client.clone();
+        let (key, expected) = (key.clone(), expected.clone());
+        eventually("every associate on every instance", move || {
+            let mut client = client.clone();
+            let (key, expected) = (key.clone(), expected.clone());
+            async move {
+                let listed: BTreeSet<String> =
+                    info(&mut client, &key).await.associate_session_keys.into_iter().collect();
+                listed == expected
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn an_instance_killed_mid_write_loses_nothing_and_the_others_carry_on() {
+    broker_or_skip!();
+    let topic_dir = tempfile::tempdir().unwrap();
+    let topic = topic_for(topic_dir.path());
+    let (dir_1, dir_2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut first = ServerProcess::start_on_topic(dir_1.path(), &topic, &[]).await;
+    let second = ServerProcess::start_on_topic(dir_2.path(), &topic, &[]).await;
+
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let enough = Arc::new(tokio::sync::Notify::new());
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, acknowledged, enough) =
+                (first.grpc_url(), acknowledged.clone(), enough.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&url).await;
+                loop {
+                    let Ok(response) = client
+                        .create_session(CreateSessionRequest {
+                            data_source: "killed".into(),
+                            ..Default::default()
+                        })
+                        .await
+                    else {
+                        return;
+                    };
+                    let mut acked = acknowledged.lock().unwrap();
+                    acked.push(response.into_inner().session_key);
+                    if acked.len() >= 100 {
+                        enough.notify_one();
+                    }
+                }
+            })
+        })
+        .collect();
+    timeout(PATIENCE, enough.notified()).await.unwrap();
+    first.signal("KILL");
+    first.child.wait().await.unwrap();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // The survivor never stalls: it takes writes right away.
+    let mut on_second = connect(&second.grpc_url()).await;
+    let after = timeout(PATIENCE, create(&mut on_second, "survivor")).await.unwrap();
+
+    let restarted = ServerProcess::start_on_topic(dir_1.path(), &topic, &[]).await;
+    let mut on_restarted = connect(&restarted.grpc_url()).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    for key in acknowledged.iter().chain([&after]) {
+        assert!(info(&mut on_restarted, key).await.success, "{key} lost on restart");
+        assert!(info(&mut on_second, key).await.success, "{key} missing on the survivor");
+    }
+}
+
+fn packet(kind: &str, session_key: &str, content: Vec<u8>) -> Vec<u8> {
+    Packet {
+        r#type: kind.into(),
+        session_key: session_key.into(),
+        is_essential: false,
+        content,
+        id: 0,
+    }
+    .encode_to_vec()
+}
+
+#[tokio::test]
+async fn records_written_as_the_reference_writes_them_are_picked_up() {
+    let broker = broker_or_skip!();
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut starts = client
+        .get_session_start_notification(GetSessionStartNotificationRequest {
+            data_source: "REF".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stops = client
+        .get_session_stop_notification(GetSessionStopNotificationRequest {
+            data_source: "REF".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The reference compresses with zstd and keys by session.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .set("compression.type", "zstd")
+        .create()
+        .unwrap();
+    let topic = match &server_config_topic(&server) {
+        Some(topic) => topic.clone(),
+        None => return,
+    };
+    let key = "7a0d2b4e-6c1f-4e2a-9b3d-5f8e7c6a1b2d";
+    let info_first = SessionInfoPacket {
+        identifier: "early info".into(),
+        ..Default::default()
+    };
+    let new_session = NewSessionPacket {
+        data_source: "REF".into(),
+        topic_partition_offsets: [("REF".to_owned(), 10), ("REF_essential:0".to_owned(), 2)].into(),
+        utc_offset: None,
+        session_info: Some(SessionInfoPacket {
+            data_source: "REF".into(),
+            r#type: "Session".into(),
+            version: 0,
+            details: [("driver".to_owned(), "R".to_owned())].into(),
+            ..Default::default()
+        }),
+        creation_time: None,
+    };
+    let records = [
+        // A record for a key not yet seen waits for its NewSession.
+        packet("SessionInfo", key, info_first.encode_to_vec()),
+        packet("NewSession", key, new_session.encode_to_vec()),
+        // The first reference release wrote the full message names.
+        packet(
+            "SessionInfoPacket",
+            key,
+            SessionInfoPacket {
+                associate_session_keys: vec!["p1".into()],
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        packet("EndOfSession", key, EndOfSessionPacket::default().encode_to_vec()),
+    ];
+    for record in &records {
+        producer
+            .send(
+                FutureRecord::to(&topic).key(key).payload(record),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(timeout(PATIENCE, starts.message()).await.unwrap().unwrap().unwrap().session_key, key);
+    assert_eq!(timeout(PATIENCE, stops.message()).await.unwrap().unwrap().unwrap().session_key, key);
+    let seen = info(&mut client, key).await;
+    assert!(seen.success && seen.is_complete);
+    assert_eq!(seen.identifier, "early info");
+    assert_eq!(seen.associate_session_keys, vec!["p1"]);
+    assert_eq!(seen.details["driver"], "R");
+    assert_eq!(seen.main_offset, 10);
+    assert_eq!(seen.essentials_offset, 2);
+    assert_eq!(list(&mut client, "REF").await, vec![key.to_owned()]);
+}
+
+fn server_config_topic(server: &TestServer) -> Option<String> {
+    match store_for(server.data_dir()) {
+        pitwall_server::config::StoreConfig::Kafka { topic, .. } => Some(topic),
+        pitwall_server::config::StoreConfig::Embedded => None,
+    }
+}
+
+/// A tansu broker started by the test on a fixed loopback port, so it can be stopped and
+/// started again under a running Pitwall.
+struct Broker {
+    binary: String,
+    port: u16,
+    child: Option<tokio::process::Child>,
+}
+
+impl Broker {
+    async fn start(binary: &str, port: u16) -> Broker {
+        let mut broker = Broker {
+            binary: binary.to_owned(),
+            port,
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    async fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = tokio::process::Command::new(&self.binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        timeout(PATIENCE, async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the broker did not open its port");
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+async fn session_health(url: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ma.streaming.api.v1.SessionManagementService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_returns() {
+    broker_or_skip!();
+    let Ok(tansu) = std::env::var("PITWALL_TEST_TANSU") else {
+        eprintln!("no PITWALL_TEST_TANSU broker binary: broker restart test not run");
+        return;
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut broker = Broker::start(&tansu, port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(|config| {
+        config.data_dir = dir.path().to_owned();
+        config.store = pitwall_server::config::StoreConfig::Kafka {
+            brokers: format!("127.0.0.1:{port}"),
+            topic: "SessionInfo".into(),
+            timeout: Duration::from_secs(2),
+        };
+    })
+    .await;
+    let mut client = server.client().await;
+    let before = create(&mut client, "ds").await;
+
+    broker.stop().await;
+    let started = std::time::Instant::now();
+    let status = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < PATIENCE, "the write hung for {:?}", started.elapsed());
+    // Reads answer from the last applied state.
+    assert!(info(&mut client, &before).await.success);
+    assert_eq!(list(&mut client, "ds").await, vec![before.clone()]);
+    let url = server.grpc_url();
+    eventually("health NOT_SERVING while the broker is away", || {
+        let url = url.clone();
+        async move { session_health(&url).await == ServingStatus::NotServing as i32 }
+    })
+    .await;
+
+    // This test broker keeps topics in memory: the topic comes back empty, and Pitwall creates
+    // it again and carries on.
+    broker.restart().await;
+    eventually("health SERVING once the broker is back", || {
+        let url = url.clone();
+        async move { session_health(&url).await == ServingStatus::Serving as i32 }
+    })
+    .await;
+    eventually("a write succeeding again", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .create_session(CreateSessionRequest {
+                    data_source: "ds".into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().success)
+        }
+    })
+    .await;
+    assert!(info(&mut client, &before).await.success);
+}
