@@ -22,7 +22,7 @@ use crate::connection::{self, pick};
 use crate::driver::{self, Step, StepError};
 use crate::fanout::{self, FanoutArgs, Feed, Write, Writer};
 use crate::payload;
-use crate::process::{self, free_loopback_port, mib};
+use crate::process::{self, CpuTimes, free_loopback_port, mib};
 use crate::report::{FanoutResult, LoadResult};
 use crate::scenario::Shape;
 
@@ -156,12 +156,15 @@ impl EtcdTarget {
         }
     }
 
-    pub fn resident_bytes(&self) -> anyhow::Result<Option<u64>> {
-        let pid = match self {
+    pub fn pid(&self) -> Option<u32> {
+        match self {
             EtcdTarget::Spawned { pid, .. } => Some(*pid),
             EtcdTarget::Attached { pid, .. } => *pid,
-        };
-        pid.map(process::resident_bytes).transpose()
+        }
+    }
+
+    pub fn resident_bytes(&self) -> anyhow::Result<Option<u64>> {
+        self.pid().map(process::resident_bytes).transpose()
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -206,7 +209,9 @@ pub async fn put_load(target: &EtcdTarget, shape: &Shape) -> anyhow::Result<Load
         loops
     };
     let rss_before = target.resident_bytes()?;
+    let cpu_before = CpuTimes::read(target.pid());
     let outcome = driver::run(loops, pace, Duration::from_secs_f64(shape.duration)).await?;
+    let cpu = cpu_before.per_request(&CpuTimes::read(target.pid()), outcome.succeeded);
     let rss_after = target.resident_bytes()?;
     Ok(LoadResult {
         scenario: "etcd put".to_owned(),
@@ -220,6 +225,7 @@ pub async fn put_load(target: &EtcdTarget, shape: &Shape) -> anyhow::Result<Load
         throughput: outcome.throughput(),
         vs_health: None,
         latency: outcome.latencies.percentiles(),
+        cpu,
         rss_before_mib: rss_before.map(mib),
         rss_after_mib: rss_after.map(mib),
         first_error: outcome.first_error,

@@ -1,7 +1,7 @@
 //! Recovery and memory: fill a fresh store through gRPC, stop the server gracefully, restart
 //! it on the same directory, and measure the time to ready and the memory each session takes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -28,6 +28,10 @@ pub struct RecoveryArgs {
     /// HTTP/2 connections used while filling.
     #[arg(long = "fill-connections", default_value_t = 4)]
     pub fill_connections: usize,
+    /// Fill this (new or empty) directory and keep it, e.g. to profile restarts on it
+    /// [default: a temporary directory, removed afterwards].
+    #[arg(long = "keep-data-dir", value_name = "DIR")]
+    pub keep_data_dir: Option<PathBuf>,
 }
 
 pub async fn run(server: &ServerArgs, args: &RecoveryArgs) -> anyhow::Result<RecoveryResult> {
@@ -37,9 +41,21 @@ pub async fn run(server: &ServerArgs, args: &RecoveryArgs) -> anyhow::Result<Rec
         );
     }
     let binary = server.binary()?;
-    let data_dir = fresh_data_dir()?;
+    // The temporary directory, if any, lives until the end of the run.
+    let (data_dir, _temporary) = match &args.keep_data_dir {
+        Some(dir) => {
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                bail!("{} is not empty; recovery fills a new store", dir.display());
+            }
+            (dir.clone(), None)
+        }
+        None => {
+            let temporary = fresh_data_dir()?;
+            (temporary.path().to_owned(), Some(temporary))
+        }
+    };
 
-    let empty = PitwallProcess::spawn(&binary, data_dir.path(), &server.server_args).await?;
+    let empty = PitwallProcess::spawn(&binary, &data_dir, &server.server_args).await?;
     let empty_ready = empty.ready_after;
     let rss_empty = resident_bytes(empty.pid)?;
 
@@ -50,9 +66,9 @@ pub async fn run(server: &ServerArgs, args: &RecoveryArgs) -> anyhow::Result<Rec
     let rss_filled = resident_bytes(empty.pid)?;
     drop(channels);
     let stop = empty.stop().await?;
-    let store_bytes = directory_bytes(data_dir.path())?;
+    let store_bytes = directory_bytes(&data_dir)?;
 
-    let restarted = PitwallProcess::spawn(&binary, data_dir.path(), &server.server_args).await?;
+    let restarted = PitwallProcess::spawn(&binary, &data_dir, &server.server_args).await?;
     let rss_restarted = resident_bytes(restarted.pid)?;
     let sessions_at_ready = restarted
         .sessions_at_ready()

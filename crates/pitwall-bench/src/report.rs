@@ -27,9 +27,21 @@ pub struct LoadResult {
     /// Throughput over the closed-loop `health` throughput of the same run.
     pub vs_health: Option<f64>,
     pub latency: Percentiles,
+    /// CPU spent per successful request, by the server, its writer thread and the benchmark.
+    pub cpu: CpuPerRequest,
     pub rss_before_mib: Option<f64>,
     pub rss_after_mib: Option<f64>,
     pub first_error: Option<String>,
+}
+
+/// Microseconds of CPU per request. On a machine whose cores are all busy, throughput is
+/// about cores / (server + client CPU per request).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuPerRequest {
+    pub server_us: Option<f64>,
+    /// The server's writer thread alone (Pitwall: decide, commit, apply, notify).
+    pub writer_us: Option<f64>,
+    pub client_us: Option<f64>,
 }
 
 /// One notification fan-out.
@@ -226,8 +238,8 @@ fn optional(value: Option<f64>, digits: usize) -> String {
 
 fn load_table(rows: &[LoadResult]) -> String {
     let mut out = String::from(
-        "| scenario | pace | conc. | conns | s | requests | errors | req/s | × health | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | RSS MiB before → after |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| scenario | pace | conc. | conns | s | requests | errors | req/s | × health | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU µs/req server (writer) + client | RSS MiB before → after |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
         let unsent = if r.unsent > 0 {
@@ -237,7 +249,7 @@ fn load_table(rows: &[LoadResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {}{unsent} | {} | {} | {:.1} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} → {} |",
+            "| {} | {}{unsent} | {} | {} | {:.1} | {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {} → {} |",
             r.scenario,
             r.pace,
             r.concurrency,
@@ -252,11 +264,23 @@ fn load_table(rows: &[LoadResult]) -> String {
             r.latency.p99,
             r.latency.p999,
             r.latency.max,
+            cpu_cell(&r.cpu),
             optional(r.rss_before_mib, 0),
             optional(r.rss_after_mib, 0),
         );
     }
     out
+}
+
+fn cpu_cell(cpu: &CpuPerRequest) -> String {
+    let writer = cpu
+        .writer_us
+        .map_or_else(String::new, |w| format!(" ({w:.0})"));
+    format!(
+        "{}{writer} + {}",
+        optional(cpu.server_us, 0),
+        optional(cpu.client_us, 0)
+    )
 }
 
 fn fanout_table(rows: &[FanoutResult]) -> String {
@@ -390,6 +414,11 @@ fn median_load(rows: &[&LoadResult]) -> LoadResult {
         throughput: median(rows.iter().map(|r| r.throughput)),
         vs_health: median_option(rows.iter().map(|r| r.vs_health)),
         latency: median_percentiles(&rows.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        cpu: CpuPerRequest {
+            server_us: median_option(rows.iter().map(|r| r.cpu.server_us)),
+            writer_us: median_option(rows.iter().map(|r| r.cpu.writer_us)),
+            client_us: median_option(rows.iter().map(|r| r.cpu.client_us)),
+        },
         rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
         rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
         first_error: rows.iter().find_map(|r| r.first_error.clone()),
@@ -467,6 +496,7 @@ mod tests {
             throughput: 1.0,
             vs_health: None,
             latency: Percentiles::default(),
+            cpu: CpuPerRequest::default(),
             rss_before_mib: None,
             rss_after_mib: None,
             first_error: None,

@@ -29,6 +29,7 @@ use tonic_health::pb::health_client::HealthClient;
 use crate::connection::{self, pick};
 use crate::driver::{self, Pace, Step, StepError};
 use crate::payload;
+use crate::process::CpuTimes;
 use crate::report::LoadResult;
 use crate::server::Target;
 
@@ -276,7 +277,9 @@ async fn timed<S: Step>(
         loops
     };
     let rss_before = target.resident_bytes()?;
+    let cpu_before = CpuTimes::read(target.pid());
     let outcome = driver::run(loops, pace, shape.duration()).await?;
+    let cpu = cpu_before.per_request(&CpuTimes::read(target.pid()), outcome.succeeded);
     let rss_after = target.resident_bytes()?;
     let result = LoadResult {
         scenario: scenario.name().to_owned(),
@@ -290,6 +293,7 @@ async fn timed<S: Step>(
         throughput: outcome.throughput(),
         vs_health: None,
         latency: outcome.latencies.percentiles(),
+        cpu,
         rss_before_mib: rss_before.map(crate::process::mib),
         rss_after_mib: rss_after.map(crate::process::mib),
         first_error: outcome.first_error.clone(),

@@ -69,6 +69,7 @@ impl AllArgs {
                 sessions: self.sessions.unwrap_or(sessions),
                 fill_concurrency: if self.quick { 16 } else { 256 },
                 fill_connections: 4,
+                keep_data_dir: None,
             },
         }
     }
