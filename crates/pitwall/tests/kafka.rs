@@ -78,7 +78,11 @@ async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_ot
         .unwrap()
         .into_inner()
         .session_key;
-    let started = timeout(PATIENCE, starts_b.message()).await.unwrap().unwrap().unwrap();
+    let started = timeout(PATIENCE, starts_b.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(started.session_key, key);
     // The notification follows the apply: the session is readable on b now.
     let seen = info(&mut on_b, &key).await;
@@ -93,7 +97,11 @@ async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_ot
     .await
     .unwrap();
     end(&mut on_b, &key).await;
-    let stopped = timeout(PATIENCE, stops_c.message()).await.unwrap().unwrap().unwrap();
+    let stopped = timeout(PATIENCE, stops_c.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(stopped.session_key, key);
     let on_c_now = info(&mut on_c, &key).await;
     assert!(on_c_now.is_complete);
@@ -152,8 +160,11 @@ async fn concurrent_associates_from_two_instances_both_end_up_in_the_list() {
             let mut client = client.clone();
             let (key, expected) = (key.clone(), expected.clone());
             async move {
-                let listed: BTreeSet<String> =
-                    info(&mut client, &key).await.associate_session_keys.into_iter().collect();
+                let listed: BTreeSet<String> = info(&mut client, &key)
+                    .await
+                    .associate_session_keys
+                    .into_iter()
+                    .collect();
                 listed == expected
             }
         })
@@ -205,14 +216,22 @@ async fn an_instance_killed_mid_write_loses_nothing_and_the_others_carry_on() {
     }
     // The survivor never stalls: it takes writes right away.
     let mut on_second = connect(&second.grpc_url()).await;
-    let after = timeout(PATIENCE, create(&mut on_second, "survivor")).await.unwrap();
+    let after = timeout(PATIENCE, create(&mut on_second, "survivor"))
+        .await
+        .unwrap();
 
     let restarted = ServerProcess::start_on_topic(dir_1.path(), &topic, &[]).await;
     let mut on_restarted = connect(&restarted.grpc_url()).await;
     let acknowledged = acknowledged.lock().unwrap().clone();
     for key in acknowledged.iter().chain([&after]) {
-        assert!(info(&mut on_restarted, key).await.success, "{key} lost on restart");
-        assert!(info(&mut on_second, key).await.success, "{key} missing on the survivor");
+        assert!(
+            info(&mut on_restarted, key).await.success,
+            "{key} lost on restart"
+        );
+        assert!(
+            info(&mut on_second, key).await.success,
+            "{key} missing on the survivor"
+        );
     }
 }
 
@@ -289,7 +308,11 @@ async fn records_written_as_the_reference_writes_them_are_picked_up() {
             }
             .encode_to_vec(),
         ),
-        packet("EndOfSession", key, EndOfSessionPacket::default().encode_to_vec()),
+        packet(
+            "EndOfSession",
+            key,
+            EndOfSessionPacket::default().encode_to_vec(),
+        ),
     ];
     for record in &records {
         producer
@@ -300,8 +323,24 @@ async fn records_written_as_the_reference_writes_them_are_picked_up() {
             .await
             .unwrap();
     }
-    assert_eq!(timeout(PATIENCE, starts.message()).await.unwrap().unwrap().unwrap().session_key, key);
-    assert_eq!(timeout(PATIENCE, stops.message()).await.unwrap().unwrap().unwrap().session_key, key);
+    assert_eq!(
+        timeout(PATIENCE, starts.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .session_key,
+        key
+    );
+    assert_eq!(
+        timeout(PATIENCE, stops.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .session_key,
+        key
+    );
     let seen = info(&mut client, key).await;
     assert!(seen.success && seen.is_complete);
     assert_eq!(seen.identifier, "early info");
@@ -319,49 +358,90 @@ fn server_config_topic(server: &TestServer) -> Option<String> {
     }
 }
 
-/// A tansu broker started by the test on a fixed loopback port, so it can be stopped and
-/// started again under a running Pitwall.
-struct Broker {
-    binary: String,
-    port: u16,
-    child: Option<tokio::process::Child>,
+/// A test broker reached only through a TCP proxy that the test can cut and restore: an outage
+/// as Pitwall sees it (connections refused and dropped) while the broker keeps its topics.
+struct Outage {
+    up: tokio::sync::watch::Sender<bool>,
+    proxy_port: u16,
+    _broker: tokio::process::Child,
 }
 
-impl Broker {
-    async fn start(binary: &str, port: u16) -> Broker {
-        let mut broker = Broker {
-            binary: binary.to_owned(),
-            port,
-            child: None,
+impl Outage {
+    async fn start(binary: &str) -> Outage {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
         };
-        broker.restart().await;
-        broker
-    }
-
-    async fn restart(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = tokio::process::Command::new(&self.binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        let broker_port = free();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = listener.local_addr().unwrap().port();
+        // The broker tells clients to connect to the proxy, so every connection goes through it.
+        let broker = tokio::process::Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{broker_port}"),
+            ])
+            .args([
+                "--advertised-listener-url",
+                &format!("tcp://127.0.0.1:{proxy_port}"),
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        self.child = Some(child);
         timeout(PATIENCE, async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            while tokio::net::TcpStream::connect(("127.0.0.1", broker_port))
+                .await
+                .is_err()
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
         .await
         .expect("the broker did not open its port");
+        let (up, watching) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*watching.borrow() {
+                    continue; // dropped: refused while the outage lasts
+                }
+                let mut down = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                    else {
+                        return;
+                    };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Outage {
+            up,
+            proxy_port,
+            _broker: broker,
+        }
     }
 
-    async fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await.unwrap();
-        }
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
     }
 }
 
@@ -389,13 +469,12 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
         return;
     };
     use tonic_health::pb::health_check_response::ServingStatus;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut broker = Broker::start(&tansu, port).await;
+    let outage = Outage::start(&tansu).await;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(|config| {
         config.data_dir = dir.path().to_owned();
         config.store = pitwall_server::config::StoreConfig::Kafka {
-            brokers: format!("127.0.0.1:{port}"),
+            brokers: format!("127.0.0.1:{}", outage.proxy_port),
             topic: "SessionInfo".into(),
             timeout: Duration::from_secs(2),
         };
@@ -404,7 +483,7 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
     let mut client = server.client().await;
     let before = create(&mut client, "ds").await;
 
-    broker.stop().await;
+    outage.cut();
     let started = std::time::Instant::now();
     let status = client
         .create_session(CreateSessionRequest {
@@ -414,7 +493,11 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(started.elapsed() < PATIENCE, "the write hung for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < PATIENCE,
+        "the write hung for {:?}",
+        started.elapsed()
+    );
     // Reads answer from the last applied state.
     assert!(info(&mut client, &before).await.success);
     assert_eq!(list(&mut client, "ds").await, vec![before.clone()]);
@@ -425,9 +508,7 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
     })
     .await;
 
-    // This test broker keeps topics in memory: the topic comes back empty, and Pitwall creates
-    // it again and carries on.
-    broker.restart().await;
+    outage.restore();
     eventually("health SERVING once the broker is back", || {
         let url = url.clone();
         async move { session_health(&url).await == ServingStatus::Serving as i32 }
@@ -447,4 +528,5 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
     })
     .await;
     assert!(info(&mut client, &before).await.success);
+    assert_eq!(list(&mut client, "ds").await.len(), 2);
 }
