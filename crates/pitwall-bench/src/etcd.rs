@@ -246,7 +246,9 @@ pub async fn watch_fanout(target: &EtcdTarget, args: &FanoutArgs) -> anyhow::Res
         .map(|i| PutStep::new(pick(&writer_channels, i), &prefix, i, args.writers))
         .collect();
     let rss_before = target.resident_bytes()?;
+    let cpu_before = CpuTimes::read(target.pid());
     let (writes, receipts) = fanout::run(feeds, writers, args.create_rate, args.seconds).await?;
+    let cpu_after = CpuTimes::read(target.pid());
     let rss_after = target.resident_bytes()?;
     // The revision etcd gave each write is the order watchers must see them in.
     let mut ordered = writes.writes.clone();
@@ -260,6 +262,7 @@ pub async fn watch_fanout(target: &EtcdTarget, args: &FanoutArgs) -> anyhow::Res
         &writes,
         &receipts,
     );
+    result.cpu = cpu_before.per_request(&cpu_after, result.delivered);
     result.rss_before_mib = rss_before.map(mib);
     result.rss_after_mib = rss_after.map(mib);
     Ok(result)

@@ -23,7 +23,8 @@ use tonic::transport::Channel;
 use crate::connection::{self, pick};
 use crate::driver::{self, Pace, Step, StepError};
 use crate::latency::Latencies;
-use crate::report::FanoutResult;
+use crate::process::CpuTimes;
+use crate::report::{CpuPerRequest, FanoutResult};
 use crate::scenario::{CreateStep, SessionClient};
 use crate::server::Target;
 
@@ -251,6 +252,7 @@ pub fn check(
         from_ack: from_ack.percentiles(),
         from_send: from_send.percentiles(),
         before_ack: before_ack as f64 / receipts_total as f64,
+        cpu: CpuPerRequest::default(),
         rss_before_mib: None,
         rss_after_mib: None,
         first_error: writes
@@ -284,7 +286,9 @@ pub async fn run_pitwall(target: &Target, args: &FanoutArgs) -> anyhow::Result<F
         })
         .collect();
     let rss_before = target.resident_bytes()?;
+    let cpu_before = CpuTimes::read(target.pid());
     let (writes, receipts) = run(feeds, writers, args.create_rate, args.seconds).await?;
+    let cpu_after = CpuTimes::read(target.pid());
     let rss_after = target.resident_bytes()?;
     let mut client =
         SessionClient::new(pick(&writer_channels, 0)).max_decoding_message_size(usize::MAX);
@@ -308,6 +312,7 @@ pub async fn run_pitwall(target: &Target, args: &FanoutArgs) -> anyhow::Result<F
         &writes,
         &receipts,
     );
+    result.cpu = cpu_before.per_request(&cpu_after, result.delivered);
     result.rss_before_mib = rss_before.map(crate::process::mib);
     result.rss_after_mib = rss_after.map(crate::process::mib);
     Ok(result)

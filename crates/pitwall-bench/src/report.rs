@@ -74,6 +74,8 @@ pub struct FanoutResult {
     pub from_send: Percentiles,
     /// Share of notifications received before their write was acknowledged.
     pub before_ack: f64,
+    /// CPU per delivered notification (writes included), by the server and the benchmark.
+    pub cpu: CpuPerRequest,
     pub rss_before_mib: Option<f64>,
     pub rss_after_mib: Option<f64>,
     pub first_error: Option<String>,
@@ -285,13 +287,13 @@ fn cpu_cell(cpu: &CpuPerRequest) -> String {
 
 fn fanout_table(rows: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "| system | subscribers | offered writes/s | writes (unsent) | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | RSS MiB before → after |\n\
-         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| system | subscribers | offered writes/s | writes (unsent) | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | CPU µs/notification server + client | RSS MiB before → after |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} ({}) | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} → {} |",
+            "| {} | {} | {:.0} | {} ({}) | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} + {} | {} → {} |",
             r.system,
             r.subscribers,
             r.rate,
@@ -309,6 +311,8 @@ fn fanout_table(rows: &[FanoutResult]) -> String {
             r.from_send.p50,
             r.from_send.p99,
             r.before_ack * 100.0,
+            optional(r.cpu.server_us, 1),
+            optional(r.cpu.client_us, 1),
             optional(r.rss_before_mib, 0),
             optional(r.rss_after_mib, 0),
         );
@@ -446,6 +450,11 @@ fn median_fanout(rows: &[&FanoutResult]) -> FanoutResult {
         from_ack: median_percentiles(&rows.iter().map(|r| r.from_ack).collect::<Vec<_>>()),
         from_send: median_percentiles(&rows.iter().map(|r| r.from_send).collect::<Vec<_>>()),
         before_ack: median(rows.iter().map(|r| r.before_ack)),
+        cpu: CpuPerRequest {
+            server_us: median_option(rows.iter().map(|r| r.cpu.server_us)),
+            writer_us: median_option(rows.iter().map(|r| r.cpu.writer_us)),
+            client_us: median_option(rows.iter().map(|r| r.cpu.client_us)),
+        },
         rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
         rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
         first_error: rows.iter().find_map(|r| r.first_error.clone()),
