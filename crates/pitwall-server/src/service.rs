@@ -174,6 +174,18 @@ impl SessionService {
         }
     }
 
+    /// A write whose answer is only `success`.
+    async fn update<T: Default>(
+        &self,
+        method: &'static str,
+        command: Command,
+        success: T,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = self.write(command).await.map(|_| success);
+        self.answer(method, started, result)
+    }
+
     async fn session_info(&self, session_key: &str) -> Result<GetSessionInfoResponse, Failure> {
         self.check_enabled(session_key)?;
         let engine = self.engine()?;
@@ -327,36 +339,39 @@ impl SessionManagementService for SessionService {
         &self,
         request: Request<UpdateSessionIdentifierRequest>,
     ) -> Result<Response<UpdateSessionIdentifierResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .write(Command::UpdateIdentifier(request.into_inner()))
-            .await
-            .map(|_| UpdateSessionIdentifierResponse { success: true });
-        self.answer("UpdateSessionIdentifier", started, result)
+        let success = UpdateSessionIdentifierResponse { success: true };
+        self.update(
+            "UpdateSessionIdentifier",
+            Command::UpdateIdentifier(request.into_inner()),
+            success,
+        )
+        .await
     }
 
     async fn add_associate_session(
         &self,
         request: Request<AddAssociateSessionRequest>,
     ) -> Result<Response<AddAssociateSessionResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .write(Command::AddAssociate(request.into_inner()))
-            .await
-            .map(|_| AddAssociateSessionResponse { success: true });
-        self.answer("AddAssociateSession", started, result)
+        let success = AddAssociateSessionResponse { success: true };
+        self.update(
+            "AddAssociateSession",
+            Command::AddAssociate(request.into_inner()),
+            success,
+        )
+        .await
     }
 
     async fn update_session_details(
         &self,
         request: Request<UpdateSessionDetailsRequest>,
     ) -> Result<Response<UpdateSessionDetailsResponse>, Status> {
-        let started = Instant::now();
-        let result = self
-            .write(Command::UpdateDetails(request.into_inner()))
-            .await
-            .map(|_| UpdateSessionDetailsResponse { success: true });
-        self.answer("UpdateSessionDetails", started, result)
+        let success = UpdateSessionDetailsResponse { success: true };
+        self.update(
+            "UpdateSessionDetails",
+            Command::UpdateDetails(request.into_inner()),
+            success,
+        )
+        .await
     }
 }
 
