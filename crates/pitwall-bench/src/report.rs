@@ -121,6 +121,9 @@ pub struct Report {
     pub fanout: Vec<FanoutResult>,
     pub recovery: Option<RecoveryResult>,
     pub goals: Vec<Goal>,
+    /// The runs the medians were taken from (JSON only), to see their spread.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub per_run: Vec<Report>,
 }
 
 impl Report {
@@ -200,6 +203,11 @@ impl Report {
             fanout,
             recovery: (!recoveries.is_empty()).then(|| median_recovery(&recoveries)),
             goals: Vec::new(),
+            per_run: if runs.len() > 1 {
+                runs.to_vec()
+            } else {
+                Vec::new()
+            },
         }
     }
 
