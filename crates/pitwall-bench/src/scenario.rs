@@ -39,6 +39,11 @@ pub type SessionClient = SessionManagementServiceClient<Channel>;
 pub const DATA_SOURCE: &str = "bench";
 /// Sessions `update` and `get` cycle over when no `create` ran before them.
 const READ_SESSIONS: usize = 1_000;
+/// Most sessions `update` and `get` cycle over: enough that concurrent loops seldom touch the
+/// same session at once, few enough to be a working set of active sessions.
+const WORKING_SET: usize = 10_000;
+/// Open-loop `end` needs a session per request; made with this margin over rate × time.
+const END_POOL_MARGIN: f64 = 1.1;
 /// Requests in one session life of `mixed`.
 pub const MIXED_REQUESTS_PER_LIFE: usize = 7;
 
@@ -188,10 +193,10 @@ pub async fn measure(
             if sessions.keys.is_empty() {
                 sessions.keys = create_sessions(channels, n, READ_SESSIONS).await?;
             }
-            // Only sessions `end` will not touch, so updates and reads hit live sessions.
+            // Sessions not ended yet: updates and reads of live sessions are the common case.
             let keys: Arc<[String]> = sessions.keys[sessions.ended..]
                 .iter()
-                .take(10_000)
+                .take(WORKING_SET)
                 .cloned()
                 .collect();
             if scenario == Scenario::Update {
@@ -219,7 +224,9 @@ pub async fn measure(
         }
         Scenario::End => {
             let needed = match shape.rate {
-                Some(rate) => (rate * (shape.duration + shape.warmup) * 1.1).ceil() as usize + n,
+                Some(rate) => {
+                    (rate * (shape.duration + shape.warmup) * END_POOL_MARGIN).ceil() as usize + n
+                }
                 None => 0,
             };
             let available = sessions.keys.len() - sessions.ended;
@@ -449,11 +456,7 @@ impl Step for UpdateStep {
             .update_session_details(detail_update(key, self.lap))
             .await
             .map_err(status)?;
-        if response.get_ref().success {
-            Ok(())
-        } else {
-            Err(refused(&response))
-        }
+        succeeded(&response, response.get_ref().success)
     }
 }
 
@@ -511,11 +514,8 @@ impl Step for EndStep {
             })
             .await
             .map_err(status)?;
-        if response.get_ref().success && response.get_ref().end_session.is_some() {
-            Ok(())
-        } else {
-            Err(refused(&response))
-        }
+        let ended = response.get_ref();
+        succeeded(&response, ended.success && ended.end_session.is_some())
     }
 }
 
@@ -571,6 +571,7 @@ impl Step for MixedStep {
     }
 }
 
+/// `Ok` for a `success = true` answer, else the refusal with its reason.
 fn succeeded<T>(response: &Response<T>, success: bool) -> Result<(), StepError> {
     if success {
         Ok(())
