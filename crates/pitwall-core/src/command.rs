@@ -8,12 +8,17 @@ use pitwall_proto::api::{
     UpdateSessionDetailsRequest, UpdateSessionIdentifierRequest,
 };
 use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, SessionInfoPacket};
+use prost::Message;
 use prost_types::Timestamp;
 
 use crate::record::Record;
 use crate::rejection::Rejection;
 use crate::session::Session;
 use crate::validate::{Limits, check_associate, check_timestamp, check_utc_offset};
+
+/// Bytes the stored form of a new session adds to its `NewSession` packet: field tags, lengths
+/// and the sequence number.
+const STORED_OVERHEAD_BYTES: usize = 24;
 
 /// The type a session gets when the request names none.
 pub const DEFAULT_SESSION_TYPE: &str = "Session";
@@ -54,14 +59,7 @@ pub struct Context<'a> {
     pub offsets: &'a dyn Fn(&str) -> BTreeMap<String, i64>,
 }
 
-/// Offsets without a broker: the main and essentials topics, partition 0, both at 0, as the
-/// reference reports for a data source whose topics do not exist yet.
-pub fn embedded_offsets(data_source: &str) -> BTreeMap<String, i64> {
-    BTreeMap::from([
-        (format!("{data_source}:0"), 0),
-        (format!("{data_source}_essential:0"), 0),
-    ])
-}
+pub use crate::session::embedded_offsets;
 
 impl Command {
     pub fn session_key(&self) -> &str {
@@ -211,8 +209,10 @@ fn create(
         session_info: Some(info),
         creation_time: Some(creation_time),
     };
+    // The stored form is this packet plus the key and the sequence number: no need to build the
+    // session just to measure it.
     ctx.limits
-        .check_session_size(Session::start(&session_key, 0, &packet).encoded_len())?;
+        .check_session_size(packet.encoded_len() + session_key.len() + STORED_OVERHEAD_BYTES)?;
     Ok(Decision::Append(Record::NewSession {
         session_key,
         packet,

@@ -4,6 +4,7 @@
 //! replay alike, and it yields the events that notifications are made from, in log order.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use crate::record::Record;
 use crate::session::Session;
@@ -42,9 +43,16 @@ pub struct SessionCounts {
     pub completed: usize,
 }
 
+/// Sessions are spread over this many maps: growing a map rehashes it while the projection is
+/// locked, and a 64th of a million sessions rehashes in a fraction of a millisecond where the
+/// whole map took seconds.
+const SHARDS: usize = 64;
+
 #[derive(Debug)]
 pub struct Projection {
-    sessions: HashMap<String, Session>,
+    /// Boxed, so a rehash moves pointers rather than whole sessions.
+    shards: Vec<HashMap<String, Box<Session>>>,
+    shard_hasher: RandomState,
     by_data_source: HashMap<String, DataSourceSessions>,
     held: HashMap<String, Vec<Record>>,
     held_count: usize,
@@ -62,7 +70,8 @@ impl Default for Projection {
 impl Projection {
     pub fn with_held_limit(held_limit: usize) -> Self {
         Projection {
-            sessions: HashMap::new(),
+            shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
+            shard_hasher: RandomState::new(),
             by_data_source: HashMap::new(),
             held: HashMap::new(),
             held_count: 0,
@@ -87,7 +96,7 @@ impl Projection {
                 session_key,
                 packet,
             } => {
-                if self.sessions.contains_key(&session_key) {
+                if self.get(&session_key).is_some() {
                     return;
                 }
                 let session = Session::start(&session_key, self.next_sequence, &packet);
@@ -107,7 +116,7 @@ impl Projection {
             Record::SessionInfo {
                 session_key,
                 packet,
-            } => match self.sessions.get_mut(&session_key) {
+            } => match self.get_mut(&session_key) {
                 Some(session) => {
                     if session.merge(&packet) {
                         events.push(Event {
@@ -125,24 +134,29 @@ impl Projection {
             Record::EndOfSession {
                 session_key,
                 packet,
-            } => match self.sessions.get_mut(&session_key) {
-                Some(session) => {
-                    if session.complete(&packet) {
-                        if let Some(sessions) = self.by_data_source.get_mut(&session.data_source) {
-                            sessions.completed += 1;
+            } => {
+                let shard = self.shard_of(&session_key);
+                match self.shards[shard].get_mut(&session_key) {
+                    Some(session) => {
+                        if session.complete(&packet) {
+                            if let Some(sessions) =
+                                self.by_data_source.get_mut(&session.data_source)
+                            {
+                                sessions.completed += 1;
+                            }
+                            events.push(Event {
+                                kind: EventKind::Ended,
+                                data_source: session.data_source.clone(),
+                                session_key,
+                            });
                         }
-                        events.push(Event {
-                            kind: EventKind::Ended,
-                            data_source: session.data_source.clone(),
-                            session_key,
-                        });
                     }
+                    None => self.hold(Record::EndOfSession {
+                        session_key,
+                        packet,
+                    }),
                 }
-                None => self.hold(Record::EndOfSession {
-                    session_key,
-                    packet,
-                }),
-            },
+            }
         }
     }
 
@@ -174,11 +188,30 @@ impl Projection {
         if session.is_complete() {
             sessions.completed += 1;
         }
-        self.sessions.insert(session.key.clone(), session);
+        let shard = self.shard_of(&session.key);
+        self.shards[shard].insert(session.key.clone(), Box::new(session));
+    }
+
+    fn shard_of(&self, session_key: &str) -> usize {
+        (self.shard_hasher.hash_one(session_key) % SHARDS as u64) as usize
+    }
+
+    /// Makes room for `additional` more sessions (startup knows how many it will restore).
+    pub fn reserve(&mut self, additional: usize) {
+        for shard in &mut self.shards {
+            shard.reserve(additional / SHARDS + 1);
+        }
     }
 
     pub fn get(&self, session_key: &str) -> Option<&Session> {
-        self.sessions.get(session_key)
+        self.shards[self.shard_of(session_key)]
+            .get(session_key)
+            .map(Box::as_ref)
+    }
+
+    fn get_mut(&mut self, session_key: &str) -> Option<&mut Session> {
+        let shard = self.shard_of(session_key);
+        self.shards[shard].get_mut(session_key).map(Box::as_mut)
     }
 
     /// Keys of every session of `data_source`, completed included, oldest first.
@@ -213,16 +246,18 @@ impl Projection {
     }
 
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.shards.iter().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
+        self.shards.iter().all(HashMap::is_empty)
     }
 
     /// Every session, in no particular order.
     pub fn sessions(&self) -> impl Iterator<Item = &Session> {
-        self.sessions.values()
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.values().map(Box::as_ref))
     }
 
     /// Records waiting for their `NewSession`.

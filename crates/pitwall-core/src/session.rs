@@ -20,8 +20,10 @@ pub struct Session {
     pub details: BTreeMap<String, String>,
     pub utc_offset: Duration,
     pub creation_time: Option<Timestamp>,
-    /// `"{topic}:{partition}"` → next offset when the session started.
-    pub start_offsets: BTreeMap<String, i64>,
+    /// `"{topic}:{partition}"` → next offset when the session started; `None` stands for
+    /// [`embedded_offsets`] of the data source, which every session of the embedded store has,
+    /// so that a million sessions do not hold a million copies of it.
+    start_offsets: Option<BTreeMap<String, i64>>,
     /// The first `EndOfSession` applied; later ones are ignored.
     pub end: Option<EndOfSessionPacket>,
 }
@@ -29,24 +31,48 @@ pub struct Session {
 impl Session {
     /// The session a `NewSession` record starts.
     pub fn start(key: &str, sequence: u64, packet: &NewSessionPacket) -> Session {
+        Session::start_owned(key.to_owned(), sequence, packet.clone())
+    }
+
+    /// [`Session::start`], moving the packet's fields instead of copying them.
+    pub fn start_owned(key: String, sequence: u64, packet: NewSessionPacket) -> Session {
+        let offsets = normalise_offsets(packet.topic_partition_offsets);
+        let start_offsets = (offsets != embedded_offsets(&packet.data_source)).then_some(offsets);
         let mut session = Session {
-            key: key.to_owned(),
+            key,
             sequence,
-            data_source: packet.data_source.clone(),
+            data_source: packet.data_source,
             utc_offset: packet.utc_offset.unwrap_or_default(),
             creation_time: packet.creation_time,
-            start_offsets: normalise_offsets(&packet.topic_partition_offsets),
+            start_offsets,
             ..Session::default()
         };
         // The reference drops embedded info whose data_source is empty; Pitwall keeps it.
-        if let Some(info) = &packet.session_info {
-            session.identifier = info.identifier.clone();
-            session.session_type = info.r#type.clone();
+        if let Some(info) = packet.session_info {
+            session.identifier = info.identifier;
+            session.session_type = info.r#type;
             session.version = info.version;
-            session.associates = info.associate_session_keys.clone();
-            session.details = info.details.clone();
+            session.associates = info.associate_session_keys;
+            session.details = info.details;
         }
         session
+    }
+
+    /// `"{topic}:{partition}"` → next offset when the session started.
+    pub fn start_offsets(&self) -> std::borrow::Cow<'_, BTreeMap<String, i64>> {
+        match &self.start_offsets {
+            Some(offsets) => std::borrow::Cow::Borrowed(offsets),
+            None => std::borrow::Cow::Owned(embedded_offsets(&self.data_source)),
+        }
+    }
+
+    /// The start offset of partition 0 of `topic`, 0 if there is none.
+    pub fn start_offset_of(&self, topic: &str) -> i64 {
+        match &self.start_offsets {
+            Some(offsets) => offsets.get(&format!("{topic}:0")).copied().unwrap_or(0),
+            // The embedded offsets are all 0.
+            None => 0,
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -125,7 +151,7 @@ impl Session {
     pub fn decode(bytes: &[u8]) -> Result<Session, prost::DecodeError> {
         let stored = StoredSession::decode(bytes)?;
         let start = stored.start.unwrap_or_default();
-        let mut session = Session::start(&stored.key, stored.sequence, &start);
+        let mut session = Session::start_owned(stored.key, stored.sequence, start);
         session.end = stored.end;
         Ok(session)
     }
@@ -136,7 +162,7 @@ impl Session {
             sequence: self.sequence,
             start: Some(NewSessionPacket {
                 data_source: self.data_source.clone(),
-                topic_partition_offsets: self.start_offsets.clone(),
+                topic_partition_offsets: self.start_offsets().into_owned(),
                 utc_offset: Some(self.utc_offset),
                 session_info: Some(self.info_packet()),
                 creation_time: self.creation_time,
@@ -148,19 +174,26 @@ impl Session {
 
 /// Offset keys are `"{topic}:{partition}"`; a key without a partition means partition 0. When
 /// both forms name the same partition, the explicit one wins (the reference throws instead).
-fn normalise_offsets(offsets: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
-    let mut normalised = BTreeMap::new();
-    for (key, offset) in offsets {
-        if key.contains(':') {
-            normalised.insert(key.clone(), *offset);
-        }
+fn normalise_offsets(offsets: BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    if offsets.keys().all(|key| key.contains(':')) {
+        return offsets;
     }
-    for (key, offset) in offsets {
-        if !key.contains(':') {
-            normalised.entry(format!("{key}:0")).or_insert(*offset);
-        }
+    let (explicit, bare): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        offsets.into_iter().partition(|(key, _)| key.contains(':'));
+    let mut normalised = explicit;
+    for (key, offset) in bare {
+        normalised.entry(format!("{key}:0")).or_insert(offset);
     }
     normalised
+}
+
+/// Offsets without a broker: the main and essentials topics, partition 0, both at 0, as the
+/// reference reports for a data source whose topics do not exist yet.
+pub fn embedded_offsets(data_source: &str) -> BTreeMap<String, i64> {
+    BTreeMap::from([
+        (format!("{data_source}:0"), 0),
+        (format!("{data_source}_essential:0"), 0),
+    ])
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -331,9 +364,23 @@ mod tests {
             },
         );
         assert_eq!(
-            s.start_offsets,
-            [("DS:0".to_owned(), 10), ("DS:1".to_owned(), 4)].into()
+            *s.start_offsets(),
+            BTreeMap::from([("DS:0".to_owned(), 10), ("DS:1".to_owned(), 4)])
         );
+        assert_eq!(s.start_offset_of("DS"), 10);
+    }
+
+    #[test]
+    fn embedded_offsets_are_not_stored_per_session_but_still_reported() {
+        let packet = NewSessionPacket {
+            data_source: "ds".into(),
+            topic_partition_offsets: embedded_offsets("ds"),
+            ..Default::default()
+        };
+        let s = Session::start("k", 0, &packet);
+        assert_eq!(s.start_offsets, None);
+        assert_eq!(*s.start_offsets(), embedded_offsets("ds"));
+        assert_eq!(Session::decode(&s.encode()).unwrap(), s);
     }
 
     #[test]
@@ -348,7 +395,7 @@ mod tests {
             seconds: 5,
             nanos: 6,
         });
-        s.start_offsets = [("ds:0".to_owned(), 3)].into();
+        s.start_offsets = Some([("ds:0".to_owned(), 3)].into());
         s.complete(&EndOfSessionPacket {
             data_source: "ds".into(),
             topic_partition_offsets: [("ds:0".to_owned(), 9)].into(),

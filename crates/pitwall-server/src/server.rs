@@ -339,11 +339,12 @@ impl Launched {
             (Some(store), _) => {
                 let projection = applier.projection.clone();
                 let store = tokio::task::spawn_blocking(move || {
-                    let sessions = store.load()?;
+                    // Nothing reads the projection before startup finishes; the lock is
+                    // uncontended.
                     let mut projection = projection.write().unwrap_or_else(|e| e.into_inner());
-                    for session in sessions {
-                        projection.restore(session);
-                    }
+                    projection.reserve(store.len()? as usize);
+                    store.load(|session| projection.restore(session))?;
+                    drop(projection);
                     Ok::<_, StoreError>(store)
                 })
                 .await??;

@@ -377,13 +377,6 @@ impl SessionManagementService for SessionService {
 
 /// `GetSessionInfo`'s view of a session.
 fn info_response(session: &Session) -> GetSessionInfoResponse {
-    let offset_of = |topic: String| {
-        session
-            .start_offsets
-            .get(&format!("{topic}:0"))
-            .copied()
-            .unwrap_or(0)
-    };
     GetSessionInfoResponse {
         data_source: session.data_source.clone(),
         identifier: session.identifier.clone(),
@@ -393,9 +386,9 @@ fn info_response(session: &Session) -> GetSessionInfoResponse {
         is_complete: session.is_complete(),
         // Filled by the caller from the broker; the embedded store has none.
         streams: Vec::new(),
-        topic_partition_offsets: session.start_offsets.clone(),
-        main_offset: offset_of(session.data_source.clone()),
-        essentials_offset: offset_of(format!("{}_essential", session.data_source)),
+        topic_partition_offsets: session.start_offsets().into_owned(),
+        main_offset: session.start_offset_of(&session.data_source),
+        essentials_offset: session.start_offset_of(&format!("{}_essential", session.data_source)),
         details: session.details.clone(),
         utc_offset: Some(session.utc_offset),
         success: true,

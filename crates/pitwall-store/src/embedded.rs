@@ -3,7 +3,10 @@
 //!
 //! Rows are the sessions after the records of a batch were applied (not the records), so
 //! startup reads each session once however many changes it had, and its cost grows with the
-//! number of sessions, not with the length of history.
+//! number of sessions, not with the length of history. Rows are keyed by the session's
+//! creation sequence: new sessions append to the end of the B-tree instead of dirtying a random
+//! page each (as random UUID keys would), and reading the table in key order is creation
+//! order, which listings need.
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +17,8 @@ use redb::{
 };
 use thiserror::Error;
 
-/// Session key → encoded [`Session`].
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// Creation sequence → encoded [`Session`].
+const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions_by_sequence");
 
 /// The file inside the data directory.
 pub const DATABASE_FILE: &str = "pitwall.redb";
@@ -36,10 +39,10 @@ pub enum StoreError {
         path: PathBuf,
         source: DatabaseError,
     },
-    #[error("session '{key}' in {path} cannot be decoded: {source}")]
+    #[error("session number {sequence} in {path} cannot be decoded: {source}")]
     Corrupt {
         path: PathBuf,
-        key: String,
+        sequence: u64,
         source: prost::DecodeError,
     },
     #[error("storage error: {0}")]
@@ -109,22 +112,32 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { db, path })
     }
 
-    /// Every stored session, in creation order.
-    pub fn load(&self) -> Result<Vec<Session>, StoreError> {
+    /// How many sessions are stored.
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SESSIONS)?.len()?)
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Hands every stored session to `restore`, in creation order, without holding them all.
+    pub fn load(&self, mut restore: impl FnMut(Session)) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SESSIONS)?;
-        let mut sessions = Vec::with_capacity(table.len()? as usize);
+        let mut count = 0;
         for row in table.iter()? {
-            let (key, value) = row?;
+            let (sequence, value) = row?;
             let session = Session::decode(value.value()).map_err(|source| StoreError::Corrupt {
                 path: self.path.clone(),
-                key: key.value().to_owned(),
+                sequence: sequence.value(),
                 source,
             })?;
-            sessions.push(session);
+            restore(session);
+            count += 1;
         }
-        sessions.sort_unstable_by_key(|s| s.sequence);
-        Ok(sessions)
+        Ok(count)
     }
 
     /// Writes the sessions in one transaction and returns once it is durable on disk (fsync'd).
@@ -139,7 +152,7 @@ impl EmbeddedStore {
         {
             let mut table = txn.open_table(SESSIONS)?;
             for session in sessions {
-                table.insert(session.key.as_str(), session.encode().as_slice())?;
+                table.insert(session.sequence, session.encode().as_slice())?;
             }
         }
         txn.commit()?;
@@ -181,7 +194,9 @@ mod tests {
             store.commit([&b2]).unwrap();
         }
         let store = EmbeddedStore::open(dir.path(), &options).unwrap();
-        let loaded = store.load().unwrap();
+        let mut loaded = Vec::new();
+        assert_eq!(store.load(|s| loaded.push(s)).unwrap(), 2);
+        assert_eq!(store.len().unwrap(), 2);
         let keys: Vec<_> = loaded.iter().map(|s| s.key.as_str()).collect();
         assert_eq!(keys, vec!["b", "a"]);
         assert_eq!(loaded[0].identifier, "changed");
