@@ -240,7 +240,7 @@ fn end(
         )));
     }
     if let Some(end) = &session.end {
-        return Ok(Decision::AlreadyEnded(end.clone()));
+        return Ok(Decision::AlreadyEnded(end.as_ref().clone()));
     }
     Ok(Decision::Append(Record::EndOfSession {
         session_key: request.session_key,

@@ -1,6 +1,7 @@
 //! The session model and the rules of the session service, with no I/O.
 //!
-//! - [`session`]: a session as the projection holds it (and as the embedded store persists it).
+//! - [`session`]: a session as the projection holds it (and as the embedded store persists it);
+//!   [`details`]: its key/value details, compactly.
 //! - [`record`]: the three records of the log (`NewSession`, `SessionInfo`, `EndOfSession`) and
 //!   their `Packet` encoding shared with the reference's `SessionInfo` topic.
 //! - [`projection`]: folds records, in log order, into the sessions; the merge rules live here
@@ -14,6 +15,7 @@
 //! rule is unit-testable and replay is the same code as live apply.
 
 pub mod command;
+pub mod details;
 pub mod projection;
 pub mod record;
 pub mod rejection;
@@ -21,6 +23,7 @@ pub mod session;
 pub mod validate;
 
 pub use command::{Command, Decision};
+pub use details::Details;
 pub use projection::{Event, EventKind, Projection, SessionCounts};
 pub use record::Record;
 pub use rejection::Rejection;

@@ -6,6 +6,8 @@ use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, SessionInfo
 use prost::Message;
 use prost_types::{Duration, Timestamp};
 
+use crate::details::Details;
+
 /// One session: where it started, its merged metadata, and its end once it has one.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Session {
@@ -17,15 +19,16 @@ pub struct Session {
     pub session_type: String,
     pub version: u32,
     pub associates: Vec<String>,
-    pub details: BTreeMap<String, String>,
+    pub details: Details,
     pub utc_offset: Duration,
     pub creation_time: Option<Timestamp>,
     /// `"{topic}:{partition}"` → next offset when the session started; `None` stands for
     /// [`embedded_offsets`] of the data source, which every session of the embedded store has,
     /// so that a million sessions do not hold a million copies of it.
     start_offsets: Option<BTreeMap<String, i64>>,
-    /// The first `EndOfSession` applied; later ones are ignored.
-    pub end: Option<EndOfSessionPacket>,
+    /// The first `EndOfSession` applied; later ones are ignored. Boxed: most sessions held in
+    /// memory are live, and a live session then pays one pointer for it.
+    pub end: Option<Box<EndOfSessionPacket>>,
 }
 
 impl Session {
@@ -53,7 +56,7 @@ impl Session {
             session.session_type = info.r#type;
             session.version = info.version;
             session.associates = info.associate_session_keys;
-            session.details = info.details;
+            session.details = Details::from(info.details);
         }
         session
     }
@@ -106,10 +109,7 @@ impl Session {
             changed = true;
         }
         for (name, value) in &info.details {
-            if self.details.get(name) != Some(value) {
-                self.details.insert(name.clone(), value.clone());
-                changed = true;
-            }
+            changed |= self.details.upsert(name, value);
         }
         changed
     }
@@ -119,7 +119,7 @@ impl Session {
         if self.end.is_some() {
             return false;
         }
-        self.end = Some(end.clone());
+        self.end = Some(Box::new(end.clone()));
         true
     }
 
@@ -131,7 +131,7 @@ impl Session {
             r#type: self.session_type.clone(),
             version: self.version,
             associate_session_keys: self.associates.clone(),
-            details: self.details.clone(),
+            details: self.details.to_map(),
             utc_offset: Some(self.utc_offset),
             creation_time: self.creation_time,
             termination_time: self.termination_time(),
@@ -152,7 +152,7 @@ impl Session {
         let stored = StoredSession::decode(bytes)?;
         let start = stored.start.unwrap_or_default();
         let mut session = Session::start_owned(stored.key, stored.sequence, start);
-        session.end = stored.end;
+        session.end = stored.end.map(Box::new);
         Ok(session)
     }
 
@@ -167,7 +167,7 @@ impl Session {
                 session_info: Some(self.info_packet()),
                 creation_time: self.creation_time,
             }),
-            end: self.end.clone(),
+            end: self.end.as_deref().cloned(),
         }
     }
 }
@@ -334,7 +334,7 @@ mod tests {
         };
         assert!(s.complete(&first));
         assert!(!s.complete(&second));
-        assert_eq!(s.end, Some(first));
+        assert_eq!(s.end, Some(Box::new(first)));
     }
 
     #[test]

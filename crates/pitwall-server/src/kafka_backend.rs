@@ -344,7 +344,7 @@ impl KafkaBackend {
             Record::EndOfSession { session_key, .. } => {
                 let end = read(&writer.applier().projection)
                     .get(&session_key)
-                    .and_then(|session| session.end.clone());
+                    .and_then(|session| session.end.as_deref().cloned());
                 Ok(end.map(|packet| {
                     Decision::Append(Record::EndOfSession {
                         session_key,

@@ -389,7 +389,7 @@ fn info_response(session: &Session) -> GetSessionInfoResponse {
         topic_partition_offsets: session.start_offsets().into_owned(),
         main_offset: session.start_offset_of(&session.data_source),
         essentials_offset: session.start_offset_of(&format!("{}_essential", session.data_source)),
-        details: session.details.clone(),
+        details: session.details.to_map(),
         utc_offset: Some(session.utc_offset),
         success: true,
         creation_time: session.creation_time,
