@@ -315,7 +315,11 @@ impl KafkaBackend {
             metrics.commit_batch_size.observe(pending.len() as f64);
             for ((index, record), result) in records.into_iter().zip(results) {
                 let settled = result
-                    .map_err(|e| WriteError::Unavailable(e.to_string()))
+                    .map_err(|e| {
+                        WriteError::Unavailable(format!(
+                            "{e}; the broker did not confirm the write (it may still appear)"
+                        ))
+                    })
                     .and_then(|(partition, offset)| self.settle(writer, record, partition, offset));
                 match settled {
                     Ok(Some(decision)) => pending[index].outcome = Ok(decision),
