@@ -52,20 +52,8 @@ async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_ot
     let b = a.another_instance().await;
     let c = a.another_instance().await;
     let (mut on_a, mut on_b, mut on_c) = (a.client().await, b.client().await, c.client().await);
-    let mut starts_b = on_b
-        .get_session_start_notification(GetSessionStartNotificationRequest {
-            data_source: "ds".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stops_c = on_c
-        .get_session_stop_notification(GetSessionStopNotificationRequest {
-            data_source: "ds".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut starts_b = starts(&mut on_b, "ds").await;
+    let mut stops_c = stops(&mut on_c, "ds").await;
 
     let key = on_a
         .create_session(CreateSessionRequest {
@@ -251,20 +239,8 @@ async fn records_written_as_the_reference_writes_them_are_picked_up() {
     let broker = broker_or_skip!();
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let mut starts = client
-        .get_session_start_notification(GetSessionStartNotificationRequest {
-            data_source: "REF".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut stops = client
-        .get_session_stop_notification(GetSessionStopNotificationRequest {
-            data_source: "REF".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut starts = starts(&mut client, "REF").await;
+    let mut stops = stops(&mut client, "REF").await;
 
     // The reference compresses with zstd and keys by session.
     let producer: FutureProducer = ClientConfig::new()

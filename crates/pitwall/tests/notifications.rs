@@ -10,34 +10,6 @@ use support::*;
 use tokio::time::timeout;
 use tonic::{Code, Streaming};
 
-async fn starts(
-    client: &mut Client,
-    data_source: &str,
-) -> Streaming<GetSessionStartNotificationResponse> {
-    // The call returns once the response headers arrive, i.e. once the subscription is
-    // registered: every later event is delivered.
-    client
-        .get_session_start_notification(GetSessionStartNotificationRequest {
-            data_source: data_source.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn stops(
-    client: &mut Client,
-    data_source: &str,
-) -> Streaming<GetSessionStopNotificationResponse> {
-    client
-        .get_session_stop_notification(GetSessionStopNotificationRequest {
-            data_source: data_source.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 async fn next_start(
     stream: &mut Streaming<GetSessionStartNotificationResponse>,
 ) -> GetSessionStartNotificationResponse {

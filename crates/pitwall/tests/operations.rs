@@ -181,13 +181,7 @@ async fn reflection_lists_the_served_services_in_v1_and_v1alpha() {
 async fn metrics_follow_notification_streams_and_commits() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    let mut stream = client
-        .get_session_start_notification(GetSessionStartNotificationRequest {
-            data_source: "ds".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = starts(&mut client, "ds").await;
     for _ in 0..3 {
         create(&mut client, "ds").await;
     }

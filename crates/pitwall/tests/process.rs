@@ -14,13 +14,7 @@ async fn sigterm_stops_gracefully_with_exit_code_zero() {
     let mut process = ServerProcess::start(dir.path(), &[]).await;
     let mut client = connect(&process.grpc_url()).await;
     let key = create(&mut client, "ds").await;
-    let mut stream = client
-        .get_session_stop_notification(GetSessionStopNotificationRequest {
-            data_source: "ds".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = stops(&mut client, "ds").await;
     process.signal("TERM");
     let status = timeout(PATIENCE, process.child.wait())
         .await

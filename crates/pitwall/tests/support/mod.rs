@@ -14,6 +14,7 @@ use pitwall_server::config::StoreConfig;
 use pitwall_server::{Config, RunningServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 pub type Client = SessionManagementServiceClient<Channel>;
@@ -211,6 +212,35 @@ pub async fn list(client: &mut Client, data_source: &str) -> Vec<String> {
         .into_inner();
     assert!(response.success);
     response.session_keys
+}
+
+/// Subscribes to start notifications; returns once the subscription is registered (the
+/// response headers arrived), so every later event is delivered.
+pub async fn starts(
+    client: &mut Client,
+    data_source: &str,
+) -> Streaming<GetSessionStartNotificationResponse> {
+    client
+        .get_session_start_notification(GetSessionStartNotificationRequest {
+            data_source: data_source.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Subscribes to stop notifications, like [`starts`].
+pub async fn stops(
+    client: &mut Client,
+    data_source: &str,
+) -> Streaming<GetSessionStopNotificationResponse> {
+    client
+        .get_session_stop_notification(GetSessionStopNotificationRequest {
+            data_source: data_source.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).
