@@ -521,3 +521,130 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
         assert!(listed.contains(key), "acknowledged {key} is missing");
     }
 }
+
+/// A data source name no earlier run on the same broker used.
+fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{nanos}")
+}
+
+/// Creates `topic` with `partitions` partitions and writes `counts[p]` records to partition p,
+/// one record per produce so that the test broker's watermarks are exact (tansu 0.6.0 answers a
+/// batched produce's end offset as the batch's base offset + 1).
+async fn topic_with_records(broker: &str, topic: &str, partitions: i32, counts: &[i32]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    for (partition, count) in counts.iter().enumerate() {
+        for i in 0..*count {
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .partition(partition as i32)
+                        .key("k")
+                        .payload(&format!("data {i}")),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn partition_based_offsets_and_streams_come_from_the_cluster() {
+    let broker = broker_or_skip!();
+    let data_source = unique_name("pb");
+    // Main topic: partition 0 holds 3 records, partition 1 holds 2, partition 2 none; no
+    // essentials topic yet.
+    topic_with_records(&broker, &data_source, 3, &[3, 2, 0]).await;
+    let server = TestServer::start_with(|config| {
+        config.stream_layout = pitwall_server::config::StreamLayout::PartitionBased(vec![
+            ("Stream1".to_owned(), 1),
+            ("Stream2".to_owned(), 2),
+        ]);
+    })
+    .await;
+    let mut client = server.client().await;
+    let created = client
+        .create_session(CreateSessionRequest {
+            data_source: data_source.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expected: std::collections::BTreeMap<String, i64> = [
+        (format!("{data_source}:0"), 3),
+        (format!("{data_source}:1"), 2),
+        (format!("{data_source}:2"), 0),
+        (format!("{data_source}_essential:0"), 0),
+    ]
+    .into();
+    assert_eq!(
+        created.new_session.unwrap().topic_partition_offsets,
+        expected
+    );
+    let seen = info(&mut client, &created.session_key).await;
+    assert_eq!(seen.topic_partition_offsets, expected);
+    assert_eq!((seen.main_offset, seen.essentials_offset), (3, 0));
+    assert_eq!(seen.streams, vec!["Stream1", "Stream2"]);
+}
+
+#[tokio::test]
+async fn topic_based_offsets_and_streams_come_from_the_cluster() {
+    let broker = broker_or_skip!();
+    let data_source = unique_name("tb");
+    topic_with_records(&broker, &format!("{data_source}.laps"), 1, &[2]).await;
+    topic_with_records(&broker, &format!("{data_source}.gps"), 1, &[0]).await;
+    topic_with_records(&broker, &format!("{data_source}_essential"), 1, &[1]).await;
+    // Not streams of the data source: a nested name, and another data source's prefix.
+    topic_with_records(&broker, &format!("{data_source}.laps.raw"), 1, &[0]).await;
+    topic_with_records(&broker, &format!("{data_source}x.laps"), 1, &[0]).await;
+    let server = TestServer::start_with(|config| {
+        config.stream_layout = pitwall_server::config::StreamLayout::TopicBased;
+    })
+    .await;
+    let mut client = server.client().await;
+    let key = create(&mut client, &data_source).await;
+    let seen = info(&mut client, &key).await;
+    let expected: std::collections::BTreeMap<String, i64> = [
+        (format!("{data_source}:0"), 0),
+        (format!("{data_source}_essential:0"), 1),
+        (format!("{data_source}.laps:0"), 2),
+        (format!("{data_source}.gps:0"), 0),
+    ]
+    .into();
+    assert_eq!(seen.topic_partition_offsets, expected);
+    assert_eq!(seen.essentials_offset, 1);
+    assert_eq!(seen.streams, vec!["gps", "laps"]);
+    // The end takes the offsets again, now that the stream has moved on.
+    topic_with_records(&broker, &format!("{data_source}.brakes"), 1, &[4]).await;
+    let ended = end(&mut client, &key).await.end_session.unwrap();
+    assert_eq!(
+        ended.topic_partition_offsets[&format!("{data_source}.brakes:0")],
+        4
+    );
+}
