@@ -99,21 +99,11 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         },
         auth_tokens: args.auth_tokens.clone(),
     };
-    let mut broker_url = None;
-    if let Some(path) = &args.config {
-        let app = AppConfig::load(path)?;
-        broker_url = app.broker_url.clone();
-        let store = match args.store {
-            StoreKind::Embedded => StoreConfig::Embedded,
-            StoreKind::Kafka => StoreConfig::Kafka {
-                brokers: String::new(),
-                topic: String::new(),
-                timeout: std::time::Duration::ZERO,
-            },
-        };
-        for note in app.notes.iter().chain(&app.unused_here(&store)) {
-            info!(config = %path.display(), "{note}");
-        }
+    let app = match &args.config {
+        Some(path) => Some((path, AppConfig::load(path)?)),
+        None => None,
+    };
+    if let Some((path, app)) = &app {
         app.apply_to(
             path,
             &mut config,
@@ -122,6 +112,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         )?;
     }
     if args.store == StoreKind::Kafka {
+        let broker_url = app.as_ref().and_then(|(_, app)| app.broker_url.clone());
         config.store = StoreConfig::Kafka {
             brokers: args
                 .broker
@@ -131,6 +122,11 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             topic: args.kafka_topic.clone(),
             timeout: std::time::Duration::from_millis(args.kafka_timeout_ms),
         };
+    }
+    if let Some((path, app)) = &app {
+        for note in app.notes.iter().chain(&app.unused_here(&config.store)) {
+            info!(config = %path.display(), "{note}");
+        }
     }
     Ok(config)
 }
