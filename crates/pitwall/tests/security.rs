@@ -33,6 +33,19 @@ fn token_file(dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// A server with the test token file (the file is read at startup), and a channel to it.
+async fn server_with_tokens() -> (TestServer, Channel) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_file(dir.path());
+    let server = TestServer::start_with(|c| c.auth_tokens = Some(tokens)).await;
+    let channel = Endpoint::from_shared(server.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (server, channel)
+}
+
 /// Every method of every service the server registers, from the descriptors it serves.
 fn served_methods() -> BTreeSet<String> {
     let mut methods = BTreeSet::new();
@@ -110,14 +123,8 @@ async fn call(channel: Channel, path: &str, token: Option<&str>) -> Code {
 
 #[tokio::test]
 async fn every_rpc_answers_each_role_by_its_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = token_file(dir.path());
-    let server = TestServer::start_with(|c| c.auth_tokens = Some(tokens)).await;
-    let channel = Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Bound to keep the server running for the whole test.
+    let (_server, channel) = server_with_tokens().await;
     for (path, rule) in GRPC_RULES {
         for (caller, token, role) in CALLERS {
             let code = call(channel.clone(), path, *token).await;
@@ -140,9 +147,7 @@ async fn every_rpc_answers_each_role_by_its_rule() {
 
 #[tokio::test]
 async fn every_admin_path_answers_each_role_by_its_rule() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = token_file(dir.path());
-    let server = TestServer::start_with(|c| c.auth_tokens = Some(tokens)).await;
+    let (server, _) = server_with_tokens().await;
     for (path, rule) in HTTP_RULES {
         for (caller, token, role) in CALLERS {
             let status = http_get_with(&server, path, *token).await.0;
@@ -181,14 +186,8 @@ async fn http_get_with(server: &TestServer, path: &str, token: Option<&str>) -> 
 
 #[tokio::test]
 async fn a_refused_token_says_which_role_is_needed() {
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = token_file(dir.path());
-    let server = TestServer::start_with(|c| c.auth_tokens = Some(tokens)).await;
-    let channel = Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // Bound to keep the server running for the whole test.
+    let (_server, channel) = server_with_tokens().await;
     let mut client = pitwall_proto::api::session_management_service_client::SessionManagementServiceClient::with_interceptor(
         channel,
         |mut request: Request<()>| {
