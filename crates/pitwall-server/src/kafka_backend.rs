@@ -89,8 +89,9 @@ impl AppliedOffsets {
         }
     }
 
-    /// Waits until every partition has been applied up to its end offset, or `stop` is set.
-    fn wait_caught_up(&self, ends: &[(i32, i64)], stop: &AtomicBool) -> bool {
+    /// Waits until every partition has been applied up to its end offset; false if shutdown
+    /// began first.
+    fn wait_caught_up(&self, ends: &[(i32, i64)], shutdown: &Shutdown) -> bool {
         let mut state = self.lock();
         loop {
             let done = ends
@@ -99,7 +100,7 @@ impl AppliedOffsets {
             if done {
                 return true;
             }
-            if stop.load(Ordering::Acquire) {
+            if shutdown.is_triggered() {
                 return false;
             }
             state = self
@@ -244,25 +245,11 @@ impl KafkaBackend {
                 .map_err(|e| KafkaStoreError::Consume(rdkafka_io_error(e)))?
         };
         let follower_thread = FollowerThread {
-            stop: stop.clone(),
+            stop,
             thread: Some(thread),
         };
-        // Shutdown during a long replay stops waiting.
-        let watcher = {
-            let (shutdown, stop) = (shutdown.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    if shutdown.is_triggered() {
-                        stop.store(true, Ordering::Release);
-                    }
-                    std::thread::sleep(POLL_INTERVAL);
-                }
-            })
-        };
-        let caught_up = applied.wait_caught_up(&ends, &stop);
-        if !caught_up {
+        if !applied.wait_caught_up(&ends, shutdown) {
             follower_thread.stop();
-            let _ = watcher.join();
             return Ok(None);
         }
         let backend = Arc::new(KafkaBackend {
@@ -272,8 +259,6 @@ impl KafkaBackend {
             timeout,
             streams_cache: Mutex::new(HashMap::new()),
         });
-        // The watcher ends with the follower (its stop flag), which lives until shutdown.
-        drop(watcher);
         Ok(Some((backend, follower_thread)))
     }
 
