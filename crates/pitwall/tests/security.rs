@@ -150,7 +150,9 @@ async fn every_admin_path_answers_each_role_by_its_rule() {
     let (server, _) = server_with_tokens().await;
     for (path, rule) in HTTP_RULES {
         for (caller, token, role) in CALLERS {
-            let status = http_get_with(&server, path, *token).await.0;
+            let status = http_get_with_token(&server.metrics_addr().to_string(), path, *token)
+                .await
+                .0;
             let expected = match (rule, role) {
                 (Rule::Open, _) => 200,
                 (Rule::Needs(_), None) => 401,
@@ -160,28 +162,14 @@ async fn every_admin_path_answers_each_role_by_its_rule() {
             assert_eq!(status, expected, "{path} as {caller}");
         }
     }
-    let (status, body) = http_get_with(&server, "/metrics", Some("writer-secret")).await;
+    let (status, body) = http_get_with_token(
+        &server.metrics_addr().to_string(),
+        "/metrics",
+        Some("writer-secret"),
+    )
+    .await;
     assert_eq!(status, 403);
     assert!(body.contains("needs role 'admin'"), "{body}");
-}
-
-async fn http_get_with(server: &TestServer, path: &str, token: Option<&str>) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = server.metrics_addr();
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).await.unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, raw.split_once("\r\n\r\n").unwrap().1.to_owned())
 }
 
 #[tokio::test]

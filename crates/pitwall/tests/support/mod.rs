@@ -245,10 +245,19 @@ pub async fn stops(
 
 /// A minimal HTTP/1.1 GET: (status, body).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_get_with_token(addr, path, None).await
+}
+
+/// [`http_get`] with `Authorization: Bearer TOKEN` when a token is given.
+pub async fn http_get_with_token(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .unwrap();
