@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "ma/streaming/open_data/v1/open_data.proto",
     "ma/streaming/api/v1/api.proto",
     "ma/streaming/key_generator/v1/key_generator.proto",
+    "pitwall/v1/feed.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -11,6 +11,11 @@ use pitwall_core::{Command, Decision, Limits, Projection, Record, Session};
 use pitwall_proto::api::{CreateSessionRequest, EndSessionRequest, UpdateSessionDetailsRequest};
 use prost_types::Timestamp;
 
+const AT: Timestamp = Timestamp {
+    seconds: 1_700_000_000,
+    nanos: 0,
+};
+
 const SESSION_KEY: &str = "3f2b8c1e-9d4a-4e7b-a1c2-5f6e7d8c9b0a";
 
 /// A create as the load benchmark sends it: five details, an identifier, a type.
@@ -65,7 +70,7 @@ fn new_session_record() -> Record {
 
 fn started_projection() -> Projection {
     let mut projection = Projection::default();
-    projection.apply(new_session_record());
+    projection.apply(new_session_record(), AT);
     projection
 }
 
@@ -106,7 +111,7 @@ fn projection_apply(c: &mut Criterion) {
         b.iter_batched(
             || (Projection::default(), new_session_record()),
             |(mut projection, record)| {
-                projection.apply(record);
+                projection.apply(record, AT);
                 projection
             },
             BatchSize::SmallInput,
@@ -116,7 +121,7 @@ fn projection_apply(c: &mut Criterion) {
         b.iter_batched(
             || (started_projection(), info.clone()),
             |(mut projection, record)| {
-                projection.apply(record);
+                projection.apply(record, AT);
                 projection
             },
             BatchSize::SmallInput,
@@ -126,7 +131,7 @@ fn projection_apply(c: &mut Criterion) {
         b.iter_batched(
             || (started_projection(), end.clone()),
             |(mut projection, record)| {
-                projection.apply(record);
+                projection.apply(record, AT);
                 projection
             },
             BatchSize::SmallInput,

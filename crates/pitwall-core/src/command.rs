@@ -11,6 +11,7 @@ use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, SessionInfo
 use prost::Message;
 use prost_types::Timestamp;
 
+use crate::lifecycle::{AutoEndPolicy, END_REASON_DETAIL, auto_end_due};
 use crate::record::Record;
 use crate::rejection::Rejection;
 use crate::session::Session;
@@ -34,6 +35,12 @@ pub enum Command {
     UpdateIdentifier(UpdateSessionIdentifierRequest),
     AddAssociate(AddAssociateSessionRequest),
     UpdateDetails(UpdateSessionDetailsRequest),
+    /// Ends an abandoned session on the server's own initiative. Decided again against the
+    /// session as it stands, so activity since the scan that found it cancels it.
+    AutoEnd {
+        session_key: String,
+        policy: AutoEndPolicy,
+    },
 }
 
 /// What a command does once decided.
@@ -44,6 +51,8 @@ pub enum Command {
 pub enum Decision {
     /// Append this record; the request succeeds once it is durable and applied.
     Append(Record),
+    /// Append these records, in order (an auto-end: its reason, then the end).
+    AppendAll(Vec<Record>),
     /// The request succeeds and changes nothing (an empty identifier, a known associate, details
     /// already holding these values).
     Unchanged,
@@ -69,6 +78,7 @@ impl Command {
             Command::UpdateIdentifier(r) => &r.session_key,
             Command::AddAssociate(r) => &r.session_key,
             Command::UpdateDetails(r) => &r.session_key,
+            Command::AutoEnd { session_key, .. } => session_key,
         }
     }
 
@@ -113,6 +123,7 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::AutoEnd { .. } => Ok(()),
         }
     }
 
@@ -175,8 +186,54 @@ impl Command {
                 };
                 update(session, request.session_key, packet, ctx.limits)
             }
+            Command::AutoEnd {
+                session_key,
+                policy,
+            } => Ok(auto_end(session, session_key, &policy, ctx)),
         }
     }
+}
+
+impl Decision {
+    /// The records to append, in order.
+    pub fn records(&self) -> &[Record] {
+        match self {
+            Decision::Append(record) => std::slice::from_ref(record),
+            Decision::AppendAll(records) => records,
+            Decision::Unchanged | Decision::AlreadyEnded(_) => &[],
+        }
+    }
+}
+
+/// The reason detail, then the end, if the session is still due; nothing otherwise.
+fn auto_end(
+    session: &Session,
+    session_key: String,
+    policy: &AutoEndPolicy,
+    ctx: &Context,
+) -> Decision {
+    let Some(due) = auto_end_due(session, policy, ctx.now) else {
+        return Decision::Unchanged;
+    };
+    let reason = Record::SessionInfo {
+        session_key: session_key.clone(),
+        packet: SessionInfoPacket {
+            details: BTreeMap::from([(
+                END_REASON_DETAIL.to_owned(),
+                due.reason.as_str().to_owned(),
+            )]),
+            ..Default::default()
+        },
+    };
+    let end = Record::EndOfSession {
+        session_key,
+        packet: EndOfSessionPacket {
+            topic_partition_offsets: (ctx.offsets)(&session.data_source),
+            data_source: session.data_source.clone(),
+            termination_time: Some(due.termination_time),
+        },
+    };
+    Decision::AppendAll(vec![reason, end])
 }
 
 fn create(
@@ -300,8 +357,8 @@ mod tests {
             offsets: &embedded_offsets,
         };
         let decision = command.decide(projection.get(&key), &ctx)?;
-        if let Decision::Append(record) = &decision {
-            projection.apply(record.clone());
+        for record in decision.records() {
+            projection.apply(record.clone(), NOW);
         }
         Ok(decision)
     }
@@ -622,7 +679,7 @@ mod tests {
         let Decision::Append(record) = add("a").decide(p.get("k"), &ctx).unwrap() else {
             panic!("expected a record");
         };
-        p.apply(record);
+        p.apply(record, NOW);
         assert!(matches!(
             add("b").decide(p.get("k"), &ctx),
             Err(Rejection::Invalid(_))
@@ -696,7 +753,7 @@ mod tests {
             let Decision::Append(record) = update(name).decide(p.get("k"), &ctx).unwrap() else {
                 panic!("expected a record");
             };
-            p.apply(record);
+            p.apply(record, NOW);
         }
         assert!(matches!(
             update("c").decide(p.get("k"), &ctx),
@@ -724,5 +781,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.get("k").unwrap().identifier, "after the run");
+    }
+
+    #[test]
+    fn an_auto_end_records_its_reason_then_ends_at_the_last_activity() {
+        let mut p = created("k");
+        let limits = Limits::default();
+        let at = |seconds| Context {
+            now: Timestamp {
+                seconds: NOW.seconds + seconds,
+                nanos: 0,
+            },
+            limits: &limits,
+            offsets: &embedded_offsets,
+        };
+        let auto_end = || Command::AutoEnd {
+            session_key: "k".into(),
+            policy: AutoEndPolicy {
+                idle_after: Some(std::time::Duration::from_secs(60)),
+                max_duration: None,
+            },
+        };
+        assert_eq!(
+            auto_end().decide(p.get("k"), &at(59)),
+            Ok(Decision::Unchanged)
+        );
+        let decision = auto_end().decide(p.get("k"), &at(61)).unwrap();
+        let Decision::AppendAll(records) = &decision else {
+            panic!("expected two records, got {decision:?}");
+        };
+        let [
+            Record::SessionInfo { packet: info, .. },
+            Record::EndOfSession { packet: end, .. },
+        ] = records.as_slice()
+        else {
+            panic!("expected the reason then the end, got {records:?}");
+        };
+        assert_eq!(
+            info.details.get(END_REASON_DETAIL).map(String::as_str),
+            Some("idle")
+        );
+        assert_eq!(end.termination_time, Some(NOW));
+        for record in decision.records() {
+            p.apply(record.clone(), at(61).now);
+        }
+        // Already ended: a later pass changes nothing.
+        assert_eq!(
+            auto_end().decide(p.get("k"), &at(500)),
+            Ok(Decision::Unchanged)
+        );
     }
 }

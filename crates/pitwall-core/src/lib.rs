@@ -8,6 +8,9 @@
 //!   and only here. Applying a record yields the events notifications are made from.
 //! - [`command`]: turns a validated write request into the records to append (or a rejection),
 //!   given the session as it stands.
+//! - [`lifecycle`]: when sessions end or leave without a request: auto-end and retention.
+//! - [`query`]: listing filters and stable paging; [`tree`]: associate trees; [`view`]: a session
+//!   in the `pitwall.v1` form.
 //! - [`validate`]: the request checks of the contract (names, sizes, times) and [`Limits`].
 //! - [`rejection`]: why a request was refused, in words a client can act on.
 //!
@@ -16,11 +19,15 @@
 
 pub mod command;
 pub mod details;
+pub mod lifecycle;
 pub mod projection;
+pub mod query;
 pub mod record;
 pub mod rejection;
 pub mod session;
+pub mod tree;
 pub mod validate;
+pub mod view;
 
 pub use command::{Command, Decision};
 pub use details::Details;

@@ -2,19 +2,25 @@
 //!
 //! [`Projection::apply`] is the only place records change sessions, for live writes and for
 //! replay alike, and it yields the events that notifications are made from, in log order.
+//! [`Projection::purge`] is the only place sessions leave (retention).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{btree_map, hash_map};
 use std::hash::{BuildHasher, RandomState};
+
+use prost_types::Timestamp;
 
 use crate::record::Record;
 use crate::session::Session;
 
-/// What applying a record did to a session.
+/// What applying a record (or retention) did to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Started,
     Updated,
     Ended,
+    Purged,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +37,9 @@ pub const DEFAULT_HELD_RECORDS_LIMIT: usize = 100_000;
 /// The sessions of one data source.
 #[derive(Debug, Default)]
 struct DataSourceSessions {
-    /// Keys in creation order: `GetCurrentSessions` answers from here.
-    keys: Vec<String>,
+    /// Creation sequence → key: `GetCurrentSessions` and paged listings answer from here, and
+    /// retention removes from the middle without shifting the rest.
+    keys: BTreeMap<u64, String>,
     completed: usize,
 }
 
@@ -45,8 +52,8 @@ pub struct SessionCounts {
 
 /// Sessions are spread over this many maps: growing a map rehashes it while the projection is
 /// locked, and a 64th of a million sessions rehashes in a fraction of a millisecond where the
-/// whole map took seconds.
-const SHARDS: usize = 64;
+/// whole map took seconds. Background scans also take the lock one shard at a time.
+pub const SHARDS: usize = 64;
 
 #[derive(Debug)]
 pub struct Projection {
@@ -54,11 +61,17 @@ pub struct Projection {
     shards: Vec<HashMap<String, Box<Session>>>,
     shard_hasher: RandomState,
     by_data_source: HashMap<String, DataSourceSessions>,
+    /// Associate key → the sessions listing it, for associate trees. Only sessions with
+    /// associates cost anything here.
+    parents: HashMap<String, Vec<String>>,
     held: HashMap<String, Vec<Record>>,
     held_count: usize,
     held_limit: usize,
     dropped_orphans: u64,
     next_sequence: u64,
+    /// The feed sequence of the last change applied: listings report it so a client can watch
+    /// on from exactly what it read.
+    position: u64,
 }
 
 impl Default for Projection {
@@ -73,24 +86,27 @@ impl Projection {
             shards: (0..SHARDS).map(|_| HashMap::new()).collect(),
             shard_hasher: RandomState::new(),
             by_data_source: HashMap::new(),
+            parents: HashMap::new(),
             held: HashMap::new(),
             held_count: 0,
             held_limit,
             dropped_orphans: 0,
             next_sequence: 0,
+            position: 0,
         }
     }
 
-    /// Applies one record and returns what it did. `NewSession` for a known key is ignored
-    /// (the first wins), `SessionInfo` merges, `EndOfSession` completes a live session once,
-    /// and records for unknown keys wait for their `NewSession`.
-    pub fn apply(&mut self, record: Record) -> Vec<Event> {
+    /// Applies one record, recorded by the store at `at`, and returns what it did.
+    /// `NewSession` for a known key is ignored (the first wins), `SessionInfo` merges,
+    /// `EndOfSession` completes a live session once, and records for unknown keys wait for
+    /// their `NewSession`.
+    pub fn apply(&mut self, record: Record, at: Timestamp) -> Vec<Event> {
         let mut events = Vec::new();
-        self.apply_into(record, &mut events);
+        self.apply_into(record, at, &mut events);
         events
     }
 
-    fn apply_into(&mut self, record: Record, events: &mut Vec<Event>) {
+    fn apply_into(&mut self, record: Record, at: Timestamp, events: &mut Vec<Event>) {
         match record {
             Record::NewSession {
                 session_key,
@@ -99,7 +115,8 @@ impl Projection {
                 if self.get(&session_key).is_some() {
                     return;
                 }
-                let session = Session::start(&session_key, self.next_sequence, &packet);
+                let mut session = Session::start(&session_key, self.next_sequence, &packet);
+                session.last_activity = Some(at);
                 self.insert(session);
                 events.push(Event {
                     kind: EventKind::Started,
@@ -109,28 +126,38 @@ impl Projection {
                 if let Some(held) = self.held.remove(&session_key) {
                     self.held_count -= held.len();
                     for record in held {
-                        self.apply_into(record, events);
+                        self.apply_into(record, at, events);
                     }
                 }
             }
             Record::SessionInfo {
                 session_key,
                 packet,
-            } => match self.get_mut(&session_key) {
-                Some(session) => {
-                    if session.merge(&packet) {
-                        events.push(Event {
-                            kind: EventKind::Updated,
-                            data_source: session.data_source.clone(),
-                            session_key,
-                        });
-                    }
+            } => {
+                let shard = self.shard_of(&session_key);
+                let Some(session) = self.shards[shard].get_mut(&session_key) else {
+                    return self.hold(Record::SessionInfo {
+                        session_key,
+                        packet,
+                    });
+                };
+                let associates_before =
+                    (!packet.associate_session_keys.is_empty()).then(|| session.associates.clone());
+                if !session.merge(&packet) {
+                    return;
                 }
-                None => self.hold(Record::SessionInfo {
-                    session_key,
-                    packet,
-                }),
-            },
+                session.last_activity = Some(at);
+                events.push(Event {
+                    kind: EventKind::Updated,
+                    data_source: session.data_source.clone(),
+                    session_key: session_key.clone(),
+                });
+                if let Some(before) = associates_before {
+                    let after = session.associates.clone();
+                    self.unlink_parent(&session_key, &before);
+                    self.link_parent(&session_key, &after);
+                }
+            }
             Record::EndOfSession {
                 session_key,
                 packet,
@@ -139,6 +166,7 @@ impl Projection {
                 match self.shards[shard].get_mut(&session_key) {
                     Some(session) => {
                         if session.complete(&packet) {
+                            session.last_activity = Some(at);
                             if let Some(sessions) =
                                 self.by_data_source.get_mut(&session.data_source)
                             {
@@ -172,8 +200,7 @@ impl Projection {
             .push(record);
     }
 
-    /// Puts back a session read from a snapshot (embedded store startup). Sessions must come in
-    /// `sequence` order so listings keep creation order.
+    /// Puts back a session read from a snapshot (embedded store startup).
     pub fn restore(&mut self, session: Session) {
         self.insert(session);
     }
@@ -184,12 +211,61 @@ impl Projection {
             .by_data_source
             .entry(session.data_source.clone())
             .or_default();
-        sessions.keys.push(session.key.clone());
+        sessions.keys.insert(session.sequence, session.key.clone());
         if session.is_complete() {
             sessions.completed += 1;
         }
+        if !session.associates.is_empty() {
+            let associates = session.associates.clone();
+            self.link_parent(&session.key, &associates);
+        }
         let shard = self.shard_of(&session.key);
         self.shards[shard].insert(session.key.clone(), Box::new(session));
+    }
+
+    /// Removes a session for good (retention) and returns it, with the event saying so.
+    pub fn purge(&mut self, session_key: &str) -> Option<(Session, Event)> {
+        let shard = self.shard_of(session_key);
+        let session = *self.shards[shard].remove(session_key)?;
+        if let hash_map::Entry::Occupied(mut entry) =
+            self.by_data_source.entry(session.data_source.clone())
+        {
+            let sessions = entry.get_mut();
+            sessions.keys.remove(&session.sequence);
+            if session.is_complete() {
+                sessions.completed -= 1;
+            }
+            if sessions.keys.is_empty() {
+                entry.remove();
+            }
+        }
+        self.unlink_parent(session_key, &session.associates);
+        let event = Event {
+            kind: EventKind::Purged,
+            session_key: session.key.clone(),
+            data_source: session.data_source.clone(),
+        };
+        Some((session, event))
+    }
+
+    fn link_parent(&mut self, parent: &str, associates: &[String]) {
+        for associate in associates {
+            let parents = self.parents.entry(associate.clone()).or_default();
+            if !parents.iter().any(|p| p == parent) {
+                parents.push(parent.to_owned());
+            }
+        }
+    }
+
+    fn unlink_parent(&mut self, parent: &str, associates: &[String]) {
+        for associate in associates {
+            if let Some(parents) = self.parents.get_mut(associate) {
+                parents.retain(|p| p != parent);
+                if parents.is_empty() {
+                    self.parents.remove(associate);
+                }
+            }
+        }
     }
 
     fn shard_of(&self, session_key: &str) -> usize {
@@ -209,17 +285,75 @@ impl Projection {
             .map(Box::as_ref)
     }
 
-    fn get_mut(&mut self, session_key: &str) -> Option<&mut Session> {
-        let shard = self.shard_of(session_key);
-        self.shards[shard].get_mut(session_key).map(Box::as_mut)
-    }
-
     /// Keys of every session of `data_source`, completed included, oldest first.
-    pub fn keys_of(&self, data_source: &str) -> &[String] {
+    pub fn keys_of(&self, data_source: &str) -> impl Iterator<Item = &String> {
         self.by_data_source
             .get(data_source)
-            .map(|sessions| sessions.keys.as_slice())
+            .into_iter()
+            .flat_map(|sessions| sessions.keys.values())
+    }
+
+    /// Sessions created after creation sequence `after` (all of them for `None`), oldest
+    /// first, of the given data sources (every data source if none is given).
+    pub fn in_creation_order<'a>(
+        &'a self,
+        data_sources: &[String],
+        after: Option<u64>,
+    ) -> impl Iterator<Item = &'a Session> + 'a {
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut ranges: Vec<btree_map::Range<'a, u64, String>> = if data_sources.is_empty() {
+            self.by_data_source
+                .values()
+                .map(|sessions| sessions.keys.range((start, std::ops::Bound::Unbounded)))
+                .collect()
+        } else {
+            let mut wanted: Vec<&String> = data_sources.iter().collect();
+            wanted.sort();
+            wanted.dedup();
+            wanted
+                .into_iter()
+                .filter_map(|data_source| self.by_data_source.get(data_source))
+                .map(|sessions| sessions.keys.range((start, std::ops::Bound::Unbounded)))
+                .collect()
+        };
+        // A k-way merge of the data sources' creation orders.
+        let mut heads = BinaryHeap::new();
+        for (index, range) in ranges.iter_mut().enumerate() {
+            if let Some((sequence, key)) = range.next() {
+                heads.push(Reverse((*sequence, index, key)));
+            }
+        }
+        std::iter::from_fn(move || {
+            loop {
+                let Reverse((_, index, key)) = heads.pop()?;
+                if let Some((sequence, next)) = ranges[index].next() {
+                    heads.push(Reverse((*sequence, index, next)));
+                }
+                if let Some(session) = self.get(key) {
+                    return Some(session);
+                }
+            }
+        })
+    }
+
+    /// Sessions naming `session_key` as an associate.
+    pub fn parents_of(&self, session_key: &str) -> &[String] {
+        self.parents
+            .get(session_key)
+            .map(Vec::as_slice)
             .unwrap_or_default()
+    }
+
+    /// The sessions of one shard (`0..SHARDS`), so a background scan can take the lock a
+    /// shard at a time.
+    pub fn shard(&self, shard: usize) -> impl Iterator<Item = &Session> {
+        self.shards
+            .get(shard)
+            .into_iter()
+            .flat_map(|sessions| sessions.values().map(Box::as_ref))
     }
 
     /// Sessions of `data_source`: all of them (completed included) and the completed ones.
@@ -238,6 +372,16 @@ impl Projection {
         self.by_data_source
             .keys()
             .map(|data_source| (data_source.as_str(), self.counts_of(data_source)))
+    }
+
+    /// The feed sequence the sessions reflect.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Records that the sessions now reflect the store up to feed sequence `position`.
+    pub fn set_position(&mut self, position: u64) {
+        self.position = self.position.max(position);
     }
 
     /// The sequence the next new session will get.
@@ -277,6 +421,11 @@ mod tests {
 
     use super::*;
 
+    const AT: Timestamp = Timestamp {
+        seconds: 1_700_000_000,
+        nanos: 0,
+    };
+
     fn new_session(key: &str, data_source: &str) -> Record {
         Record::NewSession {
             session_key: key.into(),
@@ -312,7 +461,7 @@ mod tests {
     #[test]
     fn a_new_session_starts_and_notifies() {
         let mut p = Projection::default();
-        let events = p.apply(new_session("a", "ds"));
+        let events = p.apply(new_session("a", "ds"), AT);
         assert_eq!(
             events,
             vec![Event {
@@ -327,45 +476,60 @@ mod tests {
     #[test]
     fn the_first_new_session_for_a_key_wins() {
         let mut p = Projection::default();
-        p.apply(new_session("a", "ds1"));
-        assert!(p.apply(new_session("a", "ds2")).is_empty());
+        p.apply(new_session("a", "ds1"), AT);
+        assert!(p.apply(new_session("a", "ds2"), AT).is_empty());
         assert_eq!(p.get("a").unwrap().data_source, "ds1");
-        assert_eq!(p.keys_of("ds2"), &[] as &[String]);
+        assert_eq!(
+            p.keys_of("ds2").cloned().collect::<Vec<_>>(),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn listing_is_exact_match_in_creation_order_with_completed_sessions() {
         let mut p = Projection::default();
-        p.apply(new_session("b", "ds"));
-        p.apply(new_session("x", "DS"));
-        p.apply(new_session("a", "ds"));
-        p.apply(end("b", 1));
-        assert_eq!(p.keys_of("ds"), &["b".to_owned(), "a".to_owned()]);
-        assert_eq!(p.keys_of("DS"), &["x".to_owned()]);
-        assert_eq!(p.keys_of(""), &[] as &[String]);
+        p.apply(new_session("b", "ds"), AT);
+        p.apply(new_session("x", "DS"), AT);
+        p.apply(new_session("a", "ds"), AT);
+        p.apply(end("b", 1), AT);
+        assert_eq!(
+            p.keys_of("ds").cloned().collect::<Vec<_>>(),
+            ["b".to_owned(), "a".to_owned()]
+        );
+        assert_eq!(
+            p.keys_of("DS").cloned().collect::<Vec<_>>(),
+            ["x".to_owned()]
+        );
+        assert_eq!(
+            p.keys_of("").cloned().collect::<Vec<_>>(),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
     fn only_the_first_end_completes_and_notifies() {
         let mut p = Projection::default();
-        p.apply(new_session("a", "ds"));
-        assert_eq!(p.apply(end("a", 5))[0].kind, EventKind::Ended);
-        assert!(p.apply(end("a", 9)).is_empty());
+        p.apply(new_session("a", "ds"), AT);
+        assert_eq!(p.apply(end("a", 5), AT)[0].kind, EventKind::Ended);
+        assert!(p.apply(end("a", 9), AT).is_empty());
         assert_eq!(p.get("a").unwrap().termination_time().unwrap().seconds, 5);
     }
 
     #[test]
     fn ended_sessions_still_merge_updates() {
         let mut p = Projection::default();
-        p.apply(new_session("a", "ds"));
-        p.apply(end("a", 5));
-        let events = p.apply(info(
-            "a",
-            SessionInfoPacket {
-                identifier: "late".into(),
-                ..Default::default()
-            },
-        ));
+        p.apply(new_session("a", "ds"), AT);
+        p.apply(end("a", 5), AT);
+        let events = p.apply(
+            info(
+                "a",
+                SessionInfoPacket {
+                    identifier: "late".into(),
+                    ..Default::default()
+                },
+            ),
+            AT,
+        );
         assert_eq!(events[0].kind, EventKind::Updated);
         assert_eq!(p.get("a").unwrap().identifier, "late");
     }
@@ -373,32 +537,35 @@ mod tests {
     #[test]
     fn a_merge_that_changes_nothing_emits_no_event() {
         let mut p = Projection::default();
-        p.apply(new_session("a", "ds"));
+        p.apply(new_session("a", "ds"), AT);
         let same_type = SessionInfoPacket {
             r#type: "Session".into(),
             ..Default::default()
         };
-        assert!(p.apply(info("a", same_type)).is_empty());
+        assert!(p.apply(info("a", same_type), AT).is_empty());
     }
 
     #[test]
     fn records_for_unseen_keys_wait_for_their_new_session() {
         let mut p = Projection::default();
         assert!(
-            p.apply(info(
-                "a",
-                SessionInfoPacket {
-                    identifier: "early".into(),
-                    ..Default::default()
-                }
-            ))
+            p.apply(
+                info(
+                    "a",
+                    SessionInfoPacket {
+                        identifier: "early".into(),
+                        ..Default::default()
+                    }
+                ),
+                AT
+            )
             .is_empty()
         );
-        assert!(p.apply(end("a", 3)).is_empty());
+        assert!(p.apply(end("a", 3), AT).is_empty());
         assert!(p.get("a").is_none());
         assert_eq!(p.held_records(), 2);
         let kinds: Vec<_> = p
-            .apply(new_session("a", "ds"))
+            .apply(new_session("a", "ds"), AT)
             .into_iter()
             .map(|e| e.kind)
             .collect();
@@ -416,7 +583,7 @@ mod tests {
     fn held_records_are_bounded() {
         let mut p = Projection::with_held_limit(2);
         for key in ["a", "b", "c"] {
-            p.apply(end(key, 1));
+            p.apply(end(key, 1), AT);
         }
         assert_eq!(p.held_records(), 2);
         assert_eq!(p.dropped_orphans(), 1);
@@ -425,34 +592,43 @@ mod tests {
     #[test]
     fn the_reference_replay_sequence_ends_in_the_expected_state() {
         let mut p = Projection::default();
-        p.apply(new_session("s", "DS"));
-        p.apply(info(
-            "s",
-            SessionInfoPacket {
-                r#type: "T".into(),
-                version: 3,
-                ..Default::default()
-            },
-        ));
-        p.apply(info(
-            "s",
-            SessionInfoPacket {
-                identifier: "id".into(),
-                ..Default::default()
-            },
-        ));
+        p.apply(new_session("s", "DS"), AT);
+        p.apply(
+            info(
+                "s",
+                SessionInfoPacket {
+                    r#type: "T".into(),
+                    version: 3,
+                    ..Default::default()
+                },
+            ),
+            AT,
+        );
+        p.apply(
+            info(
+                "s",
+                SessionInfoPacket {
+                    identifier: "id".into(),
+                    ..Default::default()
+                },
+            ),
+            AT,
+        );
         let a1 = vec!["a1".to_owned()];
         let a12 = vec!["a1".to_owned(), "a2".to_owned()];
         for list in [a1, a12.clone(), a12.clone()] {
-            p.apply(info(
-                "s",
-                SessionInfoPacket {
-                    associate_session_keys: list,
-                    ..Default::default()
-                },
-            ));
+            p.apply(
+                info(
+                    "s",
+                    SessionInfoPacket {
+                        associate_session_keys: list,
+                        ..Default::default()
+                    },
+                ),
+                AT,
+            );
         }
-        p.apply(end("s", 1));
+        p.apply(end("s", 1), AT);
         let s = p.get("s").unwrap();
         assert_eq!(
             (s.identifier.as_str(), s.session_type.as_str(), s.version),
@@ -476,7 +652,7 @@ mod tests {
     fn restored_sessions_keep_creation_order_and_sequence() {
         let mut live = Projection::default();
         for (key, ds) in [("c", "ds"), ("a", "ds"), ("b", "ds")] {
-            live.apply(new_session(key, ds));
+            live.apply(new_session(key, ds), AT);
         }
         let mut snapshot: Vec<Session> = live.sessions().cloned().collect();
         snapshot.sort_by_key(|s| s.sequence);
@@ -484,7 +660,10 @@ mod tests {
         for s in snapshot {
             restored.restore(s);
         }
-        assert_eq!(restored.keys_of("ds"), live.keys_of("ds"));
+        assert_eq!(
+            restored.keys_of("ds").cloned().collect::<Vec<_>>(),
+            live.keys_of("ds").cloned().collect::<Vec<_>>()
+        );
         assert_eq!(restored.next_sequence(), live.next_sequence());
         assert_eq!(restored.counts_of("ds"), live.counts_of("ds"));
     }

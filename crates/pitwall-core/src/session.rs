@@ -29,6 +29,9 @@ pub struct Session {
     /// The first `EndOfSession` applied; later ones are ignored. Boxed: most sessions held in
     /// memory are live, and a live session then pays one pointer for it.
     pub end: Option<Box<EndOfSessionPacket>>,
+    /// When the store recorded the last record that changed the session (its start, a merge
+    /// that changed something, its end): what idle auto-end and retention measure from.
+    pub last_activity: Option<Timestamp>,
 }
 
 impl Session {
@@ -153,6 +156,7 @@ impl Session {
         let start = stored.start.unwrap_or_default();
         let mut session = Session::start_owned(stored.key, stored.sequence, start);
         session.end = stored.end.map(Box::new);
+        session.last_activity = stored.last_activity;
         Ok(session)
     }
 
@@ -168,6 +172,7 @@ impl Session {
                 creation_time: self.creation_time,
             }),
             end: self.end.as_deref().cloned(),
+            last_activity: self.last_activity,
         }
     }
 }
@@ -206,6 +211,8 @@ struct StoredSession {
     start: Option<NewSessionPacket>,
     #[prost(message, optional, tag = "4")]
     end: Option<EndOfSessionPacket>,
+    #[prost(message, optional, tag = "5")]
+    last_activity: Option<Timestamp>,
 }
 
 #[cfg(test)]

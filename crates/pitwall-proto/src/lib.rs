@@ -2,7 +2,8 @@
 //!
 //! Nothing but generated code lives here: `open_data` holds the session packets (also the
 //! records of the log), `api` the `SessionManagementService` requests, responses, client and
-//! server, `key_generator` the remote key generator's client. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
+//! server, `key_generator` the remote key generator's client, `feed` Pitwall's own `pitwall.v1`
+//! service. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
@@ -25,6 +26,16 @@ pub mod ma {
         }
     }
 }
+
+/// Pitwall's own services, beside the Stream API.
+pub mod pitwall {
+    pub mod v1 {
+        tonic::include_proto!("pitwall.v1");
+    }
+}
+
+/// `pitwall.v1`: the session feed, listings and associate trees.
+pub use pitwall::v1 as feed;
 
 /// `ma.streaming.open_data.v1`: session packets.
 pub use ma::streaming::open_data::v1 as open_data;

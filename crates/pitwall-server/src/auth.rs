@@ -95,6 +95,15 @@ pub const GRPC_RULES: &[(&str, Rule)] = &[
         "/ma.streaming.api.v1.SessionManagementService/UpdateSessionDetails",
         Rule::Needs(Role::Write),
     ),
+    ("/pitwall.v1.SessionFeed/Watch", Rule::Needs(Role::Read)),
+    (
+        "/pitwall.v1.SessionFeed/ListSessions",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/pitwall.v1.SessionFeed/GetSessionTree",
+        Rule::Needs(Role::Read),
+    ),
     ("/grpc.health.v1.Health/Check", Rule::Open),
     ("/grpc.health.v1.Health/Watch", Rule::Open),
     (

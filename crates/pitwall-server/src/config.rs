@@ -4,8 +4,14 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use pitwall_core::Limits;
+use pitwall_core::lifecycle::AutoEndPolicy;
 pub use pitwall_store::kafka::StreamLayout;
+
+pub use crate::feed::FeedWindow;
 use serde_json::{Map, Value};
 use thiserror::Error;
 
@@ -60,6 +66,61 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Bearer tokens with roles; `None` leaves access open.
     pub auth_tokens: Option<PathBuf>,
+    /// Ending abandoned sessions; off by default.
+    pub auto_end: AutoEndConfig,
+    /// How long completed sessions are kept; `None` keeps them for ever.
+    pub retention: Option<Duration>,
+    /// How much of the session feed is kept for watchers to resume from.
+    pub feed_window: FeedWindow,
+}
+
+/// Auto-end rules: one policy for every data source, and per data source changes to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoEndConfig {
+    pub default: AutoEndPolicy,
+    pub data_sources: BTreeMap<String, PolicyOverride>,
+}
+
+/// A data source's auto-end rules: `None` keeps the global rule, `Some(None)` turns it off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyOverride {
+    pub idle_after: Option<Option<Duration>>,
+    pub max_duration: Option<Option<Duration>>,
+}
+
+impl AutoEndConfig {
+    pub fn policy_for(&self, data_source: &str) -> AutoEndPolicy {
+        let changes = self
+            .data_sources
+            .get(data_source)
+            .copied()
+            .unwrap_or_default();
+        AutoEndPolicy {
+            idle_after: changes.idle_after.unwrap_or(self.default.idle_after),
+            max_duration: changes.max_duration.unwrap_or(self.default.max_duration),
+        }
+    }
+
+    /// Whether any data source can be auto-ended.
+    pub fn is_on(&self) -> bool {
+        !self.default.is_off()
+            || self.data_sources.values().any(|changes| {
+                changes.idle_after.flatten().is_some() || changes.max_duration.flatten().is_some()
+            })
+    }
+
+    /// The shortest rule, which decides how often sessions are looked at.
+    pub fn shortest(&self) -> Option<Duration> {
+        let overrides = self
+            .data_sources
+            .values()
+            .flat_map(|changes| [changes.idle_after.flatten(), changes.max_duration.flatten()]);
+        [self.default.idle_after, self.default.max_duration]
+            .into_iter()
+            .chain(overrides)
+            .flatten()
+            .min()
+    }
 }
 
 impl Default for Config {
@@ -82,6 +143,9 @@ impl Default for Config {
             shutdown_grace: std::time::Duration::from_secs(10),
             tls: None,
             auth_tokens: None,
+            auto_end: AutoEndConfig::default(),
+            retention: None,
+            feed_window: FeedWindow::default(),
         }
     }
 }
@@ -99,9 +163,48 @@ pub struct AppConfig {
     pub initialisation_timeout_seconds: Option<u64>,
     pub use_remote_key_generator: Option<bool>,
     pub remote_key_generator_service_address: Option<String>,
+    /// Pitwall's own settings, under the key `Pitwall` (the reference ignores it).
+    pub pitwall: PitwallSection,
     /// What the file held besides the keys above: each line says which key and what Pitwall
     /// does with it. The caller logs them.
     pub notes: Vec<String>,
+}
+
+/// The `Pitwall` object of the config file:
+///
+/// ```json
+/// "Pitwall": {
+///   "auto_end": { "idle_after": "30m", "max_duration": "12h",
+///                 "data_sources": { "Rig1": { "idle_after": "5m", "max_duration": "off" } } },
+///   "retention": { "completed_for": "30days" },
+///   "feed": { "max_events": 100000, "max_age": "24h" }
+/// }
+/// ```
+///
+/// Durations are written as `90s`, `30m`, `12h`, `7days` (or combined: `1h 30m`); `off` turns
+/// a rule off. Each setting left out keeps its default (or its flag).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PitwallSection {
+    pub idle_after: Option<Option<Duration>>,
+    pub max_duration: Option<Option<Duration>>,
+    pub data_sources: BTreeMap<String, PolicyOverride>,
+    pub completed_for: Option<Option<Duration>>,
+    pub feed_max_events: Option<u64>,
+    pub feed_max_age: Option<Option<Duration>>,
+}
+
+/// A duration setting: `off`, or a duration such as `30m`.
+pub fn parse_duration_setting(text: &str) -> Result<Option<Duration>, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.is_zero() => Err(format!("'{text}' is zero; write 'off' to turn it off")),
+        Ok(d) => Ok(Some(d)),
+        Err(e) => Err(format!(
+            "'{text}' is not a duration ({e}); write e.g. 90s, 30m, 12h, 7days, or off"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +231,12 @@ pub enum ConfigError {
         "config file {path}: UseRemoteKeyGenerator is true but RemoteKeyGeneratorServiceAddress is empty; give the generator's host:port"
     )]
     NoKeyGeneratorAddress { path: PathBuf },
+    #[error("config file {path}: {setting} {problem}")]
+    Setting {
+        path: PathBuf,
+        setting: String,
+        problem: String,
+    },
     #[error("config file {path}: key '{key}' {problem}")]
     Key {
         path: PathBuf,
@@ -179,6 +288,7 @@ impl AppConfig {
             use_remote_key_generator: keys.bool("UseRemoteKeyGenerator")?,
             remote_key_generator_service_address: keys
                 .string("RemoteKeyGeneratorServiceAddress")?,
+            pitwall: keys.pitwall("Pitwall")?,
             notes: Vec::new(),
         };
         for (key, why) in IGNORED_KEYS {
@@ -225,6 +335,25 @@ impl AppConfig {
                     .collect(),
             ),
         };
+        let section = &self.pitwall;
+        config.auto_end.default = AutoEndPolicy {
+            idle_after: section
+                .idle_after
+                .unwrap_or(config.auto_end.default.idle_after),
+            max_duration: section
+                .max_duration
+                .unwrap_or(config.auto_end.default.max_duration),
+        };
+        config.auto_end.data_sources = section.data_sources.clone();
+        if let Some(retention) = section.completed_for {
+            config.retention = retention;
+        }
+        if let Some(max_events) = section.feed_max_events {
+            config.feed_window.max_events = max_events;
+        }
+        if let Some(max_age) = section.feed_max_age {
+            config.feed_window.max_age = max_age;
+        }
         if self.use_remote_key_generator == Some(true) && config.remote_key_generator.is_none() {
             match self.remote_key_generator_service_address.as_deref() {
                 Some(address) if !address.trim().is_empty() => {
@@ -338,6 +467,74 @@ impl Keys<'_> {
         }
     }
 
+    fn pitwall(&mut self, key: &'static str) -> Result<PitwallSection, ConfigError> {
+        let Some(value) = self.take(key) else {
+            return Ok(PitwallSection::default());
+        };
+        let section = Section {
+            path: self.path,
+            name: key.to_owned(),
+            value: &value,
+        };
+        section.check_keys(&["auto_end", "retention", "feed"])?;
+        let auto_end = section.child("auto_end")?;
+        let retention = section.child("retention")?;
+        let feed = section.child("feed")?;
+        let mut data_sources = BTreeMap::new();
+        if let Some(auto_end) = &auto_end {
+            auto_end.check_keys(&["idle_after", "max_duration", "data_sources"])?;
+            if let Some(sources) = auto_end.child("data_sources")? {
+                for (data_source, _) in sources.object()? {
+                    let policy = sources
+                        .child(data_source)?
+                        .expect("the key was just listed");
+                    policy.check_keys(&["idle_after", "max_duration"])?;
+                    data_sources.insert(
+                        data_source.clone(),
+                        PolicyOverride {
+                            idle_after: policy.duration("idle_after")?,
+                            max_duration: policy.duration("max_duration")?,
+                        },
+                    );
+                }
+            }
+        }
+        if let Some(retention) = &retention {
+            retention.check_keys(&["completed_for"])?;
+        }
+        if let Some(feed) = &feed {
+            feed.check_keys(&["max_events", "max_age"])?;
+        }
+        let feed_max_events = match &feed {
+            Some(feed) => feed.count("max_events")?,
+            None => None,
+        };
+        Ok(PitwallSection {
+            idle_after: auto_end
+                .as_ref()
+                .map(|a| a.duration("idle_after"))
+                .transpose()?
+                .flatten(),
+            max_duration: auto_end
+                .as_ref()
+                .map(|a| a.duration("max_duration"))
+                .transpose()?
+                .flatten(),
+            data_sources,
+            completed_for: retention
+                .as_ref()
+                .map(|r| r.duration("completed_for"))
+                .transpose()?
+                .flatten(),
+            feed_max_events,
+            feed_max_age: feed
+                .as_ref()
+                .map(|f| f.duration("max_age"))
+                .transpose()?
+                .flatten(),
+        })
+    }
+
     fn partition_mappings(
         &mut self,
         key: &'static str,
@@ -366,6 +563,77 @@ impl Keys<'_> {
                 }
             })
             .collect()
+    }
+}
+
+/// A nested object of the `Pitwall` section, named by its dotted path for errors.
+struct Section<'a> {
+    path: &'a Path,
+    name: String,
+    value: &'a Value,
+}
+
+impl<'a> Section<'a> {
+    fn error(&self, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Setting {
+            path: self.path.to_owned(),
+            setting: self.name.clone(),
+            problem: problem.into(),
+        }
+    }
+
+    fn object(&self) -> Result<&'a Map<String, Value>, ConfigError> {
+        self.value
+            .as_object()
+            .ok_or_else(|| self.error(format!("must be an object, not {}", self.value)))
+    }
+
+    fn check_keys(&self, known: &[&str]) -> Result<(), ConfigError> {
+        for key in self.object()?.keys() {
+            if !known.contains(&key.as_str()) {
+                return Err(self.error(format!(
+                    "has an unknown key '{key}'; known keys: {}",
+                    known.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn child(&self, key: &str) -> Result<Option<Section<'a>>, ConfigError> {
+        Ok(self
+            .object()?
+            .get(key)
+            .filter(|v| !v.is_null())
+            .map(|value| Section {
+                path: self.path,
+                name: format!("{}.{key}", self.name),
+                value,
+            }))
+    }
+
+    fn duration(&self, key: &str) -> Result<Option<Option<Duration>>, ConfigError> {
+        let Some(child) = self.child(key)? else {
+            return Ok(None);
+        };
+        match child.value {
+            Value::String(text) => parse_duration_setting(text)
+                .map(Some)
+                .map_err(|e| child.error(e)),
+            other => Err(child.error(format!(
+                "must be a duration string such as \"30m\" or \"off\", not {other}"
+            ))),
+        }
+    }
+
+    fn count(&self, key: &str) -> Result<Option<u64>, ConfigError> {
+        let Some(child) = self.child(key)? else {
+            return Ok(None);
+        };
+        match child.value.as_u64() {
+            Some(n) if n > 0 => Ok(Some(n)),
+            _ => Err(child.error(format!("must be a positive integer, not {}", child.value))),
+        }
     }
 }
 
@@ -464,5 +732,56 @@ mod tests {
             .apply_to(path, &mut Config::default(), false, false)
             .unwrap_err();
         assert!(err.to_string().contains("RemoteKeyGeneratorServiceAddress"));
+    }
+
+    #[test]
+    fn the_pitwall_section_sets_auto_end_retention_and_the_feed_window() {
+        let app = parse(
+            r#"{
+                "Pitwall": {
+                    "auto_end": {
+                        "idle_after": "30m",
+                        "data_sources": {
+                            "Rig1": { "idle_after": "5m", "max_duration": "2h" },
+                            "Car1": { "idle_after": "off" }
+                        }
+                    },
+                    "retention": { "completed_for": "7days" },
+                    "feed": { "max_events": 5000, "max_age": "off" }
+                }
+            }"#,
+        )
+        .unwrap();
+        let mut config = Config::default();
+        app.apply_to(Path::new("AppConfig.json"), &mut config, false, false)
+            .unwrap();
+        let minutes = |m: u64| Some(Duration::from_secs(m * 60));
+        assert_eq!(config.auto_end.policy_for("Other").idle_after, minutes(30));
+        assert_eq!(config.auto_end.policy_for("Other").max_duration, None);
+        assert_eq!(config.auto_end.policy_for("Rig1").idle_after, minutes(5));
+        assert_eq!(
+            config.auto_end.policy_for("Rig1").max_duration,
+            minutes(120)
+        );
+        assert!(config.auto_end.policy_for("Car1").is_off());
+        assert_eq!(config.auto_end.shortest(), minutes(5));
+        assert_eq!(config.retention, Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!(config.feed_window.max_events, 5000);
+        assert_eq!(config.feed_window.max_age, None);
+    }
+
+    #[test]
+    fn a_bad_pitwall_setting_names_its_path() {
+        let error = parse(r#"{"Pitwall": {"auto_end": {"idle_after": "soon"}}}"#).unwrap_err();
+        let message = error.to_string();
+        assert!(message.contains("Pitwall.auto_end.idle_after"), "{message}");
+        assert!(message.contains("'soon'"), "{message}");
+        let error = parse(r#"{"Pitwall": {"retention": {"keep": "1h"}}}"#).unwrap_err();
+        assert!(error.to_string().contains("unknown key 'keep'"), "{error}");
+        let error = parse(r#"{"Pitwall": {"feed": {"max_events": 0}}}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("Pitwall.feed.max_events"),
+            "{error}"
+        );
     }
 }

@@ -7,21 +7,27 @@
 //! producing every record and waiting until this instance's follower has read them back and
 //! applied them. Only then is each caller answered.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pitwall_core::command::{Context, embedded_offsets};
-use pitwall_core::{Command, Decision, Limits, Projection, Record, Rejection, Session};
+use pitwall_core::lifecycle::retention_expired;
+use pitwall_core::{Command, Decision, EventKind, Limits, Projection, Record, Rejection, Session};
+use pitwall_proto::feed::SessionEvent;
 use pitwall_store::EmbeddedStore;
+use pitwall_store::embedded::{Changes, FeedWindow as StoreWindow};
+use prost::Message as _;
 use prost_types::Timestamp;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use crate::apply::SharedProjection;
-use crate::apply::{Applier, read};
+use crate::apply::{Applier, MAX_PURGE_PER_PASS, read};
+use crate::feed::feed_event;
 use crate::kafka_backend::KafkaBackend;
 use crate::metrics::Metrics;
 
@@ -38,6 +44,9 @@ pub enum WriteError {
     ShuttingDown,
 }
 
+/// Files smaller than this are not worth a compaction (which holds up writes while it runs).
+const MIN_COMPACTED_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
 pub(crate) struct Job {
     pub command: Command,
     pub reply: oneshot::Sender<Result<Decision, WriteError>>,
@@ -47,6 +56,14 @@ pub(crate) struct Job {
 #[allow(clippy::large_enum_variant)]
 enum Message {
     Write(Job),
+    /// Retention (embedded store): remove these sessions if they are still expired.
+    Purge {
+        keys: Vec<String>,
+        completed_for: Duration,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Trim the feed to its window even when nothing is written.
+    TrimFeed,
     Stop,
 }
 
@@ -74,7 +91,7 @@ pub struct EngineOptions {
 
 /// Where the writer makes records durable.
 pub enum Backend {
-    Embedded(EmbeddedStore),
+    Embedded(Arc<EmbeddedStore>),
     Kafka(Arc<KafkaBackend>),
 }
 
@@ -92,11 +109,16 @@ impl Engine {
             Backend::Kafka(kafka) => Some(kafka.clone()),
             Backend::Embedded(_) => None,
         };
+        let feed_next = match &backend {
+            Backend::Embedded(store) => store.feed_bounds().map_err(std::io::Error::other)?.next,
+            Backend::Kafka(_) => 0,
+        };
         let state = WriterState {
             backend,
             applier,
             limits: options.limits,
             max_batch: options.max_batch.max(1),
+            feed_next: Cell::new(feed_next),
         };
         let thread = std::thread::Builder::new()
             .name("pitwall-writer".into())
@@ -134,6 +156,35 @@ impl Engine {
         answer.await.unwrap_or(Err(WriteError::ShuttingDown))
     }
 
+    /// Removes sessions whose retention has run out (embedded store; on Kafka the follower
+    /// purges). Returns how many went.
+    pub async fn purge(&self, keys: Vec<String>, completed_for: Duration) -> usize {
+        let (reply, answer) = oneshot::channel();
+        let message = Message::Purge {
+            keys,
+            completed_for,
+            reply,
+        };
+        if self.queue.try_send(message).is_err() {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Asks the writer to trim the feed to its window (a full queue skips this round).
+    pub fn trim_feed(&self) {
+        let _ = self.queue.try_send(Message::TrimFeed);
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether retention is the writer's job (embedded) rather than the follower's (Kafka).
+    pub fn purges_by_time(&self) -> bool {
+        self.kafka.is_none()
+    }
+
     /// The projection for reading. Hold the guard briefly: the writer waits for it.
     pub fn read(&self) -> RwLockReadGuard<'_, Projection> {
         read(&self.projection)
@@ -168,6 +219,8 @@ pub(crate) struct WriterState {
     applier: Applier,
     limits: Limits,
     max_batch: usize,
+    /// The next feed sequence (embedded store).
+    feed_next: Cell<u64>,
 }
 
 /// A decided command waiting for its batch to be durable.
@@ -182,8 +235,13 @@ pub(crate) struct Decided {
     pub pending: Vec<Pending>,
     /// The records to append, in order, with the index of the job each belongs to.
     pub records: Vec<(usize, Record)>,
+    /// Per record, the session after it if it changed anything (embedded store: its feed
+    /// event).
+    pub after: Vec<Option<Session>>,
     /// Sessions as the batch leaves them.
     pub changed: HashMap<String, Session>,
+    /// The time the batch was decided at, which the store records it at.
+    pub now: Timestamp,
 }
 
 impl WriterState {
@@ -194,6 +252,7 @@ impl WriterState {
             match receiver.blocking_recv() {
                 Some(Message::Write(job)) => batch.push(job),
                 Some(Message::Stop) | None => break,
+                Some(other) => self.maintain(other),
             }
             while batch.len() < self.max_batch {
                 match receiver.try_recv() {
@@ -201,6 +260,11 @@ impl WriterState {
                     Ok(Message::Stop) => {
                         stopping = true;
                         break;
+                    }
+                    Ok(other) => {
+                        // Writes queued before it go first, so order is kept.
+                        self.process(&mut batch);
+                        self.maintain(other);
                     }
                     Err(_) => break,
                 }
@@ -232,14 +296,34 @@ impl WriterState {
     }
 
     fn process_embedded(&self, store: &EmbeddedStore, batch: &mut Vec<Job>) {
+        if batch.is_empty() {
+            return;
+        }
         let Decided {
             pending,
             records,
+            after,
             changed,
+            now,
         } = self.decide(batch, &BTreeMap::new(), &HashMap::new());
         if !changed.is_empty() {
+            let mut next = self.feed_next.get();
+            let events: Vec<SessionEvent> = records
+                .iter()
+                .zip(&after)
+                .filter_map(|((_, record), after)| {
+                    let event = feed_event(next, kind_of(record), after.as_ref()?, now);
+                    next += 1;
+                    Some(event)
+                })
+                .collect();
             let started = Instant::now();
-            let committed = store.commit(changed.values());
+            let committed = store.commit(Changes {
+                sessions: changed.values().collect(),
+                purged: Vec::new(),
+                events: encode(&events),
+                window: self.store_window(now),
+            });
             let metrics = &self.applier.metrics;
             metrics
                 .commit_duration
@@ -253,11 +337,118 @@ impl WriterState {
                 }
                 return;
             }
+            self.feed_next.set(next);
             self.applier
-                .apply(records.into_iter().map(|(_, record)| record));
+                .apply(records.into_iter().map(|(_, record)| record), now, next - 1);
+            let first_kept = committed.ok().map(|bounds| bounds.first_kept);
+            self.applier.feed.publish(events, first_kept, now);
         }
         for p in pending {
             let _ = p.reply.send(p.outcome);
+        }
+    }
+
+    /// Work that is not a client's write: retention and feed trimming (embedded store).
+    fn maintain(&self, message: Message) {
+        let Backend::Embedded(store) = &self.backend else {
+            if let Message::Purge { reply, .. } = message {
+                let _ = reply.send(0);
+            }
+            return;
+        };
+        match message {
+            Message::Purge {
+                keys,
+                completed_for,
+                reply,
+            } => {
+                let _ = reply.send(self.purge_embedded(store, &keys, completed_for));
+            }
+            Message::TrimFeed => {
+                let now = now();
+                match store.commit(Changes {
+                    window: self.store_window(now),
+                    ..Default::default()
+                }) {
+                    Ok(bounds) => {
+                        self.applier
+                            .feed
+                            .publish(Vec::new(), Some(bounds.first_kept), now)
+                    }
+                    Err(e) => warn!(error = %e, "trimming the feed failed; it is retried later"),
+                }
+            }
+            Message::Write(_) | Message::Stop => {}
+        }
+    }
+
+    /// Deletes the sessions that are still expired, with their `PURGED` events, in one
+    /// commit; then removes them from the projection.
+    fn purge_embedded(
+        &self,
+        store: &EmbeddedStore,
+        keys: &[String],
+        completed_for: Duration,
+    ) -> usize {
+        let now = now();
+        let first = self.feed_next.get();
+        let (sequences, events): (Vec<u64>, Vec<SessionEvent>) = {
+            let projection = read(&self.applier.projection);
+            keys.iter()
+                .take(MAX_PURGE_PER_PASS)
+                .filter_map(|key| projection.get(key))
+                .filter(|session| retention_expired(session, completed_for, now))
+                .enumerate()
+                .map(|(i, session)| {
+                    let event = feed_event(first + i as u64, EventKind::Purged, session, now);
+                    (session.sequence, event)
+                })
+                .unzip()
+        };
+        if events.is_empty() {
+            return 0;
+        }
+        let purged_keys: Vec<String> = events.iter().map(|e| e.session_key.clone()).collect();
+        let next = first + events.len() as u64;
+        match store.commit(Changes {
+            sessions: Vec::new(),
+            purged: sequences,
+            events: encode(&events),
+            window: self.store_window(now),
+        }) {
+            Ok(bounds) => {
+                self.feed_next.set(next);
+                self.applier.purge(&purged_keys, next - 1);
+                self.applier
+                    .feed
+                    .publish(events, Some(bounds.first_kept), now);
+                let started = Instant::now();
+                match store.compact_if_sparse(MIN_COMPACTED_FILE_BYTES) {
+                    Ok(Some(compacted)) => info!(
+                        before_bytes = compacted.before,
+                        after_bytes = compacted.after,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "store file compacted after retention"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(error = %e, "compacting the store file failed; it stays as large")
+                    }
+                }
+                purged_keys.len()
+            }
+            Err(e) => {
+                error!(error = %e, sessions = purged_keys.len(), "purging failed; retried on the next pass");
+                0
+            }
+        }
+    }
+
+    fn store_window(&self, now: Timestamp) -> StoreWindow {
+        let window = self.applier.feed.window();
+        StoreWindow {
+            max_events: window.max_events,
+            oldest: window.oldest(now),
         }
     }
 
@@ -284,8 +475,12 @@ impl WriterState {
         let mut decided = Decided {
             pending: Vec::with_capacity(batch.len()),
             records: Vec::new(),
+            after: Vec::new(),
             changed: HashMap::new(),
+            now: ctx.now,
         };
+        // Only the embedded store numbers feed events as it writes; Kafka's follower does.
+        let keep_after = matches!(self.backend, Backend::Embedded(_));
         let projection = read(&self.applier.projection);
         let mut next_sequence = projection.next_sequence();
         for (index, job) in batch.drain(..).enumerate() {
@@ -301,10 +496,26 @@ impl WriterState {
                 continue;
             }
             let outcome = job.command.decide(current, &ctx);
-            if let Ok(Decision::Append(record)) = &outcome {
-                let session = next_state(current, record, &mut next_sequence);
-                decided.changed.insert(key, session);
-                decided.records.push((index, record.clone()));
+            if let Ok(decision) = &outcome
+                && !decision.records().is_empty()
+            {
+                let mut state = current.cloned();
+                for record in decision.records() {
+                    let (mut session, changed) = next_state(state, record, &mut next_sequence);
+                    if changed {
+                        // As `Projection::apply` will record it, so stored rows and feed
+                        // events carry it too.
+                        session.last_activity = Some(ctx.now);
+                    }
+                    decided.records.push((index, record.clone()));
+                    decided
+                        .after
+                        .push((keep_after && changed).then(|| session.clone()));
+                    state = Some(session);
+                }
+                if let Some(session) = state {
+                    decided.changed.insert(key, session);
+                }
             }
             decided.pending.push(Pending {
                 reply: job.reply,
@@ -328,8 +539,13 @@ pub(crate) fn data_source_of(command: &Command, current: Option<&Session>) -> Op
     }
 }
 
-/// The session after `record`, as [`Projection::apply`] will leave it.
-fn next_state(current: Option<&Session>, record: &Record, next_sequence: &mut u64) -> Session {
+/// The session after `record`, as [`Projection::apply`] will leave it, and whether the record
+/// changed it.
+fn next_state(
+    current: Option<Session>,
+    record: &Record,
+    next_sequence: &mut u64,
+) -> (Session, bool) {
     match (record, current) {
         (
             Record::NewSession {
@@ -340,24 +556,38 @@ fn next_state(current: Option<&Session>, record: &Record, next_sequence: &mut u6
         ) => {
             let session = Session::start(session_key, *next_sequence, packet);
             *next_sequence += 1;
-            session
+            (session, true)
         }
-        (Record::SessionInfo { packet, .. }, Some(current)) => {
-            let mut session = current.clone();
-            session.merge(packet);
-            session
+        (Record::SessionInfo { packet, .. }, Some(mut session)) => {
+            let changed = session.merge(packet);
+            (session, changed)
         }
-        (Record::EndOfSession { packet, .. }, Some(current)) => {
-            let mut session = current.clone();
-            session.complete(packet);
-            session
+        (Record::EndOfSession { packet, .. }, Some(mut session)) => {
+            let changed = session.complete(packet);
+            (session, changed)
         }
         // `decide` only appends updates for sessions it found.
         (_, None) => unreachable!("an update record for a session that does not exist"),
     }
 }
 
-fn now() -> Timestamp {
+/// The feed event kind of a record that changed its session.
+fn kind_of(record: &Record) -> EventKind {
+    match record {
+        Record::NewSession { .. } => EventKind::Started,
+        Record::SessionInfo { .. } => EventKind::Updated,
+        Record::EndOfSession { .. } => EventKind::Ended,
+    }
+}
+
+fn encode(events: &[SessionEvent]) -> Vec<(u64, Vec<u8>)> {
+    events
+        .iter()
+        .map(|event| (event.sequence, event.encode_to_vec()))
+        .collect()
+}
+
+pub(crate) fn now() -> Timestamp {
     let since_epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

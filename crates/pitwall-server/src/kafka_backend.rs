@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 use pitwall_core::{Decision, Record};
 use pitwall_proto::open_data::SessionInfoPacket;
 use pitwall_store::kafka::{Follower, KafkaLog, KafkaOptions, KafkaStoreError, StreamLayout};
+use prost_types::Timestamp;
 use tracing::{info, warn};
 
-use crate::apply::{Applier, read};
-use crate::engine::{Decided, Job, WriteError, WriterState, data_source_of};
+use crate::apply::{Applier, RetentionClock, read};
+use crate::engine::{Decided, Job, WriteError, WriterState, data_source_of, now};
 use crate::shutdown::Shutdown;
 
 /// Times a writer re-appends associates that a concurrent update dropped before giving up.
@@ -142,8 +143,10 @@ fn follow(
     applier: Applier,
     applied: Arc<AppliedOffsets>,
     stop: Arc<AtomicBool>,
+    retention: Option<Duration>,
 ) {
     let mut last_error: Option<String> = None;
+    let mut retention = retention.map(RetentionClock::new);
     while !stop.load(Ordering::Acquire) {
         let consumed = match follower.poll(POLL_INTERVAL) {
             None => continue,
@@ -178,15 +181,30 @@ fn follow(
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
-        match consumed.record {
-            Ok(record) => applier.apply([record]),
-            Err(e) => warn!(
-                partition = consumed.partition,
-                offset = consumed.offset,
-                error = %e,
-                "skipping a message of the session topic that is not a session record"
-            ),
-        }
+        // Log time: the producer's timestamp, so every instance (and every replay) sees the
+        // same times for the same records.
+        let at = consumed
+            .timestamp_ms
+            .map(|ms| Timestamp {
+                seconds: ms.div_euclid(1000),
+                nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+            })
+            .unwrap_or_else(now);
+        let record = match consumed.record {
+            Ok(record) => Some(record),
+            Err(e) => {
+                warn!(
+                    partition = consumed.partition,
+                    offset = consumed.offset,
+                    error = %e,
+                    "skipping a message of the session topic that is not a session record"
+                );
+                None
+            }
+        };
+        // The feed sequence is the offset plus one (0 means "from now").
+        let sequence = consumed.offset as u64 + 1;
+        applier.apply_logged(record, at, sequence, retention.as_mut());
         applied.advance(consumed.partition, consumed.offset, dropped);
     }
 }
@@ -207,6 +225,7 @@ impl KafkaBackend {
         options: KafkaOptions,
         layout: StreamLayout,
         applier: Applier,
+        retention: Option<Duration>,
         shutdown: &Shutdown,
     ) -> Result<Option<(Arc<KafkaBackend>, FollowerThread)>, KafkaStoreError> {
         let timeout = options.timeout;
@@ -234,6 +253,14 @@ impl KafkaBackend {
             records,
             "replaying the session topic"
         );
+        if ends.len() > 1 {
+            applier.feed.disable(format!(
+                "the session topic {} has {} partitions; feed sequences are offsets, which order \
+                 records only within one partition",
+                options.topic,
+                ends.len()
+            ));
+        }
         let follower = log.follower()?;
         let applied = Arc::new(AppliedOffsets::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -241,7 +268,7 @@ impl KafkaBackend {
             let (applied, stop) = (applied.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("pitwall-follower".into())
-                .spawn(move || follow(follower, applier, applied, stop))
+                .spawn(move || follow(follower, applier, applied, stop, retention))
                 .map_err(|e| KafkaStoreError::Consume(rdkafka_io_error(e)))?
         };
         let follower_thread = FollowerThread {
@@ -307,7 +334,14 @@ impl KafkaBackend {
                     })
                     .and_then(|(partition, offset)| self.settle(writer, record, partition, offset));
                 match settled {
-                    Ok(Some(decision)) => pending[index].outcome = Ok(decision),
+                    // An end answers with the session's first end; an auto-end keeps its own
+                    // outcome (its caller only needs to know it was done).
+                    Ok(Some(decision))
+                        if matches!(pending[index].outcome, Ok(Decision::Append(_))) =>
+                    {
+                        pending[index].outcome = Ok(decision)
+                    }
+                    Ok(Some(_)) => {}
                     Ok(None) => {}
                     Err(e) => pending[index].outcome = Err(e),
                 }

@@ -5,7 +5,10 @@
 //!   [`apply`]: records into the projection, then notifications; [`kafka_backend`]: the
 //!   follower of the Kafka topic and the Kafka write path.
 //! - [`notify`]: start/stop subscribers per data source, bounded queues, cut-off of laggards.
+//! - [`feed`]: the session feed: sequenced events, the kept window, resumable watchers.
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
+//! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree.
+//! - [`sweeper`]: the background pass that auto-ends abandoned sessions and purges expired ones.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
 //! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
@@ -22,6 +25,8 @@ pub mod apply;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod feed;
+pub mod feed_service;
 pub mod grpc_status;
 pub mod kafka_backend;
 pub mod keys;
@@ -30,6 +35,7 @@ pub mod notify;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod sweeper;
 pub mod tls;
 
 pub use config::{AppConfig, Config};

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets from 50 µs to 5 s: a durable commit is a few fsyncs, a read microseconds.
@@ -37,6 +37,13 @@ pub struct Metrics {
     pub subscribers_cut_off: IntCounterVec,
     /// 1 while the Kafka broker answers (Kafka store only).
     pub broker_up: IntGauge,
+    pub feed_events: IntCounter,
+    pub feed_watchers: IntGauge,
+    pub feed_watchers_cut_off: IntCounter,
+    pub feed_first_kept: IntGauge,
+    pub feed_head: IntGauge,
+    pub sessions_auto_ended: IntCounterVec,
+    pub sessions_purged: IntCounter,
 }
 
 impl Metrics {
@@ -122,6 +129,39 @@ impl Metrics {
             "1 while the Kafka broker answers metadata requests (Kafka store only)",
         )
         .expect("valid metric");
+        let feed_events = IntCounter::new(
+            "pitwall_feed_events_total",
+            "Session events published to the feed",
+        )
+        .expect("valid metric");
+        let feed_watchers =
+            IntGauge::new("pitwall_feed_watchers", "Open SessionFeed.Watch streams")
+                .expect("valid metric");
+        let feed_watchers_cut_off = IntCounter::new(
+            "pitwall_feed_watchers_cut_off_total",
+            "Watch streams ended because the watcher fell too far behind (it resumes from history)",
+        )
+        .expect("valid metric");
+        let feed_first_kept = IntGauge::new(
+            "pitwall_feed_first_sequence",
+            "Oldest feed sequence still kept: watchers can resume from one before it",
+        )
+        .expect("valid metric");
+        let feed_head = IntGauge::new("pitwall_feed_sequence", "Newest feed sequence published")
+            .expect("valid metric");
+        let sessions_auto_ended = IntCounterVec::new(
+            Opts::new(
+                "pitwall_sessions_auto_ended_total",
+                "Sessions ended by auto-end, by reason (idle, max_duration)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let sessions_purged = IntCounter::new(
+            "pitwall_sessions_purged_total",
+            "Completed sessions removed by retention",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(sessions_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(sessions.clone()),
@@ -134,6 +174,13 @@ impl Metrics {
             Box::new(notifications_sent.clone()),
             Box::new(subscribers_cut_off.clone()),
             Box::new(broker_up.clone()),
+            Box::new(feed_events.clone()),
+            Box::new(feed_watchers.clone()),
+            Box::new(feed_watchers_cut_off.clone()),
+            Box::new(feed_first_kept.clone()),
+            Box::new(feed_head.clone()),
+            Box::new(sessions_auto_ended.clone()),
+            Box::new(sessions_purged.clone()),
         ] {
             registry
                 .register(collector)
@@ -152,6 +199,13 @@ impl Metrics {
             notifications_sent,
             subscribers_cut_off,
             broker_up,
+            feed_events,
+            feed_watchers,
+            feed_watchers_cut_off,
+            feed_first_kept,
+            feed_head,
+            sessions_auto_ended,
+            sessions_purged,
         }
     }
 
@@ -165,7 +219,16 @@ impl Metrics {
     }
 
     /// Sets the per-data-source session gauges.
+    /// A data source without sessions (all purged) leaves the exposition.
     pub fn set_session_counts(&self, data_source: &str, total: usize, completed: usize) {
+        if total == 0 {
+            let _ = self.sessions_total.remove_label_values(&[data_source]);
+            let _ = self.sessions.remove_label_values(&[data_source, "live"]);
+            let _ = self
+                .sessions
+                .remove_label_values(&[data_source, "completed"]);
+            return;
+        }
         self.sessions_total
             .with_label_values(&[data_source])
             .set(total as i64);

@@ -36,7 +36,7 @@ impl Kind {
         match event {
             EventKind::Started => Some(Kind::Start),
             EventKind::Ended => Some(Kind::Stop),
-            EventKind::Updated => None,
+            EventKind::Updated | EventKind::Purged => None,
         }
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use pitwall_core::Projection;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
+use pitwall_proto::feed::session_feed_server::SessionFeedServer;
 use pitwall_store::embedded::EmbeddedOptions;
 use pitwall_store::kafka::{KafkaOptions, KafkaStoreError};
 use pitwall_store::{EmbeddedStore, StoreError};
@@ -33,6 +34,8 @@ use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::config::{Config, StoreConfig};
 use crate::engine::{Backend, Engine, EngineOptions};
+use crate::feed::Feed;
+use crate::feed_service::FeedService;
 use crate::grpc_status::oversize_as_resource_exhausted;
 use crate::kafka_backend::KafkaBackend;
 use crate::keys::KeySource;
@@ -40,11 +43,16 @@ use crate::metrics::Metrics;
 use crate::notify::Hub;
 use crate::service::SessionService;
 use crate::shutdown::Shutdown;
+use crate::sweeper::Sweeper;
 use crate::tls::{AdminListener, Tls};
 
 /// Name of the session service in gRPC health checks and reflection.
 pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementService";
+/// Name of Pitwall's own feed service in gRPC health checks and reflection.
+pub const FEED_SERVICE_NAME: &str = "pitwall.v1.SessionFeed";
 const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
+/// Health names that follow the store: the server as a whole and both session services.
+const STORE_HEALTH_NAMES: [&str; 3] = ["", SESSION_SERVICE_NAME, FEED_SERVICE_NAME];
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -92,6 +100,7 @@ pub struct Launched {
     addrs: Addrs,
     metrics: Metrics,
     hub: Arc<Hub>,
+    feed: Arc<Feed>,
     engine: Arc<OnceLock<Engine>>,
     access: Access,
     tls: bool,
@@ -190,9 +199,10 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let shutdown = Shutdown::new();
     let readiness = Readiness::default();
     let hub = Hub::new(config.subscriber_queue, metrics.clone());
+    let feed = Feed::new(config.feed_window, config.subscriber_queue, metrics.clone());
     let engine = Arc::new(OnceLock::new());
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["", SESSION_SERVICE_NAME] {
+    for name in STORE_HEALTH_NAMES {
         health
             .set_service_status(name, ServingStatus::NotServing)
             .await;
@@ -201,6 +211,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(SESSION_SERVICE_NAME)
+        .with_service_name(FEED_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
@@ -208,6 +219,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         .register_encoded_file_descriptor_set(pitwall_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(SESSION_SERVICE_NAME)
+        .with_service_name(FEED_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
@@ -229,6 +241,15 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let feed_service = SessionFeedServer::new(FeedService::new(
+        engine.clone(),
+        feed.clone(),
+        metrics.clone(),
+        config.max_message_bytes,
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
     let router = tonic::transport::Server::builder()
         .layer(
             ServiceBuilder::new()
@@ -238,6 +259,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
                 }),
         )
         .add_service(sessions)
+        .add_service(feed_service)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -296,6 +318,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         addrs,
         metrics,
         hub,
+        feed,
         engine,
         access,
         tls: tls.is_some(),
@@ -333,17 +356,22 @@ impl Launched {
         let applier = Applier {
             projection: Arc::new(RwLock::new(Projection::default())),
             hub: self.hub.clone(),
+            feed: self.feed.clone(),
             metrics: self.metrics.clone(),
         };
         let (backend, follower) = match (self.store.take(), &self.config.store) {
             (Some(store), _) => {
                 let projection = applier.projection.clone();
+                let feed = self.feed.clone();
                 let store = tokio::task::spawn_blocking(move || {
                     // Nothing reads the projection before startup finishes; the lock is
                     // uncontended.
                     let mut projection = projection.write().unwrap_or_else(|e| e.into_inner());
                     projection.reserve(store.len()? as usize);
                     store.load(|session| projection.restore(session))?;
+                    let store = Arc::new(store);
+                    feed.use_disk(store.clone())?;
+                    projection.set_position(feed.head());
                     drop(projection);
                     Ok::<_, StoreError>(store)
                 })
@@ -364,9 +392,10 @@ impl Launched {
                     timeout: *timeout,
                 };
                 let layout = self.config.stream_layout.clone();
+                let retention = self.config.retention;
                 let (applier, shutdown) = (applier.clone(), self.shutdown.clone());
                 let started = tokio::task::spawn_blocking(move || {
-                    KafkaBackend::start(options, layout, applier, &shutdown)
+                    KafkaBackend::start(options, layout, applier, retention, &shutdown)
                 })
                 .await??;
                 let Some((kafka, follower)) = started else {
@@ -405,9 +434,15 @@ impl Launched {
             },
         )
         .map_err(StartError::Writer)?;
+        let sweeper = Sweeper::start(
+            engine.clone(),
+            self.config.auto_end.clone(),
+            self.config.retention,
+            self.shutdown.clone(),
+        );
         // Only `finish` sets it, once.
         let _ = self.engine.set(engine);
-        for name in ["", SESSION_SERVICE_NAME] {
+        for name in STORE_HEALTH_NAMES {
             self.health
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
@@ -454,6 +489,7 @@ impl Launched {
         let health = self.health.clone();
         let readiness = self.readiness.clone();
         let hub = self.hub.clone();
+        let feed = self.feed.clone();
         let grpc_task = self.grpc_task.take().expect("finish runs once");
         let admin_task = self.admin_task.take().expect("finish runs once");
         let done = tokio::spawn(async move {
@@ -461,12 +497,13 @@ impl Launched {
             let began = Instant::now();
             info!("shutting down: no new connections, ending notification streams");
             readiness.set(false);
-            for name in ["", SESSION_SERVICE_NAME] {
+            for name in STORE_HEALTH_NAMES {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
             hub.close();
+            feed.close();
             // In-flight requests finish; a stream that does not end by itself (a health Watch)
             // is cut when the grace period is over, so it cannot hold the process open.
             let abort = grpc_task.abort_handle();
@@ -481,6 +518,7 @@ impl Launched {
                     Ok(Ok(()))
                 }
             };
+            sweeper.stop().await;
             // The writer finishes what is queued, then closes the store.
             writer.stop().await;
             if let Some(follower) = follower {

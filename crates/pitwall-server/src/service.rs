@@ -284,7 +284,12 @@ impl SessionManagementService for SessionService {
         let data_source = request.into_inner().data_source;
         let result = self.check_enabled("").and_then(|()| {
             Ok(GetCurrentSessionsResponse {
-                session_keys: self.engine()?.read().keys_of(&data_source).to_vec(),
+                session_keys: self
+                    .engine()?
+                    .read()
+                    .keys_of(&data_source)
+                    .cloned()
+                    .collect(),
                 success: true,
             })
         });
@@ -407,7 +412,7 @@ fn unexpected(method: &str, decision: &Decision) -> Failure {
     )))
 }
 
-fn status_label(code: Code) -> &'static str {
+pub(crate) fn status_label(code: Code) -> &'static str {
     match code {
         Code::Unavailable => "unavailable",
         Code::ResourceExhausted => "resource_exhausted",

@@ -7,10 +7,20 @@
 //! creation sequence: new sessions append to the end of the B-tree instead of dirtying a random
 //! page each (as random UUID keys would), and reading the table in key order is creation
 //! order, which listings need.
+//!
+//! Beside the sessions, the same commits keep the feed: every change as an encoded
+//! `pitwall.v1.SessionEvent` keyed by its sequence, trimmed from the front to a window of count
+//! and age, and the first sequence still kept. A batch's sessions, removals and events are one
+//! transaction, so the feed never disagrees with the sessions after a crash.
 
 use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use pitwall_core::Session;
+use pitwall_core::lifecycle::order;
+use pitwall_proto::feed::SessionEvent;
+use prost::Message;
+use prost_types::Timestamp;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
@@ -19,6 +29,19 @@ use thiserror::Error;
 
 /// Creation sequence → encoded [`Session`].
 const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions_by_sequence");
+
+/// Feed sequence → encoded `pitwall.v1.SessionEvent`.
+const FEED_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("feed_events");
+
+/// Small facts about the feed; [`FIRST_KEPT`] is the only one.
+const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("feed_meta");
+
+/// The oldest sequence still kept (everything before it was trimmed).
+const FIRST_KEPT: &str = "first_kept";
+
+/// Events one commit trims at most, so catching up with a lowered window spreads over
+/// several commits instead of stalling one.
+const MAX_TRIM_PER_COMMIT: usize = 10_000;
 
 /// The file inside the data directory.
 pub const DATABASE_FILE: &str = "pitwall.redb";
@@ -47,6 +70,13 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Storage(#[from] redb::Error),
+    #[error("compaction failed: {0}")]
+    Compaction(#[from] redb::CompactionError),
+    #[error("cannot read the size of {path}: {source}")]
+    Size {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 macro_rules! storage_error_from {
@@ -81,10 +111,55 @@ impl Default for EmbeddedOptions {
     }
 }
 
+/// Everything one commit changes.
+#[derive(Default)]
+pub struct Changes<'a> {
+    /// Sessions to write as they now are.
+    pub sessions: Vec<&'a Session>,
+    /// Creation sequences of sessions to delete (retention).
+    pub purged: Vec<u64>,
+    /// Feed events, as (sequence, encoded `SessionEvent`), in sequence order.
+    pub events: Vec<(u64, Vec<u8>)>,
+    /// The window the feed is trimmed to.
+    pub window: FeedWindow,
+}
+
+/// How much of the feed is kept: at most `max_events`, none recorded before `oldest`.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedWindow {
+    pub max_events: u64,
+    pub oldest: Option<Timestamp>,
+}
+
+impl Default for FeedWindow {
+    fn default() -> Self {
+        FeedWindow {
+            max_events: u64::MAX,
+            oldest: None,
+        }
+    }
+}
+
+/// The feed's extent: sequences `first_kept..next` are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedBounds {
+    pub first_kept: u64,
+    pub next: u64,
+}
+
 /// An open embedded store. The database file is locked for as long as this value lives.
 pub struct EmbeddedStore {
-    db: Database,
+    /// Shared by every transaction (redb serialises writers itself); taken exclusively only to
+    /// compact the file, which needs no transaction open.
+    db: RwLock<Database>,
     path: PathBuf,
+}
+
+/// The database file's size before and after a compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub before: u64,
+    pub after: u64,
 }
 
 impl EmbeddedStore {
@@ -108,13 +183,18 @@ impl EmbeddedStore {
             })?;
         let txn = db.begin_write()?;
         txn.open_table(SESSIONS)?;
+        txn.open_table(FEED_EVENTS)?;
+        txn.open_table(FEED_META)?;
         txn.commit()?;
-        Ok(EmbeddedStore { db, path })
+        Ok(EmbeddedStore {
+            db: RwLock::new(db),
+            path,
+        })
     }
 
     /// How many sessions are stored.
     pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         Ok(txn.open_table(SESSIONS)?.len()?)
     }
 
@@ -124,7 +204,7 @@ impl EmbeddedStore {
 
     /// Hands every stored session to `restore`, in creation order, without holding them all.
     pub fn load(&self, mut restore: impl FnMut(Session)) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let table = txn.open_table(SESSIONS)?;
         let mut count = 0;
         for row in table.iter()? {
@@ -140,28 +220,154 @@ impl EmbeddedStore {
         Ok(count)
     }
 
-    /// Writes the sessions in one transaction and returns once it is durable on disk (fsync'd).
-    pub fn commit<'a>(
-        &self,
-        sessions: impl IntoIterator<Item = &'a Session>,
-    ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+    /// Writes the changes in one transaction and returns once it is durable on disk (fsync'd),
+    /// with the feed's extent after it.
+    pub fn commit(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
+        let mut txn = self.db().begin_write()?;
         // Makes recovery after a crash read the allocator state instead of walking every page,
         // so restart time after `kill -9` stays flat as the store grows.
         txn.set_quick_repair(true);
-        {
-            let mut table = txn.open_table(SESSIONS)?;
-            for session in sessions {
-                table.insert(session.sequence, session.encode().as_slice())?;
+        let bounds = {
+            let mut sessions = txn.open_table(SESSIONS)?;
+            for session in changes.sessions {
+                sessions.insert(session.sequence, session.encode().as_slice())?;
             }
-        }
+            for sequence in changes.purged {
+                sessions.remove(sequence)?;
+            }
+            let mut events = txn.open_table(FEED_EVENTS)?;
+            for (sequence, event) in &changes.events {
+                events.insert(*sequence, event.as_slice())?;
+            }
+            let mut meta = txn.open_table(FEED_META)?;
+            let before = bounds_of(&events, &meta)?;
+            trim(&mut events, changes.window)?;
+            let first_kept = match events.first()? {
+                Some((sequence, _)) => sequence.value(),
+                None => before.next,
+            };
+            if first_kept != before.first_kept {
+                meta.insert(FIRST_KEPT, first_kept)?;
+            }
+            FeedBounds {
+                first_kept,
+                next: before.next,
+            }
+        };
         txn.commit()?;
-        Ok(())
+        Ok(bounds)
+    }
+
+    /// The feed's extent as stored.
+    pub fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
+        let txn = self.db().begin_read()?;
+        bounds_of(&txn.open_table(FEED_EVENTS)?, &txn.open_table(FEED_META)?)
+    }
+
+    /// Up to `limit` stored events after sequence `after`, in order.
+    pub fn events_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_table(FEED_EVENTS)?;
+        let mut events = Vec::new();
+        for row in table.range(after.saturating_add(1)..)?.take(limit) {
+            let (sequence, event) = row?;
+            events.push((sequence.value(), event.value().to_vec()));
+        }
+        Ok(events)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Shrinks the file when less than half of it is in use and it is larger than
+    /// `min_file_bytes` (after retention removed many sessions). Transactions wait while it
+    /// runs, so the caller does it rarely: only after removals.
+    pub fn compact_if_sparse(&self, min_file_bytes: u64) -> Result<Option<Compacted>, StoreError> {
+        let before = self.file_bytes()?;
+        if before < min_file_bytes {
+            return Ok(None);
+        }
+        // Pages freed by a commit are released by the next one: make that happen first so
+        // the count below is what is really in use.
+        for _ in 0..2 {
+            self.db().begin_write()?.commit()?;
+        }
+        let used = {
+            let txn = self.db().begin_write()?;
+            let stats = txn.stats()?;
+            txn.abort()?;
+            stats.allocated_pages() * stats.page_size() as u64
+        };
+        if used.saturating_mul(2) > before {
+            return Ok(None);
+        }
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        while db.compact()? {}
+        drop(db);
+        Ok(Some(Compacted {
+            before,
+            after: self.file_bytes()?,
+        }))
+    }
+
+    fn file_bytes(&self) -> Result<u64, StoreError> {
+        std::fs::metadata(&self.path)
+            .map(|m| m.len())
+            .map_err(|source| StoreError::Size {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    // A panic while holding the lock can only come from inside redb, which leaves the database
+    // as its last commit; going on is safe.
+    fn db(&self) -> RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Stored events are `first_kept..next`; an empty feed starts at 1 (0 means "from now").
+fn bounds_of(
+    events: &impl ReadableTable<u64, &'static [u8]>,
+    meta: &impl ReadableTable<&'static str, u64>,
+) -> Result<FeedBounds, StoreError> {
+    let first_kept = meta.get(FIRST_KEPT)?.map(|v| v.value()).unwrap_or(1);
+    let next = match events.last()? {
+        Some((sequence, _)) => sequence.value() + 1,
+        None => first_kept,
+    };
+    Ok(FeedBounds { first_kept, next })
+}
+
+/// Drops events from the front beyond the window's count, and those recorded before its
+/// oldest time, at most [`MAX_TRIM_PER_COMMIT`].
+fn trim(events: &mut redb::Table<u64, &[u8]>, window: FeedWindow) -> Result<(), StoreError> {
+    let mut excess = events.len()?.saturating_sub(window.max_events);
+    for _ in 0..MAX_TRIM_PER_COMMIT {
+        let expired = |bytes: &[u8]| {
+            window.oldest.is_some_and(|oldest| {
+                SessionEvent::decode(bytes)
+                    .ok()
+                    .and_then(|event| event.time)
+                    .is_none_or(|time| order(time) < order(oldest))
+            })
+        };
+        let drop_first = match events.first()? {
+            Some((_, event)) => excess > 0 || expired(event.value()),
+            None => false,
+        };
+        if !drop_first {
+            break;
+        }
+        events.pop_first()?;
+        excess = excess.saturating_sub(1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -181,6 +387,106 @@ mod tests {
         )
     }
 
+    fn sessions<'a>(sessions: impl IntoIterator<Item = &'a Session>) -> Changes<'a> {
+        Changes {
+            sessions: sessions.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    fn event(sequence: u64, seconds: i64) -> (u64, Vec<u8>) {
+        let event = SessionEvent {
+            sequence,
+            time: Some(Timestamp { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        (sequence, event.encode_to_vec())
+    }
+
+    #[test]
+    fn purged_sessions_are_gone_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions::default();
+        {
+            let store = EmbeddedStore::open(dir.path(), &options).unwrap();
+            let (a, b) = (session("a", 0), session("b", 1));
+            store.commit(sessions([&a, &b])).unwrap();
+            store
+                .commit(Changes {
+                    purged: vec![0],
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(dir.path(), &options).unwrap();
+        let mut loaded = Vec::new();
+        store.load(|s| loaded.push(s.key)).unwrap();
+        assert_eq!(loaded, ["b"]);
+    }
+
+    #[test]
+    fn the_feed_keeps_its_window_and_says_where_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions::default();
+        let store = EmbeddedStore::open(dir.path(), &options).unwrap();
+        assert_eq!(
+            store.feed_bounds().unwrap(),
+            FeedBounds {
+                first_kept: 1,
+                next: 1
+            }
+        );
+        let window = FeedWindow {
+            max_events: 3,
+            oldest: None,
+        };
+        let bounds = store
+            .commit(Changes {
+                events: (1..=5).map(|s| event(s, s as i64)).collect(),
+                window,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            bounds,
+            FeedBounds {
+                first_kept: 3,
+                next: 6
+            }
+        );
+        let kept: Vec<u64> = store
+            .events_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(kept, [3, 4, 5]);
+        // By age: events recorded before second 5 go.
+        let bounds = store
+            .commit(Changes {
+                window: FeedWindow {
+                    max_events: 3,
+                    oldest: Some(Timestamp {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                },
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(bounds.first_kept, 5);
+        drop(store);
+        let store = EmbeddedStore::open(dir.path(), &options).unwrap();
+        assert_eq!(
+            store.feed_bounds().unwrap(),
+            FeedBounds {
+                first_kept: 5,
+                next: 6
+            }
+        );
+        assert_eq!(store.events_after(5, 10).unwrap(), Vec::new());
+    }
+
     #[test]
     fn committed_sessions_load_back_in_creation_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -188,10 +494,10 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path(), &options).unwrap();
             let (b, a) = (session("b", 0), session("a", 1));
-            store.commit([&b, &a]).unwrap();
+            store.commit(sessions([&b, &a])).unwrap();
             let mut b2 = b.clone();
             b2.identifier = "changed".into();
-            store.commit([&b2]).unwrap();
+            store.commit(sessions([&b2])).unwrap();
         }
         let store = EmbeddedStore::open(dir.path(), &options).unwrap();
         let mut loaded = Vec::new();

@@ -74,6 +74,8 @@ pub struct KafkaLog {
 pub struct Consumed {
     pub partition: i32,
     pub offset: i64,
+    /// The message's timestamp (milliseconds since the epoch), when it has one.
+    pub timestamp_ms: Option<i64>,
     pub record: Result<Record, RecordDecodeError>,
 }
 
@@ -427,6 +429,7 @@ impl Follower {
         Some(Ok(Consumed {
             partition: message.partition(),
             offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
             record,
         }))
     }

@@ -94,16 +94,43 @@ pub enum SessionCommand {
         #[arg(long = "associate")]
         associates: Vec<String>,
     },
-    /// List the sessions of a data source, oldest first.
+    /// List sessions, oldest first: every session, or those matching every filter given.
     List {
-        #[arg(long)]
-        data_source: String,
+        /// Only this data source; repeat for several [default: every data source].
+        #[arg(long = "data-source", value_name = "DATA_SOURCE")]
+        data_sources: Vec<String>,
+        /// Only identifiers matching this shell-style pattern (`*`, `?`, `[abc]`).
+        #[arg(long, value_name = "GLOB")]
+        identifier: Option<String>,
+        /// Only sessions with this detail, as key=value; repeat for more (all must hold).
+        #[arg(long = "detail", value_name = "KEY=VALUE", value_parser = values::parse_detail)]
+        details: Vec<(String, String)>,
+        /// Only sessions created at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = values::parse_time)]
+        created_after: Option<prost_types::Timestamp>,
+        /// Only sessions created before this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = values::parse_time)]
+        created_before: Option<prost_types::Timestamp>,
+        /// Only sessions that ended at or after this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = values::parse_time)]
+        ended_after: Option<prost_types::Timestamp>,
+        /// Only sessions that ended before this RFC 3339 time.
+        #[arg(long, value_name = "TIME", value_parser = values::parse_time)]
+        ended_before: Option<prost_types::Timestamp>,
         /// Only sessions that have not ended.
         #[arg(long, conflicts_with = "complete")]
         live: bool,
         /// Only sessions that have ended.
         #[arg(long)]
         complete: bool,
+    },
+    /// Show a session with its associates (children) and the sessions naming it as an
+    /// associate (parents), each followed recursively.
+    Tree {
+        session_key: String,
+        /// Levels to follow in each direction [default: as deep as the server allows].
+        #[arg(long, value_name = "N")]
+        depth: Option<u32>,
     },
     /// Show everything about one session.
     Get { session_key: String },
@@ -128,10 +155,19 @@ pub enum SessionCommand {
         #[arg(long, value_parser = values::parse_time)]
         at: Option<prost_types::Timestamp>,
     },
-    /// Print sessions of a data source starting and stopping, until Ctrl-C.
+    /// Print sessions of a data source starting and stopping, until Ctrl-C. With --all or
+    /// --from, print every change (started, updated, ended, purged) with its sequence number.
     Watch {
+        /// The data source to watch (required unless --all).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        data_source: Option<String>,
+        /// Every data source.
         #[arg(long)]
-        data_source: String,
+        all: bool,
+        /// Replay the changes after this sequence number first, then follow [default: follow
+        /// from now].
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
     },
 }
 
@@ -227,8 +263,36 @@ pub struct ServeArgs {
     /// How long shutdown waits for open requests and streams before closing them, in seconds.
     #[arg(long, env = "PITWALL_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
+    /// End a live session after this long without a create, update or end (e.g. 30m; off)
+    /// [default: off, or Pitwall.auto_end.idle_after from --config].
+    #[arg(long, env = "PITWALL_AUTO_END_IDLE_AFTER", value_parser = parse_setting)]
+    pub auto_end_idle_after: Option<DurationSetting>,
+    /// End a live session this long after its creation (e.g. 12h; off) [default: off, or
+    /// Pitwall.auto_end.max_duration from --config].
+    #[arg(long, env = "PITWALL_AUTO_END_MAX_DURATION", value_parser = parse_setting)]
+    pub auto_end_max_duration: Option<DurationSetting>,
+    /// Remove completed sessions this long after they ended (e.g. 30days; off) [default: off,
+    /// or Pitwall.retention.completed_for from --config].
+    #[arg(long, env = "PITWALL_RETENTION_COMPLETED_FOR", value_parser = parse_setting)]
+    pub retention_completed_for: Option<DurationSetting>,
+    /// Feed events kept for watchers to resume from [default: 100000, or
+    /// Pitwall.feed.max_events from --config].
+    #[arg(long, env = "PITWALL_FEED_MAX_EVENTS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub feed_max_events: Option<u64>,
+    /// Age after which feed events are dropped (e.g. 24h; off) [default: 24h, or
+    /// Pitwall.feed.max_age from --config].
+    #[arg(long, env = "PITWALL_FEED_MAX_AGE", value_parser = parse_setting)]
+    pub feed_max_age: Option<DurationSetting>,
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// A duration setting on the command line: a duration such as `30m`, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationSetting(pub Option<std::time::Duration>);
+
+fn parse_setting(text: &str) -> Result<DurationSetting, String> {
+    pitwall_server::config::parse_duration_setting(text).map(DurationSetting)
 }
 
 /// Limits on session content (inclusive).

@@ -41,10 +41,18 @@ pub fn fields(pairs: &[(&str, String)]) {
 
 /// Prints one JSON value on one line.
 pub fn json(value: &Value) {
-    let _ = writeln!(std::io::stdout().lock(), "{value}");
+    let _ = line(&value.to_string());
 }
 
 /// Prints one line of text.
-pub fn text(line: &str) {
-    let _ = writeln!(std::io::stdout().lock(), "{line}");
+pub fn text(text: &str) {
+    let _ = line(text);
+}
+
+/// Prints one line and flushes it at once (a reader may be waiting for it); fails when nobody
+/// reads standard output any more.
+pub fn line(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
 }

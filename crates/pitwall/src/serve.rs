@@ -98,6 +98,9 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             _ => None,
         },
         auth_tokens: args.auth_tokens.clone(),
+        auto_end: defaults.auto_end.clone(),
+        retention: defaults.retention,
+        feed_window: defaults.feed_window,
     };
     let app = match &args.config {
         Some(path) => Some((path, AppConfig::load(path)?)),
@@ -110,6 +113,22 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             args.listen.is_some(),
             args.metrics_listen.is_some(),
         )?;
+    }
+    // Flags and variables win over the config file's Pitwall section.
+    if let Some(setting) = args.auto_end_idle_after {
+        config.auto_end.default.idle_after = setting.0;
+    }
+    if let Some(setting) = args.auto_end_max_duration {
+        config.auto_end.default.max_duration = setting.0;
+    }
+    if let Some(setting) = args.retention_completed_for {
+        config.retention = setting.0;
+    }
+    if let Some(max_events) = args.feed_max_events {
+        config.feed_window.max_events = max_events;
+    }
+    if let Some(setting) = args.feed_max_age {
+        config.feed_window.max_age = setting.0;
     }
     if args.store == StoreKind::Kafka {
         let broker_url = app.as_ref().and_then(|(_, app)| app.broker_url.clone());

@@ -1,4 +1,8 @@
-//! `pitwall session …`: the client commands, over gRPC to a running server.
+//! `pitwall session …`: the client commands, over gRPC to a running server. The Stream API's
+//! `SessionManagementService` serves most of them; [`feed`] holds the ones on Pitwall's own
+//! `pitwall.v1.SessionFeed` (`list`, `tree`, and `watch --all`/`--from`).
+
+mod feed;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -6,6 +10,8 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
 use pitwall_proto::api::*;
+use pitwall_proto::feed::session_feed_client::SessionFeedClient;
+use pitwall_proto::feed::{DetailEquals, SessionFilter, SessionState, TimeRange};
 use serde_json::{Value, json};
 use thiserror::Error;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -22,8 +28,6 @@ use crate::values::{format_time, format_utc_offset};
 /// confirmed) before the command gives up.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Sessions whose details `list` fetches at once.
-const LIST_CONCURRENCY: usize = 16;
 
 /// Why a command failed; each prints as one line.
 #[derive(Debug, Error)]
@@ -42,6 +46,10 @@ pub enum ClientError {
     Denied { code: Code, message: String },
     #[error("{0}")]
     Setup(String),
+    #[error(
+        "the server at {0} does not offer pitwall.v1.SessionFeed (an older Pitwall?); `list`, `tree` and `watch --all/--from` need it"
+    )]
+    NoFeed(String),
 }
 
 impl ClientError {
@@ -55,6 +63,7 @@ impl ClientError {
 }
 
 type Client = SessionManagementServiceClient<InterceptedService<Channel, Bearer>>;
+type FeedClient = SessionFeedClient<InterceptedService<Channel, Bearer>>;
 
 /// Adds `authorization: Bearer …` to every call when a token is given.
 #[derive(Clone)]
@@ -73,6 +82,7 @@ impl Interceptor for Bearer {
 
 struct Session {
     client: Client,
+    feed: FeedClient,
     url: String,
     output: Output,
 }
@@ -121,7 +131,8 @@ pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
         }
     })?;
     let session = Session {
-        client: SessionManagementServiceClient::with_interceptor(channel, bearer),
+        client: SessionManagementServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        feed: SessionFeedClient::with_interceptor(channel, bearer),
         url: args.server,
         output: args.output,
     };
@@ -148,10 +159,43 @@ pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
             session.create(request).await
         }
         SessionCommand::List {
-            data_source,
+            data_sources,
+            identifier,
+            details,
+            created_after,
+            created_before,
+            ended_after,
+            ended_before,
             live,
             complete,
-        } => session.list(&data_source, live, complete).await,
+        } => {
+            let range = |from, to| match (from, to) {
+                (None, None) => None,
+                (from, to) => Some(TimeRange { from, to }),
+            };
+            let state = if live {
+                SessionState::Live
+            } else if complete {
+                SessionState::Complete
+            } else {
+                SessionState::All
+            };
+            let filter = SessionFilter {
+                data_sources,
+                state: state.into(),
+                identifier_glob: identifier.unwrap_or_default(),
+                details: details
+                    .into_iter()
+                    .map(|(key, value)| DetailEquals { key, value })
+                    .collect(),
+                created: range(created_after, created_before),
+                ended: range(ended_after, ended_before),
+            };
+            session.list(filter).await
+        }
+        SessionCommand::Tree { session_key, depth } => {
+            session.tree(&session_key, depth.unwrap_or(0)).await
+        }
         SessionCommand::Get { session_key } => session.get(&session_key).await,
         SessionCommand::Update {
             session_key,
@@ -167,7 +211,14 @@ pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
                 .await
         }
         SessionCommand::End { session_key, at } => session.end(&session_key, at).await,
-        SessionCommand::Watch { data_source } => session.watch(&data_source).await,
+        SessionCommand::Watch {
+            data_source,
+            all,
+            from,
+        } => match data_source {
+            Some(data_source) if !all && from.is_none() => session.watch(&data_source).await,
+            data_source => session.watch_feed(data_source, from.unwrap_or(0)).await,
+        },
     }
 }
 
@@ -184,71 +235,6 @@ impl Session {
                     "creation_time": packet.creation_time.as_ref().map(format_time),
                     "topic_partition_offsets": packet.topic_partition_offsets,
                 }));
-            }
-        }
-        Ok(())
-    }
-
-    async fn list(&self, data_source: &str, live: bool, complete: bool) -> Result<(), ClientError> {
-        let keys = self
-            .check(
-                self.client
-                    .clone()
-                    .get_current_sessions(GetCurrentSessionsRequest {
-                        data_source: data_source.to_owned(),
-                    })
-                    .await,
-            )?
-            .session_keys;
-        let infos: Vec<(String, GetSessionInfoResponse)> = futures::stream::iter(keys)
-            .map(|key| {
-                let mut client = self.client.clone();
-                async move {
-                    let info = self.check(
-                        client
-                            .get_session_info(GetSessionInfoRequest {
-                                session_key: key.clone(),
-                            })
-                            .await,
-                    )?;
-                    Ok::<_, ClientError>((key, info))
-                }
-            })
-            .buffered(LIST_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let shown = infos
-            .into_iter()
-            .filter(|(_, info)| if info.is_complete { !live } else { !complete });
-        match self.output {
-            Output::Table => {
-                let rows: Vec<Vec<String>> = shown
-                    .map(|(key, info)| {
-                        vec![
-                            key,
-                            info.identifier,
-                            info.r#type,
-                            info.creation_time
-                                .as_ref()
-                                .map(format_time)
-                                .unwrap_or_default(),
-                            info.termination_time
-                                .as_ref()
-                                .map(format_time)
-                                .unwrap_or_else(|| "-".into()),
-                            info.details.len().to_string(),
-                        ]
-                    })
-                    .collect();
-                output::table(
-                    &["KEY", "IDENTIFIER", "TYPE", "CREATED", "ENDED", "DETAILS"],
-                    &rows,
-                );
-            }
-            Output::Json => {
-                let sessions: Vec<Value> =
-                    shown.map(|(key, info)| info_json(&key, &info)).collect();
-                output::json(&Value::Array(sessions));
             }
         }
         Ok(())
@@ -552,7 +538,6 @@ macro_rules! succeeded {
 succeeded!(
     CreateSessionResponse,
     EndSessionResponse,
-    GetCurrentSessionsResponse,
     GetSessionInfoResponse,
     UpdateSessionIdentifierResponse,
     AddAssociateSessionResponse,

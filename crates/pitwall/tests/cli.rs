@@ -355,3 +355,792 @@ async fn watch_ends_cleanly_when_the_server_shuts_down() {
         Some(0)
     );
 }
+
+/// Keys of `pitwall --output json session list ARGS…`, in the order printed.
+async fn listed(server: &TestServer, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["--output", "json", "list"];
+    all.extend_from_slice(args);
+    let output = pitwall(server, &all).await;
+    assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    json(&output)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn list_spans_data_sources_in_creation_order_and_applies_every_filter() {
+    let server = TestServer::start().await;
+    let a1 = created(
+        &server,
+        &[
+            "--data-source",
+            "Car1",
+            "--identifier",
+            "FP1",
+            "--detail",
+            "driver=Alex",
+        ],
+    )
+    .await;
+    let b1 = created(
+        &server,
+        &[
+            "--data-source",
+            "Car2",
+            "--identifier",
+            "FP2",
+            "--detail",
+            "driver=Sam",
+            "--detail",
+            "lap=3",
+        ],
+    )
+    .await;
+    let a2 = created(
+        &server,
+        &[
+            "--data-source",
+            "Car1",
+            "--identifier",
+            "Q1",
+            "--detail",
+            "driver=Sam",
+        ],
+    )
+    .await;
+    let c1 = created(&server, &["--data-source", "Rig", "--identifier", "FP3"]).await;
+    for (key, at) in [(&a1, "2099-01-01T00:00:00Z"), (&b1, "2099-06-01T00:00:00Z")] {
+        assert!(
+            pitwall(&server, &["end", key, "--at", at])
+                .await
+                .status
+                .success()
+        );
+    }
+
+    // Every data source, oldest first, with the data source in its own column.
+    let table = stdout(&pitwall(&server, &["list"]).await);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 5, "{table}");
+    let header: Vec<&str> = lines[0]
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "KEY",
+            "DATA SOURCE",
+            "IDENTIFIER",
+            "TYPE",
+            "CREATED",
+            "ENDED",
+            "DETAILS"
+        ]
+    );
+    let rows: Vec<Vec<&str>> = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let expected = [
+        (&a1, "Car1", "FP1", "2099-01-01T00:00:00Z", "1"),
+        (&b1, "Car2", "FP2", "2099-06-01T00:00:00Z", "2"),
+        (&a2, "Car1", "Q1", "-", "1"),
+        (&c1, "Rig", "FP3", "-", "0"),
+    ];
+    for (row, (key, data_source, identifier, ended, details)) in rows.iter().zip(expected) {
+        assert_eq!(row.len(), 7, "{table}");
+        assert_eq!(
+            (row[0], row[1], row[2], row[3], row[5], row[6]),
+            (
+                key.as_str(),
+                data_source,
+                identifier,
+                "Session",
+                ended,
+                details
+            ),
+            "{table}"
+        );
+        assert!(row[4].ends_with('Z'), "{table}");
+    }
+
+    assert_eq!(
+        listed(&server, &[]).await,
+        [a1.as_str(), b1.as_str(), a2.as_str(), c1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--data-source", "Car1", "--data-source", "Car2"]).await,
+        [a1.as_str(), b1.as_str(), a2.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--data-source", "Car1"]).await,
+        [a1.as_str(), a2.as_str()]
+    );
+    assert!(
+        listed(&server, &["--data-source", "Nowhere"])
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        listed(&server, &["--identifier", "FP*"]).await,
+        [a1.as_str(), b1.as_str(), c1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--identifier", "FP[12]"]).await,
+        [a1.as_str(), b1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--identifier", "?1"]).await,
+        [a2.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--detail", "driver=Sam"]).await,
+        [b1.as_str(), a2.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--detail", "driver=Sam", "--detail", "lap=3"]).await,
+        [b1.as_str()]
+    );
+    assert_eq!(
+        listed(
+            &server,
+            &["--detail", "driver=Sam", "--data-source", "Car1"]
+        )
+        .await,
+        [a2.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--live"]).await,
+        [a2.as_str(), c1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--complete"]).await,
+        [a1.as_str(), b1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--complete", "--data-source", "Car2"]).await,
+        [b1.as_str()]
+    );
+
+    // after is inclusive, before exclusive.
+    let ended = |after: &'static str, before: &'static str| {
+        let server = &server;
+        async move {
+            let mut args = Vec::new();
+            if !after.is_empty() {
+                args.extend(["--ended-after", after]);
+            }
+            if !before.is_empty() {
+                args.extend(["--ended-before", before]);
+            }
+            listed(server, &args).await
+        }
+    };
+    assert_eq!(
+        ended("2099-01-01T00:00:00Z", "").await,
+        [a1.as_str(), b1.as_str()]
+    );
+    assert_eq!(
+        ended("2099-01-01T00:00:00.000000001Z", "").await,
+        [b1.as_str()]
+    );
+    assert_eq!(ended("", "2099-06-01T00:00:00Z").await, [a1.as_str()]);
+    assert!(ended("", "2099-01-01T00:00:00Z").await.is_empty());
+    assert_eq!(
+        ended("2099-01-01T02:00:00+02:00", "2099-06-01T00:00:00.1Z").await,
+        [a1.as_str(), b1.as_str()]
+    );
+
+    let all = json(&pitwall(&server, &["--output", "json", "list"]).await);
+    let a2_created = all[2]["creation_time"].as_str().unwrap().to_owned();
+    assert_eq!(
+        listed(&server, &["--created-after", &a2_created]).await,
+        [a2.as_str(), c1.as_str()]
+    );
+    assert_eq!(
+        listed(&server, &["--created-before", &a2_created]).await,
+        [a1.as_str(), b1.as_str()]
+    );
+    assert_eq!(
+        listed(
+            &server,
+            &[
+                "--created-after",
+                &a2_created,
+                "--created-before",
+                &a2_created
+            ]
+        )
+        .await,
+        Vec::<String>::new()
+    );
+
+    // JSON carries the whole session.
+    assert_eq!(all[1]["data_source"], "Car2");
+    assert_eq!(all[1]["identifier"], "FP2");
+    assert_eq!(all[1]["details"]["lap"], "3");
+    assert_eq!(all[1]["is_complete"], true);
+    assert_eq!(all[1]["termination_time"], "2099-06-01T00:00:00Z");
+    assert_eq!(all[3]["is_complete"], false);
+    assert!(all[3]["termination_time"].is_null());
+
+    let header_only = stdout(&pitwall(&server, &["list", "--identifier", "nothing*"]).await);
+    assert_eq!(header_only.lines().count(), 1, "{header_only}");
+}
+
+#[tokio::test]
+async fn list_takes_times_in_rfc_3339_only() {
+    let server = TestServer::start().await;
+    let output = pitwall(&server, &["list", "--created-after", "yesterday"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("'yesterday' is not an RFC 3339 time"),
+        "{}",
+        stderr(&output)
+    );
+    let output = pitwall(&server, &["list", "--live", "--complete"]).await;
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn tree_shows_associates_and_parents_indented_with_unknown_and_cycle_nodes() {
+    let server = TestServer::start().await;
+    let grandchild = created(&server, &["--data-source", "ds", "--identifier", "G"]).await;
+    let first = created(
+        &server,
+        &[
+            "--data-source",
+            "ds",
+            "--identifier",
+            "C1",
+            "--associate",
+            &grandchild,
+        ],
+    )
+    .await;
+    let second = created(
+        &server,
+        &[
+            "--data-source",
+            "ds2",
+            "--identifier",
+            "C2",
+            "--associate",
+            "never-created",
+        ],
+    )
+    .await;
+    let parent = created(
+        &server,
+        &[
+            "--data-source",
+            "ds",
+            "--identifier",
+            "P",
+            "--associate",
+            &first,
+            "--associate",
+            &second,
+        ],
+    )
+    .await;
+    assert!(pitwall(&server, &["end", &second]).await.status.success());
+
+    let tree = pitwall(&server, &["tree", &parent]).await;
+    assert!(tree.status.success(), "{}", stderr(&tree));
+    assert_eq!(
+        stdout(&tree),
+        format!(
+            "{parent}  P (ds, live)\n\
+             associates:\n\
+             \x20 {first}  C1 (ds, live)\n\
+             \x20   {grandchild}  G (ds, live)\n\
+             \x20 {second}  C2 (ds2, complete)\n\
+             \x20   never-created  (unknown)\n\
+             parents: none\n"
+        )
+    );
+
+    let up = stdout(&pitwall(&server, &["tree", &grandchild]).await);
+    assert_eq!(
+        up,
+        format!(
+            "{grandchild}  G (ds, live)\n\
+             associates: none\n\
+             parents:\n\
+             \x20 {first}  C1 (ds, live)\n\
+             \x20   {parent}  P (ds, live)\n"
+        )
+    );
+    let shallow = stdout(&pitwall(&server, &["tree", &grandchild, "--depth", "1"]).await);
+    assert_eq!(
+        shallow,
+        format!(
+            "{grandchild}  G (ds, live)\n\
+             associates: none\n\
+             parents:\n\
+             \x20 {first}  C1 (ds, live)\n"
+        )
+    );
+
+    let as_json = json(&pitwall(&server, &["--output", "json", "tree", &parent]).await);
+    assert_eq!(as_json["session_key"], parent.as_str());
+    assert_eq!(as_json["session"]["identifier"], "P");
+    assert_eq!(as_json["cycle"], false);
+    assert_eq!(as_json["parents"], Value::Array(vec![]));
+    let children = as_json["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    assert_eq!(children[0]["session_key"], first.as_str());
+    assert_eq!(children[0]["session"]["data_source"], "ds");
+    assert_eq!(
+        children[0]["children"][0]["session_key"],
+        grandchild.as_str()
+    );
+    assert_eq!(children[0]["children"][0]["session"]["identifier"], "G");
+    assert_eq!(children[1]["session"]["is_complete"], true);
+    assert_eq!(children[1]["children"][0]["session_key"], "never-created");
+    assert!(children[1]["children"][0]["session"].is_null());
+
+    // A loop of associates is shown once, then marked.
+    let x = created(&server, &["--data-source", "ds", "--identifier", "X"]).await;
+    let y = created(
+        &server,
+        &[
+            "--data-source",
+            "ds",
+            "--identifier",
+            "Y",
+            "--associate",
+            &x,
+        ],
+    )
+    .await;
+    assert!(
+        pitwall(&server, &["associate", &x, &y])
+            .await
+            .status
+            .success()
+    );
+    assert_eq!(
+        stdout(&pitwall(&server, &["tree", &x]).await),
+        format!(
+            "{x}  X (ds, live)\n\
+             associates:\n\
+             \x20 {y}  Y (ds, live)\n\
+             \x20   {x}  (cycle)\n\
+             parents:\n\
+             \x20 {y}  Y (ds, live)\n\
+             \x20   {x}  (cycle)\n"
+        )
+    );
+    let looped = json(&pitwall(&server, &["--output", "json", "tree", &x]).await);
+    assert_eq!(looped["children"][0]["children"][0]["cycle"], true);
+}
+
+#[tokio::test]
+async fn tree_of_an_unknown_session_prints_the_servers_reason_and_exits_1() {
+    let server = TestServer::start().await;
+    let output = pitwall(&server, &["tree", "no-such-session"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.starts_with("pitwall: "), "{message}");
+    assert!(message.contains("no-such-session"), "{message}");
+    assert!(!message.contains("NotFound"), "{message}");
+    assert!(stdout(&output).is_empty());
+}
+
+type Lines<R> = tokio::io::Lines<BufReader<R>>;
+
+/// A running `pitwall session watch` on the session feed.
+struct FeedWatch {
+    child: tokio::process::Child,
+    lines: Lines<tokio::process::ChildStdout>,
+    errors: Lines<tokio::process::ChildStderr>,
+}
+
+/// Starts `pitwall session --output FORMAT watch ARGS…` and waits until it has subscribed.
+async fn feed_watch(server: &TestServer, format: &str, args: &[&str]) -> FeedWatch {
+    let mut child = Command::new(binary())
+        .args([
+            "session",
+            "--server",
+            &server.grpc_url(),
+            "--output",
+            format,
+        ])
+        .arg("watch")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = timeout(PATIENCE, errors.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("watch ended before it subscribed");
+    assert!(line.starts_with("watching "), "{line}");
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    FeedWatch {
+        child,
+        lines,
+        errors,
+    }
+}
+
+impl FeedWatch {
+    async fn line(&mut self) -> String {
+        next_line(&mut self.lines).await
+    }
+
+    /// The next table line as (sequence, kind, key, data source, identifier).
+    async fn event(&mut self) -> (u64, String, String, String, String) {
+        let line = self.line().await;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert!((4..=5).contains(&fields.len()), "{line}");
+        (
+            fields[0].parse().unwrap(),
+            fields[1].to_owned(),
+            fields[2].to_owned(),
+            fields[3].to_owned(),
+            fields.get(4).copied().unwrap_or_default().to_owned(),
+        )
+    }
+
+    /// Ctrl-C: the watch stops with exit code 0.
+    async fn interrupt(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        let status = timeout(PATIENCE, self.child.wait()).await.unwrap().unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn watch_all_prints_every_change_of_every_data_source_as_it_happens() {
+    let server = TestServer::start().await;
+    let mut watch = feed_watch(&server, "table", &["--all"]).await;
+    let key = created(&server, &["--data-source", "Car1", "--identifier", "FP1"]).await;
+    assert!(
+        pitwall(&server, &["update", &key, "--detail", "lap=3"])
+            .await
+            .status
+            .success()
+    );
+    assert!(pitwall(&server, &["end", &key]).await.status.success());
+    let other = created(&server, &["--data-source", "Car2", "--identifier", "Q1"]).await;
+
+    let started = watch.event().await;
+    let updated = watch.event().await;
+    let ended = watch.event().await;
+    let second = watch.event().await;
+    let car1 = |kind: &str| {
+        (
+            kind.to_owned(),
+            key.clone(),
+            "Car1".to_owned(),
+            "FP1".to_owned(),
+        )
+    };
+    let rest = |e: &(u64, String, String, String, String)| {
+        (e.1.clone(), e.2.clone(), e.3.clone(), e.4.clone())
+    };
+    assert_eq!(rest(&started), car1("STARTED"));
+    assert_eq!(rest(&updated), car1("UPDATED"));
+    assert_eq!(rest(&ended), car1("ENDED"));
+    assert_eq!(
+        rest(&second),
+        ("STARTED".into(), other, "Car2".into(), "Q1".into())
+    );
+    assert!(started.0 > 0);
+    assert!(started.0 < updated.0 && updated.0 < ended.0 && ended.0 < second.0);
+    watch.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_all_in_json_prints_one_change_per_line_with_the_session() {
+    let server = TestServer::start().await;
+    let mut watch = feed_watch(&server, "json", &["--all", "--from", "0"]).await;
+    let key = created(
+        &server,
+        &[
+            "--data-source",
+            "Car1",
+            "--identifier",
+            "FP1",
+            "--detail",
+            "driver=Alex",
+        ],
+    )
+    .await;
+    assert!(
+        pitwall(&server, &["end", &key, "--at", "2099-01-01T00:00:00Z"])
+            .await
+            .status
+            .success()
+    );
+    let started: Value = serde_json::from_str(&watch.line().await).unwrap();
+    assert!(started["sequence"].as_u64().unwrap() > 0);
+    assert_eq!(started["kind"], "STARTED");
+    assert_eq!(started["session_key"], key.as_str());
+    assert_eq!(started["data_source"], "Car1");
+    assert!(started["time"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(started["session"]["identifier"], "FP1");
+    assert_eq!(started["session"]["details"]["driver"], "Alex");
+    assert_eq!(started["session"]["is_complete"], false);
+    let ended: Value = serde_json::from_str(&watch.line().await).unwrap();
+    assert_eq!(ended["kind"], "ENDED");
+    assert!(ended["sequence"].as_u64() > started["sequence"].as_u64());
+    assert_eq!(ended["session"]["is_complete"], true);
+    assert_eq!(ended["session"]["termination_time"], "2099-01-01T00:00:00Z");
+    watch.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_from_a_sequence_replays_the_later_changes_then_follows() {
+    let server = TestServer::start().await;
+    // Learn two sequences from a live watch.
+    let mut live = feed_watch(&server, "table", &["--all"]).await;
+    let first = created(&server, &["--data-source", "Car1", "--identifier", "FP1"]).await;
+    let second = created(&server, &["--data-source", "Car2"]).await;
+    let (first_sequence, _, key, ..) = live.event().await;
+    assert_eq!(key, first);
+    let (second_sequence, _, key, ..) = live.event().await;
+    assert_eq!(key, second);
+    live.interrupt().await;
+    assert!(pitwall(&server, &["end", &first]).await.status.success());
+    assert!(
+        pitwall(&server, &["update", &second, "--identifier", "Q2"])
+            .await
+            .status
+            .success()
+    );
+
+    let from = first_sequence.to_string();
+    let mut replay = feed_watch(&server, "table", &["--all", "--from", &from]).await;
+    let kinds = |e: (u64, String, String, String, String)| (e.1, e.2, e.3);
+    let started = replay.event().await;
+    assert_eq!(started.0, second_sequence);
+    assert_eq!(
+        kinds(started),
+        ("STARTED".into(), second.clone(), "Car2".into())
+    );
+    let ended = replay.event().await;
+    assert!(ended.0 > second_sequence);
+    assert_eq!(kinds(ended), ("ENDED".into(), first.clone(), "Car1".into()));
+    let updated = replay.event().await;
+    assert_eq!(updated.4, "Q2");
+    assert_eq!(
+        kinds(updated),
+        ("UPDATED".into(), second.clone(), "Car2".into())
+    );
+    // Then it follows.
+    let third = created(&server, &["--data-source", "Car1"]).await;
+    assert_eq!(
+        kinds(replay.event().await),
+        ("STARTED".into(), third.clone(), "Car1".into())
+    );
+    replay.interrupt().await;
+
+    // One data source only.
+    let mut car2 = feed_watch(
+        &server,
+        "table",
+        &["--data-source", "Car2", "--from", &from],
+    )
+    .await;
+    assert_eq!(car2.event().await.2, second);
+    let updated = car2.event().await;
+    assert_eq!(
+        (updated.1.as_str(), updated.2.as_str()),
+        ("UPDATED", second.as_str())
+    );
+    created(&server, &["--data-source", "Car1"]).await;
+    let fourth = created(&server, &["--data-source", "Car2"]).await;
+    assert_eq!(
+        kinds(car2.event().await),
+        ("STARTED".into(), fourth, "Car2".into())
+    );
+    car2.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_needs_a_data_source_or_all_but_not_both() {
+    let server = TestServer::start().await;
+    for args in [
+        &["watch"][..],
+        &["watch", "--all", "--data-source", "ds"],
+        &["watch", "--all", "--from", "soon"],
+    ] {
+        let output = pitwall(&server, args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&output).starts_with("error: "),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+#[tokio::test]
+async fn watch_all_ends_cleanly_when_the_server_shuts_down() {
+    let mut server = TestServer::start().await;
+    let mut watch = feed_watch(&server, "table", &["--all"]).await;
+    server.stop().await;
+    assert_eq!(
+        timeout(PATIENCE, watch.lines.next_line())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    let status = timeout(PATIENCE, watch.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let errors = timeout(PATIENCE, watch.errors.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{errors:?}");
+}
+
+#[tokio::test]
+async fn watch_from_a_sequence_no_longer_kept_prints_the_servers_reason_and_exits_1() {
+    let server = TestServer::start_with(|c| c.feed_window.max_events = 2).await;
+    let mut live = feed_watch(&server, "table", &["--all"]).await;
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        keys.push(created(&server, &["--data-source", "ds"]).await);
+    }
+    let mut sequences = Vec::new();
+    for key in &keys {
+        let (sequence, kind, seen, ..) = live.event().await;
+        assert_eq!((kind.as_str(), &seen), ("STARTED", key));
+        sequences.push(sequence);
+    }
+    live.interrupt().await;
+
+    let from = sequences[0].to_string();
+    let output = pitwall(&server, &["watch", "--all", "--from", &from]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.starts_with("pitwall: history before sequence "),
+        "{message}"
+    );
+    assert!(message.contains("no longer kept"), "{message}");
+    assert!(stdout(&output).is_empty());
+
+    // The last two are still kept.
+    let from = sequences[1].to_string();
+    let mut kept = feed_watch(&server, "table", &["--all", "--from", &from]).await;
+    assert_eq!(kept.event().await.2, keys[2]);
+    assert_eq!(kept.event().await.2, keys[3]);
+    kept.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_resumes_by_itself_after_the_server_cuts_it_off() {
+    let server = TestServer::start_with(|c| c.subscriber_queue = 2).await;
+    let mut watch = feed_watch(&server, "table", &["--all"]).await;
+    let pid = watch.child.id().unwrap().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // A stopped watch reads nothing: once the transport's buffers are full, the server's queue
+    // for it fills too and the server cuts it off. Large sessions get there sooner.
+    signal("-STOP");
+    let mut client = server.client().await;
+    let blob = "x".repeat(60_000);
+    let mut keys = Vec::new();
+    let cut_off = r#"pitwall_feed_watchers_cut_off_total"#;
+    while metric_value(&server.metrics().await, cut_off).unwrap_or(0.0) < 1.0 {
+        assert!(keys.len() < 3000, "the stopped watch was never cut off");
+        for _ in 0..10 {
+            let response = client
+                .create_session(pitwall_proto::api::CreateSessionRequest {
+                    data_source: "ds".into(),
+                    details: [("blob".to_owned(), blob.clone())].into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(response.success);
+            keys.push(response.session_key);
+        }
+    }
+    // Changes after the cut-off are not lost either.
+    keys.push(create(&mut client, "ds").await);
+    signal("-CONT");
+
+    let mut last = 0;
+    for key in &keys {
+        let (sequence, kind, seen, ..) = watch.event().await;
+        assert_eq!((kind.as_str(), &seen), ("STARTED", key));
+        assert!(sequence > last, "{sequence} after {last}");
+        last = sequence;
+    }
+    let notice = timeout(PATIENCE, watch.errors.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        notice.starts_with("pitwall: the server cut this watch off (")
+            && notice.contains("resuming after sequence"),
+        "{notice}"
+    );
+    // Still following.
+    let after = create(&mut client, "other").await;
+    assert_eq!(watch.event().await.2, after);
+    watch.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_shows_sessions_purged_by_retention() {
+    if kafka_broker().is_some() {
+        // Retention removes sessions on the embedded store only.
+        return;
+    }
+    let server =
+        TestServer::start_with(|c| c.retention = Some(std::time::Duration::from_millis(200))).await;
+    let mut watch = feed_watch(&server, "table", &["--all"]).await;
+    let key = created(&server, &["--data-source", "ds", "--identifier", "FP1"]).await;
+    assert!(pitwall(&server, &["end", &key]).await.status.success());
+    let kinds = [
+        watch.event().await,
+        watch.event().await,
+        watch.event().await,
+    ]
+    .map(|(_, kind, seen, data_source, identifier)| (kind, seen, data_source, identifier));
+    let expect = |kind: &str| {
+        (
+            kind.to_owned(),
+            key.clone(),
+            "ds".to_owned(),
+            "FP1".to_owned(),
+        )
+    };
+    assert_eq!(
+        kinds,
+        [expect("STARTED"), expect("ENDED"), expect("PURGED")]
+    );
+    watch.interrupt().await;
+}

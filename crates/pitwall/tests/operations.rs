@@ -153,6 +153,7 @@ async fn reflection_lists_the_served_services_in_v1_and_v1alpha() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             SESSION_SERVICE,
+            "pitwall.v1.SessionFeed",
         ]
     );
 

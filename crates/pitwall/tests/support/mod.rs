@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
 use pitwall_proto::api::*;
+use pitwall_proto::feed::session_feed_client::SessionFeedClient;
 use pitwall_server::config::StoreConfig;
 use pitwall_server::{Config, RunningServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +19,7 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 pub type Client = SessionManagementServiceClient<Channel>;
+pub type FeedClient = SessionFeedClient<Channel>;
 
 /// Upper bound for anything a test waits for; reaching it is a failure, not a pass.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -102,6 +104,16 @@ impl TestServer {
 
     pub async fn client(&self) -> Client {
         connect(&self.grpc_url()).await
+    }
+
+    /// A client of `pitwall.v1.SessionFeed`.
+    pub async fn feed(&self) -> FeedClient {
+        let channel = Endpoint::from_shared(self.grpc_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        SessionFeedClient::new(channel)
     }
 
     pub async fn metrics(&self) -> String {

@@ -1,0 +1,389 @@
+//! The session feed: every change with its store sequence, kept for a window so a watcher can
+//! resume where it left off, and delivered live to watchers.
+//!
+//! Publishing never waits: a watcher has a bounded queue of published groups, and one that is
+//! full is cut off and told from which sequence to resume (nothing is lost: it resumes from the
+//! history). History is the embedded store's feed table, or, on Kafka, this instance's memory
+//! (the topic itself holds records, not the sessions as they were after each one).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use pitwall_core::lifecycle::{order, sub};
+use pitwall_core::{EventKind, Session};
+use pitwall_proto::feed::{EventKind as FeedKind, SessionEvent};
+use pitwall_store::{EmbeddedStore, StoreError};
+use prost::Message;
+use prost_types::Timestamp;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+
+/// One published group: whole store positions, in sequence order.
+pub type Published = Arc<[Arc<SessionEvent>]>;
+
+/// How much history is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedWindow {
+    pub max_events: u64,
+    pub max_age: Option<Duration>,
+}
+
+impl Default for FeedWindow {
+    fn default() -> Self {
+        FeedWindow {
+            max_events: 100_000,
+            max_age: Some(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl FeedWindow {
+    /// The oldest event time kept at `now`.
+    pub fn oldest(&self, now: Timestamp) -> Option<Timestamp> {
+        self.max_age.map(|age| sub(now, age))
+    }
+}
+
+/// Events the embedded store also keeps in memory: recent enough for a watcher that fell a
+/// little behind or reconnected at once to resume without reading the disk.
+const RECENT_ON_DISK_STORE: usize = 4096;
+
+pub struct Feed {
+    /// A `std` mutex: held to push a group or register a watcher, never across an await;
+    /// `try_send` inside it does not block.
+    state: Mutex<FeedState>,
+    /// Set when the embedded store is open; without it history is the memory window.
+    disk: OnceLock<Arc<EmbeddedStore>>,
+    /// Why the feed cannot be watched, if it cannot.
+    unavailable: OnceLock<String>,
+    window: FeedWindow,
+    queue: usize,
+    metrics: Metrics,
+}
+
+struct FeedState {
+    recent: VecDeque<Arc<SessionEvent>>,
+    /// Oldest sequence a watcher may still resume after (minus one).
+    first_kept: u64,
+    /// Newest sequence published.
+    head: u64,
+    watchers: HashMap<u64, mpsc::Sender<Published>>,
+    next_id: u64,
+    closed: bool,
+}
+
+/// The history a resume asked for is no longer kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub first_kept: u64,
+}
+
+/// Where a watcher stands after asking to follow on from a sequence.
+pub enum Follow {
+    /// Registered: `tail` is what was kept after the sequence, then `live` carries the rest.
+    Live {
+        tail: Vec<Arc<SessionEvent>>,
+        live: Watcher,
+    },
+    /// The events after the sequence are older than memory holds: read them from the disk
+    /// first ([`Feed::history_after`]).
+    Behind,
+}
+
+/// A registered watcher's queue; dropping it unregisters.
+pub struct Watcher {
+    receiver: mpsc::Receiver<Published>,
+    feed: Arc<Feed>,
+    id: u64,
+}
+
+impl Watcher {
+    /// The next group; `None` when the feed closed or this watcher was cut off (see
+    /// [`Feed::is_closed`]).
+    pub async fn recv(&mut self) -> Option<Published> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let mut state = self.feed.lock();
+        if state.watchers.remove(&self.id).is_some() {
+            self.feed.metrics.feed_watchers.dec();
+        }
+    }
+}
+
+impl Feed {
+    pub fn new(window: FeedWindow, queue: usize, metrics: Metrics) -> Arc<Feed> {
+        Arc::new(Feed {
+            state: Mutex::new(FeedState {
+                recent: VecDeque::new(),
+                first_kept: 1,
+                head: 0,
+                watchers: HashMap::new(),
+                next_id: 0,
+                closed: false,
+            }),
+            disk: OnceLock::new(),
+            unavailable: OnceLock::new(),
+            window,
+            queue: queue.max(1),
+            metrics,
+        })
+    }
+
+    pub fn window(&self) -> FeedWindow {
+        self.window
+    }
+
+    /// Makes the embedded store the history, starting from what it holds.
+    pub fn use_disk(&self, store: Arc<EmbeddedStore>) -> Result<(), StoreError> {
+        let bounds = store.feed_bounds()?;
+        let mut recent = Vec::new();
+        let from = bounds
+            .next
+            .saturating_sub(RECENT_ON_DISK_STORE as u64)
+            .max(bounds.first_kept)
+            .saturating_sub(1);
+        for (_, bytes) in store.events_after(from, RECENT_ON_DISK_STORE)? {
+            if let Ok(event) = SessionEvent::decode(bytes.as_slice()) {
+                recent.push(Arc::new(event));
+            }
+        }
+        let mut state = self.lock();
+        state.recent = recent.into();
+        state.first_kept = bounds.first_kept;
+        state.head = bounds.next - 1;
+        drop(state);
+        let _ = self.disk.set(store);
+        self.metrics.feed_first_kept.set(bounds.first_kept as i64);
+        self.metrics.feed_head.set(bounds.next as i64 - 1);
+        Ok(())
+    }
+
+    /// Turns the feed off for this server (Watch answers `FAILED_PRECONDITION` with `reason`).
+    pub fn disable(&self, reason: String) {
+        let _ = self.unavailable.set(reason);
+    }
+
+    /// Why the feed cannot be watched, if it cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.get().map(String::as_str)
+    }
+
+    /// Publishes a group of events (whole store positions, in order). `first_kept` is the
+    /// store's own account of its history (embedded); on Kafka the memory window decides it.
+    pub fn publish(&self, events: Vec<SessionEvent>, first_kept: Option<u64>, now: Timestamp) {
+        if events.is_empty() {
+            if let Some(first_kept) = first_kept {
+                self.lock().first_kept = first_kept;
+                self.metrics.feed_first_kept.set(first_kept as i64);
+            }
+            return;
+        }
+        if self.unavailable.get().is_some() {
+            return;
+        }
+        let group: Published = events.into_iter().map(Arc::new).collect();
+        let mut state = self.lock();
+        if state.head == 0 && state.recent.is_empty() && first_kept.is_none() {
+            // Memory history starts with the first event this instance saw.
+            state.first_kept = group[0].sequence;
+        }
+        state.head = group[group.len() - 1].sequence;
+        state.recent.extend(group.iter().cloned());
+        let on_disk = self.disk.get().is_some();
+        let capacity = if on_disk {
+            RECENT_ON_DISK_STORE
+        } else {
+            usize::try_from(self.window.max_events).unwrap_or(usize::MAX)
+        };
+        let oldest = if on_disk {
+            None
+        } else {
+            self.window.oldest(now)
+        };
+        while let Some(front) = state.recent.front() {
+            let too_many = state.recent.len() > capacity;
+            let too_old = oldest
+                .zip(front.time)
+                .is_some_and(|(oldest, time)| order(time) < order(oldest));
+            if !(too_many || too_old) {
+                break;
+            }
+            let evicted = front.sequence;
+            state.recent.pop_front();
+            if !on_disk {
+                // Events sharing a sequence leave together, so a resume never splits one.
+                while state.recent.front().is_some_and(|e| e.sequence == evicted) {
+                    state.recent.pop_front();
+                }
+                state.first_kept = evicted + 1;
+            }
+        }
+        if let Some(first_kept) = first_kept {
+            state.first_kept = first_kept;
+        }
+        let mut cut_off = Vec::new();
+        for (id, sender) in &state.watchers {
+            if sender.try_send(group.clone()).is_err() {
+                cut_off.push(*id);
+            }
+        }
+        for id in cut_off {
+            state.watchers.remove(&id);
+            self.metrics.feed_watchers.dec();
+            self.metrics.feed_watchers_cut_off.inc();
+        }
+        self.metrics.feed_events.inc_by(group.len() as u64);
+        self.metrics.feed_first_kept.set(state.first_kept as i64);
+        self.metrics.feed_head.set(state.head as i64);
+    }
+
+    /// The newest sequence published.
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// Whether a watcher may ask for a sequence this server has not reached yet: on Kafka
+    /// another instance may be ahead of this one; the embedded store numbers every change
+    /// itself.
+    pub fn future_is_known(&self) -> bool {
+        self.disk.get().is_some()
+    }
+
+    /// Fails if the events after `after` are no longer all kept.
+    pub fn check_kept(&self, after: u64) -> Result<(), Compacted> {
+        let first_kept = self.lock().first_kept;
+        if after.saturating_add(1) < first_kept {
+            Err(Compacted { first_kept })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a watcher that has everything up to `after`, if memory holds every event
+    /// after it.
+    pub fn follow(self: &Arc<Self>, after: u64) -> Result<Follow, Compacted> {
+        let mut state = self.lock();
+        if after.saturating_add(1) < state.first_kept {
+            return Err(Compacted {
+                first_kept: state.first_kept,
+            });
+        }
+        // Memory history holds everything since `first_kept`; disk-backed memory only the
+        // latest run of sequences.
+        let in_memory = self.disk.get().is_none()
+            || after >= state.head
+            || state
+                .recent
+                .front()
+                .is_some_and(|front| front.sequence <= after.saturating_add(1));
+        if !in_memory {
+            return Ok(Follow::Behind);
+        }
+        let tail = state
+            .recent
+            .iter()
+            .skip_while(|event| event.sequence <= after)
+            .cloned()
+            .collect();
+        let (sender, receiver) = mpsc::channel(self.queue);
+        let id = state.next_id;
+        state.next_id += 1;
+        if !state.closed {
+            state.watchers.insert(id, sender);
+            self.metrics.feed_watchers.inc();
+        }
+        Ok(Follow::Live {
+            tail,
+            live: Watcher {
+                receiver,
+                feed: self.clone(),
+                id,
+            },
+        })
+    }
+
+    /// Up to `limit` events after `after` from the disk history (embedded store). Blocking.
+    pub fn history_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<SessionEvent>, HistoryError> {
+        let Some(store) = self.disk.get() else {
+            return Ok(Vec::new());
+        };
+        let rows = store.events_after(after, limit)?;
+        // Trimmed between the check and the read: the first event is not the next one.
+        self.check_kept(after)?;
+        rows.into_iter()
+            .map(|(_, bytes)| SessionEvent::decode(bytes.as_slice()).map_err(HistoryError::from))
+            .collect()
+    }
+
+    /// Ends every watcher (shutdown); later watchers end at once.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        let count = state.watchers.len();
+        state.watchers.clear();
+        self.metrics.feed_watchers.sub(count as i64);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// Groups a watcher may have waiting before it is cut off.
+    pub fn queue(&self) -> usize {
+        self.queue
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        // Every change under the lock is a push, a pop or a map update, so a poisoned lock
+        // still holds a consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history before sequence {} is no longer kept", .0.first_kept)]
+    Compacted(Compacted),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a stored feed event cannot be decoded: {0}")]
+    Corrupt(#[from] prost::DecodeError),
+}
+
+impl From<Compacted> for HistoryError {
+    fn from(compacted: Compacted) -> Self {
+        HistoryError::Compacted(compacted)
+    }
+}
+
+/// The feed event of a change to `session` (as it is after the change).
+pub fn feed_event(
+    sequence: u64,
+    kind: EventKind,
+    session: &Session,
+    time: Timestamp,
+) -> SessionEvent {
+    SessionEvent {
+        sequence,
+        kind: match kind {
+            EventKind::Started => FeedKind::Started,
+            EventKind::Updated => FeedKind::Updated,
+            EventKind::Ended => FeedKind::Ended,
+            EventKind::Purged => FeedKind::Purged,
+        } as i32,
+        session_key: session.key.clone(),
+        data_source: session.data_source.clone(),
+        session: Some(session.to_view()),
+        time: Some(time),
+    }
+}

@@ -1,0 +1,325 @@
+//! `pitwall.v1.SessionFeed`: the resumable feed, filtered listings and associate trees.
+//!
+//! Pitwall's own service, so failures are gRPC statuses (INVALID_ARGUMENT, NOT_FOUND,
+//! FAILED_PRECONDITION for history no longer kept) rather than the Stream API's
+//! `success = false`.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use pitwall_core::query::{self, PageLimits, Query};
+use pitwall_core::tree::session_tree;
+use pitwall_proto::feed::session_feed_server::SessionFeed;
+use pitwall_proto::feed::{
+    GetSessionTreeRequest, GetSessionTreeResponse, ListSessionsRequest, ListSessionsResponse,
+    SessionEvent, WatchRequest, WatchResponse,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, warn};
+
+use crate::engine::Engine;
+use crate::feed::{Compacted, Feed, Follow, HistoryError, Published};
+use crate::metrics::Metrics;
+use crate::service::status_label;
+use crate::shutdown::Shutdown;
+
+/// Events read from the disk history per step of a catch-up.
+const HISTORY_PAGE: usize = 512;
+
+/// A filtered watcher that has been sent nothing for this long is sent its position, so it can
+/// resume from there instead of from a sequence that may have left the window.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Responses waiting to be written to one watcher's connection.
+const WATCH_RESPONSES_BUFFERED: usize = 16;
+
+pub struct FeedService {
+    engine: Arc<OnceLock<Engine>>,
+    feed: Arc<Feed>,
+    metrics: Metrics,
+    /// Room for sessions in one response (the message limit, less headroom for framing).
+    message_budget: usize,
+    shutdown: Shutdown,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+impl FeedService {
+    pub fn new(
+        engine: Arc<OnceLock<Engine>>,
+        feed: Arc<Feed>,
+        metrics: Metrics,
+        max_message_bytes: usize,
+        shutdown: Shutdown,
+    ) -> FeedService {
+        FeedService {
+            engine,
+            feed,
+            metrics,
+            message_budget: max_message_bytes.saturating_sub(64 * 1024).max(1),
+            shutdown,
+        }
+    }
+
+    fn engine(&self) -> Result<&Engine, Status> {
+        self.engine.get().ok_or_else(|| {
+            Status::unavailable(
+                "the server is starting: the store is still being read; retry shortly",
+            )
+        })
+    }
+
+    fn answer<T>(
+        &self,
+        method: &'static str,
+        started: Instant,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
+        match result {
+            Ok(response) => {
+                self.metrics
+                    .observe_rpc(method, "success", started.elapsed());
+                Ok(Response::new(response))
+            }
+            Err(status) => {
+                let outcome = match status.code() {
+                    tonic::Code::InvalidArgument => "invalid",
+                    tonic::Code::NotFound => "not_found",
+                    tonic::Code::FailedPrecondition => "compacted",
+                    code => status_label(code),
+                };
+                self.metrics.observe_rpc(method, outcome, started.elapsed());
+                warn!(rpc = method, code = ?status.code(), message = status.message(), "request failed");
+                Err(status)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SessionFeed for FeedService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self.engine().and_then(|_| {
+            if let Some(reason) = self.feed.unavailable() {
+                return Err(Status::failed_precondition(format!(
+                    "the feed is not available on this server: {reason}"
+                )));
+            }
+            let after = match request.from_sequence {
+                0 => self.feed.head(),
+                from => {
+                    self.feed.check_kept(from).map_err(compacted)?;
+                    let head = self.feed.head();
+                    if from > head && self.feed.future_is_known() {
+                        return Err(Status::invalid_argument(format!(
+                            "from_sequence {from} is ahead of the newest sequence {head}; pass \
+                             a sequence this server sent, or 0 to follow from now"
+                        )));
+                    }
+                    from
+                }
+            };
+            let (sender, receiver) = mpsc::channel(WATCH_RESPONSES_BUFFERED);
+            let watch = Watch {
+                feed: self.feed.clone(),
+                data_source: request.data_source,
+                last: after,
+                budget: self.message_budget,
+                sender,
+                shutdown: self.shutdown.clone(),
+                last_sent: Instant::now(),
+            };
+            tokio::spawn(watch.run());
+            Ok(Box::pin(ReceiverStream::new(receiver)) as WatchStream)
+        });
+        self.answer("Watch", started, result)
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self.engine().and_then(|engine| {
+            let query = Query::new(request.filter.unwrap_or_default()).map_err(invalid)?;
+            let limits = PageLimits::for_request(request.page_size, self.message_budget);
+            let projection = engine.read();
+            let page =
+                query::page(&projection, &query, &request.page_token, limits).map_err(invalid)?;
+            Ok(ListSessionsResponse {
+                sessions: page.sessions,
+                next_page_token: page.next_page_token,
+                sequence: projection.position(),
+            })
+        });
+        self.answer("ListSessions", started, result)
+    }
+
+    async fn get_session_tree(
+        &self,
+        request: Request<GetSessionTreeRequest>,
+    ) -> Result<Response<GetSessionTreeResponse>, Status> {
+        let started = Instant::now();
+        let request = request.into_inner();
+        let result = self.engine().and_then(|engine| {
+            if request.session_key.is_empty() {
+                return Err(Status::invalid_argument("session_key is empty"));
+            }
+            let root = session_tree(&engine.read(), &request.session_key, request.depth)
+                .ok_or_else(|| {
+                    Status::not_found(format!("session '{}' not found", request.session_key))
+                })?;
+            Ok(GetSessionTreeResponse { root: Some(root) })
+        });
+        self.answer("GetSessionTree", started, result)
+    }
+}
+
+/// One watcher: catches up from history, then follows the live feed.
+struct Watch {
+    feed: Arc<Feed>,
+    data_source: String,
+    /// Everything up to this sequence has been sent (or filtered out).
+    last: u64,
+    budget: usize,
+    sender: mpsc::Sender<Result<WatchResponse, Status>>,
+    shutdown: Shutdown,
+    last_sent: Instant,
+}
+
+/// Why a watch ended early.
+enum Ended {
+    /// The client went away or the server is stopping: nothing more to say.
+    Quietly,
+    /// Tell the client.
+    With(Status),
+}
+
+impl Watch {
+    async fn run(mut self) {
+        match self.follow().await {
+            Ok(()) | Err(Ended::Quietly) => {}
+            Err(Ended::With(status)) => {
+                debug!(code = ?status.code(), message = status.message(), "watch ended");
+                let _ = self.sender.send(Err(status)).await;
+            }
+        }
+    }
+
+    async fn follow(&mut self) -> Result<(), Ended> {
+        let mut live = loop {
+            match self.feed.follow(self.last) {
+                Err(e) => return Err(Ended::With(compacted(e))),
+                Ok(Follow::Live { tail, live }) => {
+                    self.send_events(&tail).await?;
+                    break live;
+                }
+                Ok(Follow::Behind) => {
+                    let (feed, after) = (self.feed.clone(), self.last);
+                    let page = tokio::task::spawn_blocking(move || {
+                        feed.history_after(after, HISTORY_PAGE)
+                    })
+                    .await
+                    .map_err(|e| Ended::With(Status::internal(e.to_string())))?;
+                    let page = match page {
+                        Ok(page) => page,
+                        Err(HistoryError::Compacted(e)) => return Err(Ended::With(compacted(e))),
+                        Err(e) => return Err(Ended::With(Status::unavailable(e.to_string()))),
+                    };
+                    if page.is_empty() {
+                        // Nothing on disk after `last`: memory has caught up meanwhile.
+                        continue;
+                    }
+                    let page: Vec<Arc<SessionEvent>> = page.into_iter().map(Arc::new).collect();
+                    self.send_events(&page).await?;
+                }
+            }
+        };
+        // Caught up: say so, so the client knows its position even if nothing matched.
+        self.send(Vec::new()).await?;
+        loop {
+            let group: Published = tokio::select! {
+                group = live.recv() => match group {
+                    Some(group) => group,
+                    None if self.feed.is_closed() => return Ok(()),
+                    None => {
+                        return Err(Ended::With(Status::resource_exhausted(format!(
+                            "this watcher fell more than {} updates behind and was cut off; \
+                             resume with from_sequence = {}",
+                            self.feed.queue(),
+                            self.last
+                        ))));
+                    }
+                },
+                () = self.shutdown.wait() => return Ok(()),
+                () = self.sender.closed() => return Err(Ended::Quietly),
+            };
+            self.send_events(&group).await?;
+        }
+    }
+
+    /// Sends the events after `last` that match the filter, in responses that fit the message
+    /// limit without splitting a sequence; a filtered watcher gets its position now and then.
+    async fn send_events(&mut self, events: &[Arc<SessionEvent>]) -> Result<(), Ended> {
+        let mut batch: Vec<SessionEvent> = Vec::new();
+        let mut bytes = 0;
+        let mut advanced = false;
+        let from = self.last;
+        for event in events.iter().filter(|e| e.sequence > from) {
+            let starts_sequence = batch.last().is_none_or(|b| b.sequence != event.sequence);
+            if starts_sequence && bytes >= self.budget / 4 {
+                let full = std::mem::take(&mut batch);
+                bytes = 0;
+                self.send(full).await?;
+            }
+            self.last = event.sequence;
+            advanced = true;
+            if self.data_source.is_empty() || event.data_source == self.data_source {
+                bytes += event.encoded_len();
+                batch.push(SessionEvent::clone(event));
+            }
+        }
+        if !batch.is_empty() || (advanced && self.last_sent.elapsed() >= PROGRESS_EVERY) {
+            self.send(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, events: Vec<SessionEvent>) -> Result<(), Ended> {
+        let response = WatchResponse {
+            events,
+            sequence: self.last,
+        };
+        self.last_sent = Instant::now();
+        self.sender
+            .send(Ok(response))
+            .await
+            .map_err(|_| Ended::Quietly)
+    }
+}
+
+fn compacted(e: Compacted) -> Status {
+    Status::failed_precondition(format!(
+        "history before sequence {} is no longer kept; resume from sequence {} or later, or \
+         list sessions again (ListSessions) and watch from the sequence it returns",
+        e.first_kept,
+        e.first_kept.saturating_sub(1)
+    ))
+}
+
+fn invalid(rejection: pitwall_core::Rejection) -> Status {
+    Status::invalid_argument(rejection.to_string())
+}

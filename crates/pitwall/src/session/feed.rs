@@ -1,0 +1,348 @@
+//! The commands on `pitwall.v1.SessionFeed`: `list` (every page of `ListSessions`), `tree`
+//! (`GetSessionTree`) and `watch --all`/`--from` (`Watch`, resumed after a cut-off).
+
+use std::time::Duration;
+
+use pitwall_proto::feed::{
+    EventKind, GetSessionTreeRequest, ListSessionsRequest, SessionEvent, SessionFilter,
+    SessionNode, WatchRequest, WatchResponse,
+};
+use serde_json::{Value, json};
+use tonic::{Code, Status, Streaming};
+
+use super::{ClientError, Session};
+use crate::cli::Output;
+use crate::output;
+use crate::values::{format_time, format_utc_offset};
+
+/// Sessions asked for per `ListSessions` page (the server's cap).
+const PAGE_SIZE: u32 = 1000;
+/// First and longest wait before resuming a watch the server cut off without it having
+/// received anything since the last (re)connect.
+const RESUME_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+impl Session {
+    pub(super) async fn list(&self, filter: SessionFilter) -> Result<(), ClientError> {
+        let mut sessions = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .feed
+                .clone()
+                .list_sessions(ListSessionsRequest {
+                    filter: Some(filter.clone()),
+                    page_size: PAGE_SIZE,
+                    page_token: page_token.clone(),
+                })
+                .await
+                .map_err(|status| self.feed_failure(status))?
+                .into_inner();
+            sessions.extend(page.sessions);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            if page.next_page_token == page_token {
+                return Err(ClientError::Setup(format!(
+                    "the server returned page token '{page_token}' twice; the listing is incomplete"
+                )));
+            }
+            page_token = page.next_page_token;
+        }
+        match self.output {
+            Output::Table => {
+                let rows: Vec<Vec<String>> = sessions
+                    .into_iter()
+                    .map(|session| {
+                        vec![
+                            session.session_key,
+                            session.data_source,
+                            session.identifier,
+                            session.r#type,
+                            session
+                                .creation_time
+                                .as_ref()
+                                .map(format_time)
+                                .unwrap_or_default(),
+                            session
+                                .termination_time
+                                .as_ref()
+                                .map(format_time)
+                                .unwrap_or_else(|| "-".into()),
+                            session.details.len().to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &[
+                        "KEY",
+                        "DATA SOURCE",
+                        "IDENTIFIER",
+                        "TYPE",
+                        "CREATED",
+                        "ENDED",
+                        "DETAILS",
+                    ],
+                    &rows,
+                );
+            }
+            Output::Json => {
+                output::json(&Value::Array(sessions.iter().map(session_json).collect()))
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn tree(&self, session_key: &str, depth: u32) -> Result<(), ClientError> {
+        let root = self
+            .feed
+            .clone()
+            .get_session_tree(GetSessionTreeRequest {
+                session_key: session_key.to_owned(),
+                depth,
+            })
+            .await
+            .map_err(|status| self.feed_failure(status))?
+            .into_inner()
+            .root
+            .ok_or_else(|| {
+                ClientError::Setup(format!(
+                    "the server answered no tree for session '{session_key}'"
+                ))
+            })?;
+        match self.output {
+            Output::Json => output::json(&node_json(&root)),
+            Output::Table => {
+                let mut lines = vec![node_label(&root)];
+                section("associates", &root.children, |n| &n.children, &mut lines);
+                section("parents", &root.parents, |n| &n.parents, &mut lines);
+                for line in lines {
+                    output::text(&line);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every change of one data source (or of all when `data_source` is `None`) after
+    /// `from` (0: from now), until Ctrl-C or the server closes the stream.
+    pub(super) async fn watch_feed(
+        &self,
+        data_source: Option<String>,
+        from: u64,
+    ) -> Result<(), ClientError> {
+        let data_source = data_source.unwrap_or_default();
+        let mut stream = self.open_watch(&data_source, from).await?;
+        // The subscription is registered: nothing from here on is missed.
+        let scope = if data_source.is_empty() {
+            "every data source".to_owned()
+        } else {
+            format!("data source '{data_source}'")
+        };
+        let start = if from == 0 {
+            "from now".to_owned()
+        } else {
+            format!("after sequence {from}")
+        };
+        eprintln!("watching {scope} for session changes {start}; Ctrl-C to stop");
+        // Resuming after this sequence misses nothing this watch would have printed.
+        let mut resume = from;
+        let mut received = false;
+        let mut backoff = RESUME_BACKOFF.0;
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = &mut ctrl_c => return Ok(()),
+            };
+            match message {
+                Ok(None) => return Ok(()),
+                Ok(Some(WatchResponse { events, sequence })) => {
+                    received = true;
+                    for event in &events {
+                        if self.print_event(event).is_err() {
+                            // Nobody reads standard output any more.
+                            return Ok(());
+                        }
+                        resume = resume.max(event.sequence);
+                    }
+                    resume = resume.max(sequence);
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    if received {
+                        backoff = RESUME_BACKOFF.0;
+                    } else {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = &mut ctrl_c => return Ok(()),
+                        }
+                        backoff = (backoff * 2).min(RESUME_BACKOFF.1);
+                    }
+                    if resume == 0 {
+                        eprintln!(
+                            "pitwall: the server cut this watch off ({}) before it reported a sequence; following from now, changes meanwhile may be missed",
+                            status.message()
+                        );
+                    } else {
+                        eprintln!(
+                            "pitwall: the server cut this watch off ({}); resuming after sequence {resume}",
+                            status.message()
+                        );
+                    }
+                    stream = self.open_watch(&data_source, resume).await?;
+                    received = false;
+                }
+                Err(status) => return Err(self.feed_failure(status)),
+            }
+        }
+    }
+
+    async fn open_watch(
+        &self,
+        data_source: &str,
+        from_sequence: u64,
+    ) -> Result<Streaming<WatchResponse>, ClientError> {
+        Ok(self
+            .feed
+            .clone()
+            .watch(WatchRequest {
+                data_source: data_source.to_owned(),
+                from_sequence,
+            })
+            .await
+            .map_err(|status| self.feed_failure(status))?
+            .into_inner())
+    }
+
+    fn print_event(&self, event: &SessionEvent) -> std::io::Result<()> {
+        let kind = kind_name(event.kind);
+        match self.output {
+            Output::Table => {
+                let identifier = event
+                    .session
+                    .as_ref()
+                    .map(|s| s.identifier.as_str())
+                    .unwrap_or_default();
+                output::line(
+                    format!(
+                        "{}  {kind:<7}  {}  {}  {identifier}",
+                        event.sequence, event.session_key, event.data_source
+                    )
+                    .trim_end(),
+                )
+            }
+            Output::Json => output::line(
+                &json!({
+                    "sequence": event.sequence,
+                    "kind": kind,
+                    "session_key": event.session_key,
+                    "data_source": event.data_source,
+                    "time": event.time.as_ref().map(format_time),
+                    "session": event.session.as_ref().map(session_json),
+                })
+                .to_string(),
+            ),
+        }
+    }
+
+    /// A failed feed call: the server's own message for what the request got wrong (unknown
+    /// session, history no longer kept, malformed filter), as for a refused Stream API call.
+    fn feed_failure(&self, status: Status) -> ClientError {
+        match status.code() {
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::OutOfRange => ClientError::Refused(status.message().to_owned()),
+            Code::Unimplemented => ClientError::NoFeed(self.url.clone()),
+            _ => self.failure(status),
+        }
+    }
+}
+
+fn kind_name(kind: i32) -> String {
+    match EventKind::try_from(kind) {
+        Ok(EventKind::Unspecified) => "UNSPECIFIED".to_owned(),
+        Ok(kind) => kind.as_str_name().to_owned(),
+        Err(_) => format!("KIND_{kind}"),
+    }
+}
+
+/// `KEY  identifier (data_source, live|complete)`, `KEY  (unknown)` or `KEY  (cycle)`.
+fn node_label(node: &SessionNode) -> String {
+    let key = &node.session_key;
+    if node.cycle {
+        return format!("{key}  (cycle)");
+    }
+    let Some(session) = &node.session else {
+        return format!("{key}  (unknown)");
+    };
+    let state = if session.is_complete {
+        "complete"
+    } else {
+        "live"
+    };
+    let identifier = if session.identifier.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", session.identifier)
+    };
+    format!("{key}  {identifier}({}, {state})", session.data_source)
+}
+
+/// `title:` and the nodes under it, or `title: none`.
+fn section(
+    title: &str,
+    nodes: &[SessionNode],
+    next: fn(&SessionNode) -> &[SessionNode],
+    lines: &mut Vec<String>,
+) {
+    if nodes.is_empty() {
+        lines.push(format!("{title}: none"));
+        return;
+    }
+    lines.push(format!("{title}:"));
+    for node in nodes {
+        indented(node, 1, next, lines);
+    }
+}
+
+/// `node` indented two spaces per level, then the nodes `next` gives, one level deeper.
+fn indented(
+    node: &SessionNode,
+    level: usize,
+    next: fn(&SessionNode) -> &[SessionNode],
+    lines: &mut Vec<String>,
+) {
+    lines.push(format!("{}{}", "  ".repeat(level), node_label(node)));
+    for child in next(node) {
+        indented(child, level + 1, next, lines);
+    }
+}
+
+fn node_json(node: &SessionNode) -> Value {
+    json!({
+        "session_key": node.session_key,
+        "session": node.session.as_ref().map(session_json),
+        "cycle": node.cycle,
+        "children": node.children.iter().map(node_json).collect::<Vec<_>>(),
+        "parents": node.parents.iter().map(node_json).collect::<Vec<_>>(),
+    })
+}
+
+fn session_json(session: &pitwall_proto::feed::Session) -> Value {
+    json!({
+        "session_key": session.session_key,
+        "data_source": session.data_source,
+        "identifier": session.identifier,
+        "type": session.r#type,
+        "version": session.version,
+        "is_complete": session.is_complete,
+        "creation_time": session.creation_time.as_ref().map(format_time),
+        "termination_time": session.termination_time.as_ref().map(format_time),
+        "last_activity_time": session.last_activity_time.as_ref().map(format_time),
+        "utc_offset": format_utc_offset(&session.utc_offset.unwrap_or_default()),
+        "associate_session_keys": session.associate_session_keys,
+        "details": session.details,
+        "topic_partition_offsets": session.topic_partition_offsets,
+    })
+}
