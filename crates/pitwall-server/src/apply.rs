@@ -65,7 +65,7 @@ impl Applier {
                 .unwrap_or_default();
             for event in &events {
                 if let Some(session) = projection.get(&event.session_key) {
-                    feed_events.push(feed_event(sequence, event.kind, session, at));
+                    feed_events.push(feed_event(sequence, event.kind, session.to_view(), at));
                 }
             }
             if let Some(clock) = retention {
@@ -78,7 +78,12 @@ impl Applier {
                     let (expired, next) = expired(&projection, clock.completed_for, at);
                     clock.next_due = next;
                     for (session, event) in expired.iter().filter_map(|key| projection.purge(key)) {
-                        feed_events.push(feed_event(sequence, EventKind::Purged, &session, at));
+                        feed_events.push(feed_event(
+                            sequence,
+                            EventKind::Purged,
+                            session.to_view(),
+                            at,
+                        ));
                         events.push(event);
                     }
                 }

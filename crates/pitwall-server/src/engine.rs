@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pitwall_core::command::{Context, embedded_offsets};
 use pitwall_core::lifecycle::retention_expired;
 use pitwall_core::{Command, Decision, EventKind, Limits, Projection, Record, Rejection, Session};
-use pitwall_proto::feed::SessionEvent;
+use pitwall_proto::feed::{self, SessionEvent};
 use pitwall_store::EmbeddedStore;
 use pitwall_store::embedded::{Changes, FeedWindow as StoreWindow};
 use prost::Message as _;
@@ -237,7 +237,7 @@ pub(crate) struct Decided {
     pub records: Vec<(usize, Record)>,
     /// Per record, the session after it if it changed anything (embedded store: its feed
     /// event).
-    pub after: Vec<Option<Session>>,
+    pub after: Vec<Option<feed::Session>>,
     /// Sessions as the batch leaves them.
     pub changed: HashMap<String, Session>,
     /// The time the batch was decided at, which the store records it at.
@@ -310,9 +310,9 @@ impl WriterState {
             let mut next = self.feed_next.get();
             let events: Vec<SessionEvent> = records
                 .iter()
-                .zip(&after)
+                .zip(after)
                 .filter_map(|((_, record), after)| {
-                    let event = feed_event(next, kind_of(record), after.as_ref()?, now);
+                    let event = feed_event(next, kind_of(record), after?, now);
                     next += 1;
                     Some(event)
                 })
@@ -338,6 +338,7 @@ impl WriterState {
                 return;
             }
             self.feed_next.set(next);
+            self.applier.feed.committed(next - 1);
             self.applier
                 .apply(records.into_iter().map(|(_, record)| record), now, next - 1);
             let first_kept = committed.ok().map(|bounds| bounds.first_kept);
@@ -400,7 +401,8 @@ impl WriterState {
                 .filter(|session| retention_expired(session, completed_for, now))
                 .enumerate()
                 .map(|(i, session)| {
-                    let event = feed_event(first + i as u64, EventKind::Purged, session, now);
+                    let event =
+                        feed_event(first + i as u64, EventKind::Purged, session.to_view(), now);
                     (session.sequence, event)
                 })
                 .unzip()
@@ -418,6 +420,7 @@ impl WriterState {
         }) {
             Ok(bounds) => {
                 self.feed_next.set(next);
+                self.applier.feed.committed(next - 1);
                 self.applier.purge(&purged_keys, next - 1);
                 self.applier
                     .feed
@@ -510,7 +513,7 @@ impl WriterState {
                     decided.records.push((index, record.clone()));
                     decided
                         .after
-                        .push((keep_after && changed).then(|| session.clone()));
+                        .push((keep_after && changed).then(|| session.to_view()));
                     state = Some(session);
                 }
                 if let Some(session) = state {

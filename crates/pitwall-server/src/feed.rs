@@ -7,12 +7,13 @@
 //! (the topic itself holds records, not the sessions as they were after each one).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use pitwall_core::EventKind;
 use pitwall_core::lifecycle::{order, sub};
-use pitwall_core::{EventKind, Session};
-use pitwall_proto::feed::{EventKind as FeedKind, SessionEvent};
+use pitwall_proto::feed::{self, EventKind as FeedKind, SessionEvent};
 use pitwall_store::{EmbeddedStore, StoreError};
 use prost::Message;
 use prost_types::Timestamp;
@@ -58,6 +59,9 @@ pub struct Feed {
     disk: OnceLock<Arc<EmbeddedStore>>,
     /// Why the feed cannot be watched, if it cannot.
     unavailable: OnceLock<String>,
+    /// The newest sequence the embedded store has committed; it may be ahead of what is
+    /// published by the moment between commit and publish.
+    committed: AtomicU64,
     window: FeedWindow,
     queue: usize,
     metrics: Metrics,
@@ -129,6 +133,7 @@ impl Feed {
             }),
             disk: OnceLock::new(),
             unavailable: OnceLock::new(),
+            committed: AtomicU64::new(0),
             window,
             queue: queue.max(1),
             metrics,
@@ -158,6 +163,7 @@ impl Feed {
         state.first_kept = bounds.first_kept;
         state.head = bounds.next - 1;
         drop(state);
+        self.committed.store(bounds.next - 1, Ordering::Release);
         let _ = self.disk.set(store);
         self.metrics.feed_first_kept.set(bounds.first_kept as i64);
         self.metrics.feed_head.set(bounds.next as i64 - 1);
@@ -248,11 +254,17 @@ impl Feed {
         self.lock().head
     }
 
-    /// Whether a watcher may ask for a sequence this server has not reached yet: on Kafka
-    /// another instance may be ahead of this one; the embedded store numbers every change
-    /// itself.
-    pub fn future_is_known(&self) -> bool {
-        self.disk.get().is_some()
+    /// Records that the embedded store has committed every sequence up to `sequence` (before
+    /// the sessions reflect them, so no listing reports a sequence this feed calls unknown).
+    pub fn committed(&self, sequence: u64) {
+        self.committed.fetch_max(sequence, Ordering::AcqRel);
+    }
+
+    /// A sequence no change has had yet, if this server can tell: the embedded store numbers
+    /// every change itself; on Kafka another instance may be ahead of this one.
+    pub fn is_unknown(&self, sequence: u64) -> Option<u64> {
+        let committed = self.committed.load(Ordering::Acquire);
+        (self.disk.get().is_some() && sequence > committed).then_some(committed)
     }
 
     /// Fails if the events after `after` are no longer all kept.
@@ -366,11 +378,11 @@ impl From<Compacted> for HistoryError {
     }
 }
 
-/// The feed event of a change to `session` (as it is after the change).
+/// The feed event of a change to a session (`session`: as it is after the change).
 pub fn feed_event(
     sequence: u64,
     kind: EventKind,
-    session: &Session,
+    session: feed::Session,
     time: Timestamp,
 ) -> SessionEvent {
     SessionEvent {
@@ -381,9 +393,9 @@ pub fn feed_event(
             EventKind::Ended => FeedKind::Ended,
             EventKind::Purged => FeedKind::Purged,
         } as i32,
-        session_key: session.key.clone(),
+        session_key: session.session_key.clone(),
         data_source: session.data_source.clone(),
-        session: Some(session.to_view()),
+        session: Some(session),
         time: Some(time),
     }
 }

@@ -121,10 +121,9 @@ impl SessionFeed for FeedService {
                 0 => self.feed.head(),
                 from => {
                     self.feed.check_kept(from).map_err(compacted)?;
-                    let head = self.feed.head();
-                    if from > head && self.feed.future_is_known() {
+                    if let Some(newest) = self.feed.is_unknown(from) {
                         return Err(Status::invalid_argument(format!(
-                            "from_sequence {from} is ahead of the newest sequence {head}; pass \
+                            "from_sequence {from} is ahead of the newest sequence {newest}; pass \
                              a sequence this server sent, or 0 to follow from now"
                         )));
                     }

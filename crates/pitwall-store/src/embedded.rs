@@ -39,6 +39,10 @@ const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("feed_meta");
 /// The oldest sequence still kept (everything before it was trimmed).
 const FIRST_KEPT: &str = "first_kept";
 
+/// How far beyond its count the feed may grow before it is trimmed back (less for small
+/// windows).
+const TRIM_SLACK: u64 = 1024;
+
 /// Events one commit trims at most, so catching up with a lowered window spreads over
 /// several commits instead of stalling one.
 const MAX_TRIM_PER_COMMIT: usize = 10_000;
@@ -344,28 +348,37 @@ fn bounds_of(
     Ok(FeedBounds { first_kept, next })
 }
 
-/// Drops events from the front beyond the window's count, and those recorded before its
-/// oldest time, at most [`MAX_TRIM_PER_COMMIT`].
+/// Drops events from the front: those beyond the window's count, once they are at least
+/// [`TRIM_SLACK`] too many (so most commits delete nothing and the others delete a run, which
+/// costs less than one deletion per commit), and those recorded before its oldest time; at most
+/// [`MAX_TRIM_PER_COMMIT`]. Sequences are contiguous, so a run is a key range.
 fn trim(events: &mut redb::Table<u64, &[u8]>, window: FeedWindow) -> Result<(), StoreError> {
-    let mut excess = events.len()?.saturating_sub(window.max_events);
-    for _ in 0..MAX_TRIM_PER_COMMIT {
-        let expired = |bytes: &[u8]| {
-            window.oldest.is_some_and(|oldest| {
-                SessionEvent::decode(bytes)
-                    .ok()
-                    .and_then(|event| event.time)
-                    .is_none_or(|time| order(time) < order(oldest))
-            })
-        };
-        let drop_first = match events.first()? {
-            Some((_, event)) => excess > 0 || expired(event.value()),
-            None => false,
-        };
-        if !drop_first {
-            break;
+    let Some(first) = events.first()?.map(|(sequence, _)| sequence.value()) else {
+        return Ok(());
+    };
+    let limit = first.saturating_add(MAX_TRIM_PER_COMMIT as u64);
+    let excess = events.len()?.saturating_sub(window.max_events);
+    // A small window is kept exactly; a large one may run over by an eighth at most.
+    let slack = TRIM_SLACK.min(window.max_events / 8).max(1);
+    let mut cut = if excess >= slack {
+        first.saturating_add(excess).min(limit)
+    } else {
+        first
+    };
+    if let Some(oldest) = window.oldest {
+        for row in events.range(cut..limit)? {
+            let (sequence, event) = row?;
+            let recorded = SessionEvent::decode(event.value())
+                .ok()
+                .and_then(|e| e.time);
+            if recorded.is_some_and(|time| order(time) >= order(oldest)) {
+                break;
+            }
+            cut = sequence.value() + 1;
         }
-        events.pop_first()?;
-        excess = excess.saturating_sub(1);
+    }
+    if cut > first {
+        events.retain_in(first..cut, |_, _| false)?;
     }
     Ok(())
 }
