@@ -8,6 +8,7 @@ The binary is `$PITWALL_BIN` if set, else `<repo>/target/debug/pitwall` (built b
 import importlib
 import importlib.resources
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from grpc_tools import protoc
 
@@ -23,6 +25,7 @@ PROTO_ROOT = REPO / "proto"
 PROTO_FILES = [
     "ma/streaming/api/v1/api.proto",
     "ma/streaming/open_data/v1/open_data.proto",
+    "pitwall/v1/feed.proto",
 ]
 READY_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 30
@@ -36,8 +39,8 @@ READY_RE = re.compile(r"pitwall ready.*grpc=127\.0\.0\.1:(\d+) metrics=127\.0\.0
 
 
 @pytest.fixture(scope="session")
-def api(tmp_path_factory):
-    """Generates the Python stubs into a temp dir and returns (api_pb2, api_pb2_grpc)."""
+def stubs(tmp_path_factory):
+    """Generates the Python stubs of every file in PROTO_FILES into a temp dir; returns it."""
     out = tmp_path_factory.mktemp("stubs")
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     rc = protoc.main(
@@ -51,13 +54,31 @@ def api(tmp_path_factory):
         ]
     )
     assert rc == 0, f"grpc_tools.protoc failed with exit code {rc}"
+    return out
+
+
+def import_stubs(out, package):
+    """(package_pb2, package_pb2_grpc) of generated stubs, e.g. package = "pitwall.v1.feed"."""
     sys.path.insert(0, str(out))
     try:
-        pb2 = importlib.import_module("ma.streaming.api.v1.api_pb2")
-        pb2_grpc = importlib.import_module("ma.streaming.api.v1.api_pb2_grpc")
+        return (
+            importlib.import_module(f"{package}_pb2"),
+            importlib.import_module(f"{package}_pb2_grpc"),
+        )
     finally:
         sys.path.remove(str(out))
-    return pb2, pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def api(stubs):
+    """(api_pb2, api_pb2_grpc) of ma.streaming.api.v1."""
+    return import_stubs(stubs, "ma.streaming.api.v1.api")
+
+
+@pytest.fixture(scope="session")
+def feed_api(stubs):
+    """(feed_pb2, feed_pb2_grpc) of pitwall.v1."""
+    return import_stubs(stubs, "pitwall.v1.feed")
 
 
 class Server:
@@ -127,6 +148,43 @@ class Server:
             pytest.fail(f"pitwall did not stop within {STOP_TIMEOUT_S} s of SIGTERM:\n{self.log()}")
         self.reader.join(5)
         return code
+
+
+class Watch:
+    """Consumes a server stream in a thread: `subscribed` is set once its initial metadata has
+    arrived, and messages (or the error that ended the stream) go to a queue."""
+
+    def __init__(self, call):
+        self.call = call
+        self.subscribed = threading.Event()
+        self.messages = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.call.initial_metadata()
+            self.subscribed.set()
+            for message in self.call:
+                self.messages.put(message)
+        except grpc.RpcError as error:
+            self.messages.put(error)
+
+    def wait_subscribed(self):
+        assert self.subscribed.wait(WAIT_S), "no initial metadata on the notification stream"
+
+    def next(self):
+        try:
+            item = self.messages.get(timeout=WAIT_S)
+        except queue.Empty:
+            pytest.fail(f"no notification within {WAIT_S} s")
+        if isinstance(item, grpc.RpcError):
+            pytest.fail(f"notification stream ended: {item.code()} {item.details()}")
+        return item
+
+    def close(self):
+        self.call.cancel()
+        self.thread.join(5)
 
 
 def pitwall_binary():

@@ -1,15 +1,13 @@
 """Interoperability tests: a Python gRPC client, with stubs generated from proto/, against a
 running `pitwall serve` with security off (the default)."""
 
-import queue
-import threading
 import time
 import uuid
 
 import grpc
 import pytest
 
-from conftest import ERROR_KEY, RPC_TIMEOUT_S, WAIT_S, Server, pitwall_binary
+from conftest import ERROR_KEY, RPC_TIMEOUT_S, Server, Watch, pitwall_binary
 
 
 @pytest.fixture(scope="module")
@@ -31,43 +29,6 @@ def stub(server, api):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-class Watch:
-    """Consumes a server stream in a thread: `subscribed` is set once its initial metadata has
-    arrived, and messages (or the error that ended the stream) go to a queue."""
-
-    def __init__(self, call):
-        self.call = call
-        self.subscribed = threading.Event()
-        self.messages = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            self.call.initial_metadata()
-            self.subscribed.set()
-            for message in self.call:
-                self.messages.put(message)
-        except grpc.RpcError as error:
-            self.messages.put(error)
-
-    def wait_subscribed(self):
-        assert self.subscribed.wait(WAIT_S), "no initial metadata on the notification stream"
-
-    def next(self):
-        try:
-            item = self.messages.get(timeout=WAIT_S)
-        except queue.Empty:
-            pytest.fail(f"no notification within {WAIT_S} s")
-        if isinstance(item, grpc.RpcError):
-            pytest.fail(f"notification stream ended: {item.code()} {item.details()}")
-        return item
-
-    def close(self):
-        self.call.cancel()
-        self.thread.join(5)
 
 
 def unique_source(name):

@@ -50,6 +50,11 @@ impl FeedWindow {
 /// Events the embedded store also keeps in memory: recent enough for a watcher that fell a
 /// little behind or reconnected at once to resume without reading the disk.
 const RECENT_ON_DISK_STORE: usize = 4096;
+/// Bytes of those at most (sessions may be large).
+const RECENT_BYTES_ON_DISK_STORE: usize = 64 * 1024 * 1024;
+/// Bytes of events a memory window (Kafka) holds at most, whatever its count: with large
+/// sessions the count alone would not bound memory.
+const MEMORY_WINDOW_BYTES: usize = 256 * 1024 * 1024;
 
 pub struct Feed {
     /// A `std` mutex: held to push a group or register a watcher, never across an await;
@@ -68,7 +73,7 @@ pub struct Feed {
 }
 
 struct FeedState {
-    recent: VecDeque<Arc<SessionEvent>>,
+    recent: Recent,
     /// Oldest sequence a watcher may still resume after (minus one).
     first_kept: u64,
     /// Newest sequence published.
@@ -124,7 +129,7 @@ impl Feed {
     pub fn new(window: FeedWindow, queue: usize, metrics: Metrics) -> Arc<Feed> {
         Arc::new(Feed {
             state: Mutex::new(FeedState {
-                recent: VecDeque::new(),
+                recent: Recent::default(),
                 first_kept: 1,
                 head: 0,
                 watchers: HashMap::new(),
@@ -147,7 +152,7 @@ impl Feed {
     /// Makes the embedded store the history, starting from what it holds.
     pub fn use_disk(&self, store: Arc<EmbeddedStore>) -> Result<(), StoreError> {
         let bounds = store.feed_bounds()?;
-        let mut recent = Vec::new();
+        let mut recent = Recent::default();
         let from = bounds
             .next
             .saturating_sub(RECENT_ON_DISK_STORE as u64)
@@ -156,10 +161,11 @@ impl Feed {
         for (_, bytes) in store.events_after(from, RECENT_ON_DISK_STORE)? {
             if let Ok(event) = SessionEvent::decode(bytes.as_slice()) {
                 recent.push(Arc::new(event));
+                recent.shrink_to(RECENT_ON_DISK_STORE, RECENT_BYTES_ON_DISK_STORE);
             }
         }
         let mut state = self.lock();
-        state.recent = recent.into();
+        state.recent = recent;
         state.first_kept = bounds.first_kept;
         state.head = bounds.next - 1;
         drop(state);
@@ -200,12 +206,17 @@ impl Feed {
             state.first_kept = group[0].sequence;
         }
         state.head = group[group.len() - 1].sequence;
-        state.recent.extend(group.iter().cloned());
+        for event in group.iter() {
+            state.recent.push(event.clone());
+        }
         let on_disk = self.disk.get().is_some();
-        let capacity = if on_disk {
-            RECENT_ON_DISK_STORE
+        let (capacity, max_bytes) = if on_disk {
+            (RECENT_ON_DISK_STORE, RECENT_BYTES_ON_DISK_STORE)
         } else {
-            usize::try_from(self.window.max_events).unwrap_or(usize::MAX)
+            (
+                usize::try_from(self.window.max_events).unwrap_or(usize::MAX),
+                MEMORY_WINDOW_BYTES,
+            )
         };
         let oldest = if on_disk {
             None
@@ -213,7 +224,7 @@ impl Feed {
             self.window.oldest(now)
         };
         while let Some(front) = state.recent.front() {
-            let too_many = state.recent.len() > capacity;
+            let too_many = state.recent.len() > capacity || state.recent.bytes > max_bytes;
             let too_old = oldest
                 .zip(front.time)
                 .is_some_and(|(oldest, time)| order(time) < order(oldest));
@@ -362,6 +373,52 @@ impl Feed {
     }
 }
 
+/// The events held in memory, oldest first, with their encoded size.
+#[derive(Default)]
+struct Recent {
+    events: VecDeque<Arc<SessionEvent>>,
+    sizes: VecDeque<usize>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, event: Arc<SessionEvent>) {
+        let size = event.encoded_len();
+        self.bytes += size;
+        self.sizes.push_back(size);
+        self.events.push_back(event);
+    }
+
+    fn pop_front(&mut self) {
+        if self.events.pop_front().is_some() {
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
+    }
+
+    /// Drops the oldest until at most `count` events and `bytes` remain.
+    fn shrink_to(&mut self, count: usize, bytes: usize) {
+        while self.len() > count || self.bytes > bytes {
+            self.pop_front();
+        }
+    }
+
+    fn front(&self) -> Option<&Arc<SessionEvent>> {
+        self.events.front()
+    }
+
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<SessionEvent>> {
+        self.events.iter()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("history before sequence {} is no longer kept", .0.first_kept)]
@@ -397,5 +454,73 @@ pub fn feed_event(
         data_source: session.data_source.clone(),
         session: Some(session),
         time: Some(time),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: u64, data_source: &str) -> SessionEvent {
+        SessionEvent {
+            sequence,
+            data_source: data_source.into(),
+            time: Some(Timestamp {
+                seconds: 100,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn memory_feed(max_events: u64) -> Arc<Feed> {
+        let window = FeedWindow {
+            max_events,
+            max_age: None,
+        };
+        Feed::new(window, 4, Metrics::new())
+    }
+
+    const NOW: Timestamp = Timestamp {
+        seconds: 100,
+        nanos: 0,
+    };
+
+    #[tokio::test]
+    async fn a_memory_window_drops_whole_positions_and_says_where_history_starts() {
+        let feed = memory_feed(3);
+        feed.publish(vec![event(1, "a"), event(1, "b")], None, NOW);
+        feed.publish(vec![event(2, "a")], None, NOW);
+        assert!(feed.check_kept(0).is_ok());
+        feed.publish(vec![event(4, "a")], None, NOW);
+        // Both events of position 1 left together.
+        assert_eq!(feed.check_kept(0), Err(Compacted { first_kept: 2 }));
+        assert!(feed.check_kept(1).is_ok());
+        let Ok(Follow::Live { tail, .. }) = feed.follow(1) else {
+            panic!("memory history is always live");
+        };
+        let sequences: Vec<u64> = tail.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, [2, 4]);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_cut_off_and_others_are_not() {
+        let feed = memory_feed(100);
+        let Ok(Follow::Live { live: mut slow, .. }) = feed.follow(0) else {
+            panic!("memory history is always live");
+        };
+        let Ok(Follow::Live { live: mut fast, .. }) = feed.follow(0) else {
+            panic!("memory history is always live");
+        };
+        for sequence in 1..=5 {
+            feed.publish(vec![event(sequence, "a")], None, NOW);
+            assert_eq!(fast.recv().await.unwrap()[0].sequence, sequence);
+        }
+        // The queue holds 4 groups: the fifth cut the slow watcher off.
+        for sequence in 1..=4 {
+            assert_eq!(slow.recv().await.unwrap()[0].sequence, sequence);
+        }
+        assert!(slow.recv().await.is_none());
+        assert!(!feed.is_closed());
     }
 }
