@@ -172,19 +172,26 @@ fn expired(
     (keys, next)
 }
 
-/// When the Kafka follower purges: as soon as a record's time (log time, the producer's
-/// timestamp) reaches the moment the earliest completed session expires. Every instance reads
-/// the same records with the same times, so all purge the same sessions at the same place.
+/// When the Kafka follower purges: at the first record whose time (log time, the producer's
+/// timestamp) has reached the moment the earliest completed session expires, but not within a
+/// tenth of the retention (at most a minute) of log time after the last pass, since a pass scans
+/// every session. Every instance reads the same records with the same times, so all purge the
+/// same sessions at the same place.
 pub struct RetentionClock {
     pub completed_for: Duration,
     next_due: Option<Timestamp>,
+    last_pass: Option<Timestamp>,
 }
+
+/// Log time between two retention passes at most.
+const MAX_PASS_SPACING: Duration = Duration::from_secs(60);
 
 impl RetentionClock {
     pub fn new(completed_for: Duration) -> RetentionClock {
         RetentionClock {
             completed_for,
             next_due: None,
+            last_pass: None,
         }
     }
 
@@ -196,8 +203,17 @@ impl RetentionClock {
         }
     }
 
-    fn due(&self, at: Timestamp) -> bool {
-        self.next_due.is_some_and(|due| order(due) <= order(at))
+    /// Whether a pass is due at `at`; if so, it counts as done.
+    fn due(&mut self, at: Timestamp) -> bool {
+        let spacing = (self.completed_for / 10).min(MAX_PASS_SPACING);
+        let expired = self.next_due.is_some_and(|due| order(due) <= order(at));
+        let spaced = self
+            .last_pass
+            .is_none_or(|last| order(add(last, spacing)) <= order(at));
+        if expired && spaced {
+            self.last_pass = Some(at);
+        }
+        expired && spaced
     }
 }
 
@@ -209,4 +225,29 @@ pub fn read(projection: &SharedProjection) -> RwLockReadGuard<'_, Projection> {
 
 fn write(projection: &SharedProjection) -> RwLockWriteGuard<'_, Projection> {
     projection.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(millis: i64) -> Timestamp {
+        Timestamp {
+            seconds: millis / 1000,
+            nanos: ((millis % 1000) * 1_000_000) as i32,
+        }
+    }
+
+    #[test]
+    fn retention_passes_come_at_the_first_expiry_and_are_spaced() {
+        let mut clock = RetentionClock::new(Duration::from_secs(10));
+        assert!(!clock.due(at(50_000)), "nothing has ended");
+        clock.ended_at(at(1_000));
+        assert!(!clock.due(at(10_999)));
+        assert!(clock.due(at(11_000)));
+        // The pass found the next expiry 200 ms later; passes are a second (a tenth) apart.
+        clock.next_due = Some(at(11_200));
+        assert!(!clock.due(at(11_500)));
+        assert!(clock.due(at(12_000)));
+    }
 }
