@@ -187,6 +187,16 @@ class Watch:
         self.thread.join(5)
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`pitwall serve` with default settings (security off), shared by a test module."""
+    srv = Server(pitwall_binary(), tmp_path_factory.mktemp("pitwall-data"))
+    srv.wait_ready()
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"pitwall exited with {code} after SIGTERM; stderr:\n{srv.log()}"
+
+
 def pitwall_binary():
     binary = Path(os.environ.get("PITWALL_BIN") or REPO / "target" / "debug" / "pitwall")
     if not binary.is_file():

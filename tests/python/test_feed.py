@@ -9,15 +9,6 @@ import pytest
 from conftest import RPC_TIMEOUT_S, Server, Watch, pitwall_binary
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(pitwall_binary(), tmp_path_factory.mktemp("pitwall-data"))
-    srv.wait_ready()
-    yield srv
-    code = srv.stop()
-    assert code == 0, f"pitwall exited with {code} after SIGTERM; stderr:\n{srv.log()}"
-
-
 @pytest.fixture
 def channel(server):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")

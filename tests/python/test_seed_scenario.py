@@ -7,16 +7,7 @@ import uuid
 import grpc
 import pytest
 
-from conftest import ERROR_KEY, RPC_TIMEOUT_S, Server, Watch, pitwall_binary
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(pitwall_binary(), tmp_path_factory.mktemp("pitwall-data"))
-    srv.wait_ready()
-    yield srv
-    code = srv.stop()
-    assert code == 0, f"pitwall exited with {code} after SIGTERM; stderr:\n{srv.log()}"
+from conftest import ERROR_KEY, RPC_TIMEOUT_S, Watch
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use crate::engine::Engine;
 use crate::feed::{Compacted, Feed, Follow, HistoryError, Published};
 use crate::metrics::Metrics;
-use crate::service::status_label;
+use crate::service::{starting, status_label};
 use crate::shutdown::Shutdown;
 
 /// Events read from the disk history per step of a catch-up.
@@ -67,11 +67,7 @@ impl FeedService {
     }
 
     fn engine(&self) -> Result<&Engine, Status> {
-        self.engine.get().ok_or_else(|| {
-            Status::unavailable(
-                "the server is starting: the store is still being read; retry shortly",
-            )
-        })
+        self.engine.get().ok_or_else(starting)
     }
 
     fn answer<T>(

@@ -402,7 +402,7 @@ fn info_response(session: &Session) -> GetSessionInfoResponse {
     }
 }
 
-fn starting() -> Status {
+pub(crate) fn starting() -> Status {
     Status::unavailable("the server is starting: the store is still being read; retry shortly")
 }
 
