@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use pitwall_proto::api::*;
+use pitwall_proto::feed::WatchRequest;
 use prost_types::{Duration, Timestamp};
 use support::*;
 
@@ -109,6 +110,8 @@ async fn restart_restores_every_session_with_every_field_and_the_listing_order()
 async fn kill_9_during_concurrent_creates_loses_no_acknowledged_session() {
     let dir = tempfile::tempdir().unwrap();
     let mut process = ServerProcess::start(dir.path(), &[]).await;
+    // The first change: the feed is read back from just after it.
+    let marker = create(&mut connect(&process.grpc_url()).await, "marker").await;
     let acknowledged = Arc::new(Mutex::new(Vec::new()));
     let enough = Arc::new(tokio::sync::Notify::new());
     let writers: Vec<_> = (0..16)
@@ -166,4 +169,36 @@ async fn kill_9_during_concurrent_creates_loses_no_acknowledged_session() {
         listed += list(&mut client, &format!("writer{w}")).await.len();
     }
     assert!(listed >= acknowledged.len());
+
+    // The feed was in the same commits: one STARTED event per stored session, none lost, none
+    // for a session that is not there.
+    let mut feed = feed_client(&restarted.grpc_url()).await;
+    let mut stream = feed
+        .watch(WatchRequest {
+            data_source: String::new(),
+            from_sequence: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut started = std::collections::HashSet::new();
+    loop {
+        let message = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if message.events.is_empty() {
+            break; // caught up with the history
+        }
+        started.extend(message.events.into_iter().map(|e| e.session_key));
+    }
+    assert!(!started.contains(&marker));
+    assert_eq!(started.len(), listed);
+    for (key, _) in &acknowledged {
+        assert!(
+            started.contains(key),
+            "no feed event for acknowledged session {key}"
+        );
+    }
 }

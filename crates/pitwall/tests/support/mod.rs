@@ -108,12 +108,7 @@ impl TestServer {
 
     /// A client of `pitwall.v1.SessionFeed`.
     pub async fn feed(&self) -> FeedClient {
-        let channel = Endpoint::from_shared(self.grpc_url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        SessionFeedClient::new(channel)
+        feed_client(&self.grpc_url()).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -170,6 +165,15 @@ pub async fn connect(url: &str) -> Client {
         .await
         .unwrap();
     SessionManagementServiceClient::new(channel)
+}
+
+pub async fn feed_client(url: &str) -> FeedClient {
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    SessionFeedClient::new(channel)
 }
 
 /// The `pitwall-error` reason of a `success = false` answer.
