@@ -14,6 +14,7 @@
 //! - [`etcd`]: the peer, spawned and driven with `Put` and `Watch`.
 //! - [`report`]: results, medians over runs, goals, markdown tables.
 //! - [`suite`]: everything in one command (`all`), and the peer comparison (`etcd`).
+//! - [`watchers`]: `pitwall.v1` feed watchers kept reading during a load.
 //!
 //! The benchmarks check correctness (no failed request, every notification once and in order,
 //! every session back after a restart) and measure; only the measuring depends on the machine.
@@ -30,3 +31,4 @@ pub mod report;
 pub mod scenario;
 pub mod server;
 pub mod suite;
+pub mod watchers;

@@ -13,6 +13,7 @@ use pitwall_bench::report::Report;
 use pitwall_bench::scenario::{self, Scenario, Shape};
 use pitwall_bench::server::{ServerArgs, Target};
 use pitwall_bench::suite::{self, AllArgs};
+use pitwall_bench::watchers::Watchers;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +52,10 @@ struct LoadCommand {
     /// Scenarios to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::ALL)]
     scenario: Vec<Scenario>,
+    /// `pitwall.v1.SessionFeed.Watch` streams of every data source kept reading during the
+    /// scenarios (what following the feed costs).
+    #[arg(long, default_value_t = 0)]
+    feed_watchers: usize,
     #[command(flatten)]
     shape: Shape,
     #[command(flatten)]
@@ -111,7 +116,18 @@ async fn run(cli: &Cli) -> anyhow::Result<Report> {
     let report = match &cli.command {
         Command::Load(args) => {
             let target = Target::start(&args.server).await?;
+            let watchers = match args.feed_watchers {
+                0 => None,
+                count => Some(Watchers::start(target.url(), count, args.shape.connections).await?),
+            };
             let load = scenario::run_load(&target, &args.shape, &args.scenario).await?;
+            if let Some(watchers) = watchers {
+                let events = watchers.stop().await?;
+                eprintln!(
+                    "pitwall-bench: {} feed watchers received {events} events",
+                    args.feed_watchers
+                );
+            }
             target.stop().await?;
             Report {
                 runs: 1,

@@ -23,6 +23,11 @@ fn pitwall_binary() -> PathBuf {
 
 /// Runs `pitwall-bench --strict <args>` against a spawned server and returns its JSON report.
 fn bench(args: &[&str]) -> Value {
+    bench_with_log(args).0
+}
+
+/// The JSON report and what the tool wrote to standard error.
+fn bench_with_log(args: &[&str]) -> (Value, String) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let json = dir.path().join("report.json");
     let output = Command::new(env!("CARGO_BIN_EXE_pitwall-bench"))
@@ -41,7 +46,10 @@ fn bench(args: &[&str]) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     let text = std::fs::read_to_string(&json).expect("the JSON report is written");
-    serde_json::from_str(&text).expect("the JSON report parses")
+    (
+        serde_json::from_str(&text).expect("the JSON report parses"),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn count(value: &Value, field: &str) -> u64 {
@@ -74,6 +82,25 @@ fn every_load_scenario_answers_every_request() {
         assert_eq!(count(row, "errors"), 0, "{row}");
         assert!(row["vs_health"].as_f64().is_some(), "{row}");
     }
+}
+
+#[test]
+fn feed_watchers_receive_the_changes_of_a_load() {
+    let mut args = vec!["load", "--scenario", "create", "--feed-watchers", "3"];
+    args.extend_from_slice(SHORT_LOAD);
+    let (report, log) = bench_with_log(&args);
+    let created = count(&report["load"][0], "requests");
+    let received: u64 = log
+        .lines()
+        .find_map(|line| line.strip_prefix("pitwall-bench: 3 feed watchers received "))
+        .and_then(|rest| rest.strip_suffix(" events"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no watcher count in the log:\n{log}"));
+    // Every watcher saw at least every measured create (warm-up creates come on top).
+    assert!(
+        received >= 3 * created,
+        "{received} events for {created} creates"
+    );
 }
 
 #[test]
