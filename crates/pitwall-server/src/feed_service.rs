@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use pitwall_core::Limits;
 use pitwall_core::query::{self, PageLimits, Query};
 use pitwall_core::tree::session_tree;
 use pitwall_proto::feed::session_feed_server::SessionFeed;
@@ -42,6 +43,8 @@ pub struct FeedService {
     engine: Arc<OnceLock<Engine>>,
     feed: Arc<Feed>,
     metrics: Metrics,
+    /// Data source names in filters follow the same rules as in writes.
+    limits: Limits,
     /// Room for sessions in one response (the message limit, less headroom for framing).
     message_budget: usize,
     shutdown: Shutdown,
@@ -54,6 +57,7 @@ impl FeedService {
         engine: Arc<OnceLock<Engine>>,
         feed: Arc<Feed>,
         metrics: Metrics,
+        limits: Limits,
         max_message_bytes: usize,
         shutdown: Shutdown,
     ) -> FeedService {
@@ -61,6 +65,7 @@ impl FeedService {
             engine,
             feed,
             metrics,
+            limits,
             message_budget: max_message_bytes.saturating_sub(64 * 1024).max(1),
             shutdown,
         }
@@ -108,6 +113,11 @@ impl SessionFeed for FeedService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = self.engine().and_then(|_| {
+            if !request.data_source.is_empty() {
+                self.limits
+                    .check_data_source(&request.data_source)
+                    .map_err(invalid)?;
+            }
             if let Some(reason) = self.feed.unavailable() {
                 return Err(Status::failed_precondition(format!(
                     "the feed is not available on this server: {reason}"
@@ -149,7 +159,13 @@ impl SessionFeed for FeedService {
         let started = Instant::now();
         let request = request.into_inner();
         let result = self.engine().and_then(|engine| {
-            let query = Query::new(request.filter.unwrap_or_default()).map_err(invalid)?;
+            let filter = request.filter.unwrap_or_default();
+            for data_source in &filter.data_sources {
+                self.limits
+                    .check_data_source(data_source)
+                    .map_err(invalid)?;
+            }
+            let query = Query::new(filter).map_err(invalid)?;
             let limits = PageLimits::for_request(request.page_size, self.message_budget);
             let projection = engine.read();
             let page =

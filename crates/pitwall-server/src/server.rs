@@ -245,6 +245,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         engine.clone(),
         feed.clone(),
         metrics.clone(),
+        config.limits.clone(),
         config.max_message_bytes,
         shutdown.clone(),
     ))

@@ -429,6 +429,18 @@ async fn list_sessions_filters_across_data_sources_and_refuses_bad_filters() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
+    let error = feed
+        .list_sessions(ListSessionsRequest {
+            filter: Some(SessionFilter {
+                data_sources: vec!["car 1".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("car 1"), "{}", error.message());
 }
 
 #[tokio::test]
