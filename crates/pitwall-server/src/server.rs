@@ -439,6 +439,7 @@ impl Launched {
             engine.clone(),
             self.config.auto_end.clone(),
             self.config.retention,
+            self.config.feed_window.max_age.is_some(),
             self.shutdown.clone(),
         );
         // Only `finish` sets it, once.

@@ -39,6 +39,7 @@ impl Sweeper {
         engine: Engine,
         auto_end: AutoEndConfig,
         retention: Option<Duration>,
+        trim_by_age: bool,
         shutdown: Shutdown,
     ) -> Sweeper {
         let retention = retention.filter(|_| engine.purges_by_time());
@@ -66,7 +67,8 @@ impl Sweeper {
             loop {
                 tokio::select! {
                     _ = passes.tick() => sweep.pass().await,
-                    _ = trims.tick() => sweep.engine.trim_feed(),
+                    // Only age trims without writes; the count is kept by every commit.
+                    _ = trims.tick(), if trim_by_age => sweep.engine.trim_feed(),
                     () = shutdown.wait() => return,
                 }
             }
