@@ -27,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Ordered maps make sessions compare and encode deterministically.
     tonic_prost_build::configure()
         .btree_map(".")
+        // Hand-written (src/watch_response.rs) so a server can send pre-encoded events.
+        .extern_path(
+            ".pitwall.v1.WatchResponse",
+            "crate::watch_response::WatchResponse",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

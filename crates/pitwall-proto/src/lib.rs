@@ -27,10 +27,14 @@ pub mod ma {
     }
 }
 
+pub mod watch_response;
+
 /// Pitwall's own services, beside the Stream API.
 pub mod pitwall {
     pub mod v1 {
         tonic::include_proto!("pitwall.v1");
+
+        pub use crate::watch_response::WatchResponse;
     }
 }
 

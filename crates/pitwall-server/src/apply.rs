@@ -10,7 +10,7 @@ use pitwall_core::lifecycle::{END_REASON_DETAIL, add, order, retention_expired};
 use pitwall_core::{Event, EventKind, Projection, Record, Session};
 use prost_types::Timestamp;
 
-use crate::feed::{Feed, feed_event};
+use crate::feed::{Feed, FeedItem, feed_event};
 use crate::metrics::Metrics;
 use crate::notify::Hub;
 
@@ -99,7 +99,8 @@ impl Applier {
                 .count() as u64,
         );
         self.hub.publish(&events);
-        self.feed.publish(feed_events, None, at);
+        let items = feed_events.iter().map(FeedItem::encode).collect();
+        self.feed.publish(items, None, at);
     }
 
     /// Removes sessions for retention (embedded store, after their rows were deleted and

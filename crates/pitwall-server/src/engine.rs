@@ -19,7 +19,7 @@ use pitwall_core::{Command, Decision, EventKind, Limits, Projection, Record, Rej
 use pitwall_proto::feed::{self, SessionEvent};
 use pitwall_store::EmbeddedStore;
 use pitwall_store::embedded::{Changes, FeedWindow as StoreWindow};
-use prost::Message as _;
+use prost::bytes::Bytes;
 use prost_types::Timestamp;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -27,7 +27,7 @@ use tracing::{error, info, warn};
 
 pub use crate::apply::SharedProjection;
 use crate::apply::{Applier, MAX_PURGE_PER_PASS, read};
-use crate::feed::feed_event;
+use crate::feed::{FeedItem, feed_event};
 use crate::kafka_backend::KafkaBackend;
 use crate::metrics::Metrics;
 
@@ -317,11 +317,12 @@ impl WriterState {
                     Some(event)
                 })
                 .collect();
+            let (items, stored) = encode(&events);
             let started = Instant::now();
             let committed = store.commit(Changes {
                 sessions: changed.values().collect(),
                 purged: Vec::new(),
-                events: encode(&events),
+                events: stored,
                 window: self.store_window(now),
             });
             let metrics = &self.applier.metrics;
@@ -342,7 +343,7 @@ impl WriterState {
             self.applier
                 .apply(records.into_iter().map(|(_, record)| record), now, next - 1);
             let first_kept = committed.ok().map(|bounds| bounds.first_kept);
-            self.applier.feed.publish(events, first_kept, now);
+            self.applier.feed.publish(items, first_kept, now);
         }
         for p in pending {
             let _ = p.reply.send(p.outcome);
@@ -412,10 +413,11 @@ impl WriterState {
         }
         let purged_keys: Vec<String> = events.iter().map(|e| e.session_key.clone()).collect();
         let next = first + events.len() as u64;
+        let (items, stored) = encode(&events);
         match store.commit(Changes {
             sessions: Vec::new(),
             purged: sequences,
-            events: encode(&events),
+            events: stored,
             window: self.store_window(now),
         }) {
             Ok(bounds) => {
@@ -424,7 +426,7 @@ impl WriterState {
                 self.applier.purge(&purged_keys, next - 1);
                 self.applier
                     .feed
-                    .publish(events, Some(bounds.first_kept), now);
+                    .publish(items, Some(bounds.first_kept), now);
                 let started = Instant::now();
                 match store.compact_if_sparse(MIN_COMPACTED_FILE_BYTES) {
                     Ok(Some(compacted)) => info!(
@@ -583,11 +585,14 @@ fn kind_of(record: &Record) -> EventKind {
     }
 }
 
-fn encode(events: &[SessionEvent]) -> Vec<(u64, Vec<u8>)> {
-    events
+/// Each event encoded once: the bytes are stored and sent to every watcher.
+fn encode(events: &[SessionEvent]) -> (Vec<FeedItem>, Vec<(u64, Bytes)>) {
+    let items: Vec<FeedItem> = events.iter().map(FeedItem::encode).collect();
+    let stored = items
         .iter()
-        .map(|event| (event.sequence, event.encode_to_vec()))
-        .collect()
+        .map(|item| (item.sequence, item.bytes.clone()))
+        .collect();
+    (items, stored)
 }
 
 pub(crate) fn now() -> Timestamp {

@@ -16,13 +16,46 @@ use pitwall_core::lifecycle::{order, sub};
 use pitwall_proto::feed::{self, EventKind as FeedKind, SessionEvent};
 use pitwall_store::{EmbeddedStore, StoreError};
 use prost::Message;
+use prost::bytes::Bytes;
 use prost_types::Timestamp;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 
 /// One published group: whole store positions, in sequence order.
-pub type Published = Arc<[Arc<SessionEvent>]>;
+pub type Published = Arc<[Arc<FeedItem>]>;
+
+/// An event as the feed keeps it: encoded once, sent as these bytes to every watcher (and, on
+/// the embedded store, stored as them), with what filtering and trimming need beside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedItem {
+    pub sequence: u64,
+    pub data_source: String,
+    pub time: Option<Timestamp>,
+    /// The encoded `pitwall.v1.SessionEvent`.
+    pub bytes: Bytes,
+}
+
+impl FeedItem {
+    pub fn encode(event: &SessionEvent) -> FeedItem {
+        FeedItem {
+            sequence: event.sequence,
+            data_source: event.data_source.clone(),
+            time: event.time,
+            bytes: Bytes::from(event.encode_to_vec()),
+        }
+    }
+
+    pub fn decode(bytes: Bytes) -> Result<FeedItem, prost::DecodeError> {
+        let event = SessionEvent::decode(bytes.clone())?;
+        Ok(FeedItem {
+            sequence: event.sequence,
+            data_source: event.data_source,
+            time: event.time,
+            bytes,
+        })
+    }
+}
 
 /// How much history is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +126,7 @@ pub struct Compacted {
 pub enum Follow {
     /// Registered: `tail` is what was kept after the sequence, then `live` carries the rest.
     Live {
-        tail: Vec<Arc<SessionEvent>>,
+        tail: Vec<Arc<FeedItem>>,
         live: Watcher,
     },
     /// The events after the sequence are older than memory holds: read them from the disk
@@ -159,8 +192,8 @@ impl Feed {
             .max(bounds.first_kept)
             .saturating_sub(1);
         for (_, bytes) in store.events_after(from, RECENT_ON_DISK_STORE)? {
-            if let Ok(event) = SessionEvent::decode(bytes.as_slice()) {
-                recent.push(Arc::new(event));
+            if let Ok(item) = FeedItem::decode(Bytes::from(bytes)) {
+                recent.push(Arc::new(item));
                 recent.shrink_to(RECENT_ON_DISK_STORE, RECENT_BYTES_ON_DISK_STORE);
             }
         }
@@ -188,7 +221,7 @@ impl Feed {
 
     /// Publishes a group of events (whole store positions, in order). `first_kept` is the
     /// store's own account of its history (embedded); on Kafka the memory window decides it.
-    pub fn publish(&self, events: Vec<SessionEvent>, first_kept: Option<u64>, now: Timestamp) {
+    pub fn publish(&self, events: Vec<FeedItem>, first_kept: Option<u64>, now: Timestamp) {
         if events.is_empty() {
             if let Some(first_kept) = first_kept {
                 self.lock().first_kept = first_kept;
@@ -332,11 +365,7 @@ impl Feed {
     }
 
     /// Up to `limit` events after `after` from the disk history (embedded store). Blocking.
-    pub fn history_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<SessionEvent>, HistoryError> {
+    pub fn history_after(&self, after: u64, limit: usize) -> Result<Vec<FeedItem>, HistoryError> {
         let Some(store) = self.disk.get() else {
             return Ok(Vec::new());
         };
@@ -344,7 +373,7 @@ impl Feed {
         // Trimmed between the check and the read: the first event is not the next one.
         self.check_kept(after)?;
         rows.into_iter()
-            .map(|(_, bytes)| SessionEvent::decode(bytes.as_slice()).map_err(HistoryError::from))
+            .map(|(_, bytes)| FeedItem::decode(Bytes::from(bytes)).map_err(HistoryError::from))
             .collect()
     }
 
@@ -376,14 +405,14 @@ impl Feed {
 /// The events held in memory, oldest first, with their encoded size.
 #[derive(Default)]
 struct Recent {
-    events: VecDeque<Arc<SessionEvent>>,
+    events: VecDeque<Arc<FeedItem>>,
     sizes: VecDeque<usize>,
     bytes: usize,
 }
 
 impl Recent {
-    fn push(&mut self, event: Arc<SessionEvent>) {
-        let size = event.encoded_len();
+    fn push(&mut self, event: Arc<FeedItem>) {
+        let size = event.bytes.len();
         self.bytes += size;
         self.sizes.push_back(size);
         self.events.push_back(event);
@@ -402,7 +431,7 @@ impl Recent {
         }
     }
 
-    fn front(&self) -> Option<&Arc<SessionEvent>> {
+    fn front(&self) -> Option<&Arc<FeedItem>> {
         self.events.front()
     }
 
@@ -414,7 +443,7 @@ impl Recent {
         self.events.is_empty()
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Arc<SessionEvent>> {
+    fn iter(&self) -> impl Iterator<Item = &Arc<FeedItem>> {
         self.events.iter()
     }
 }
@@ -461,8 +490,8 @@ pub fn feed_event(
 mod tests {
     use super::*;
 
-    fn event(sequence: u64, data_source: &str) -> SessionEvent {
-        SessionEvent {
+    fn event(sequence: u64, data_source: &str) -> FeedItem {
+        FeedItem::encode(&SessionEvent {
             sequence,
             data_source: data_source.into(),
             time: Some(Timestamp {
@@ -470,7 +499,7 @@ mod tests {
                 nanos: 0,
             }),
             ..Default::default()
-        }
+        })
     }
 
     fn memory_feed(max_events: u64) -> Arc<Feed> {

@@ -15,16 +15,16 @@ use pitwall_core::tree::session_tree;
 use pitwall_proto::feed::session_feed_server::SessionFeed;
 use pitwall_proto::feed::{
     GetSessionTreeRequest, GetSessionTreeResponse, ListSessionsRequest, ListSessionsResponse,
-    SessionEvent, WatchRequest, WatchResponse,
+    WatchRequest, WatchResponse,
 };
-use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::engine::Engine;
-use crate::feed::{Compacted, Feed, Follow, HistoryError, Published};
+use crate::feed::{Compacted, Feed, FeedItem, Follow, HistoryError, Published};
 use crate::metrics::Metrics;
 use crate::service::{starting, status_label};
 use crate::shutdown::Shutdown;
@@ -254,7 +254,7 @@ impl Watch {
                         // Nothing on disk after `last`: memory has caught up meanwhile.
                         continue;
                     }
-                    let page: Vec<Arc<SessionEvent>> = page.into_iter().map(Arc::new).collect();
+                    let page: Vec<Arc<FeedItem>> = page.into_iter().map(Arc::new).collect();
                     self.send_events(&page).await?;
                 }
             }
@@ -284,14 +284,14 @@ impl Watch {
 
     /// Sends the events after `last` that match the filter, in responses that fit the message
     /// limit without splitting a sequence; a filtered watcher gets its position now and then.
-    async fn send_events(&mut self, events: &[Arc<SessionEvent>]) -> Result<(), Ended> {
-        let mut batch: Vec<SessionEvent> = Vec::new();
+    async fn send_events(&mut self, events: &[Arc<FeedItem>]) -> Result<(), Ended> {
+        let mut batch: Vec<Bytes> = Vec::new();
         let mut bytes = 0;
         let mut advanced = false;
         let from = self.last;
         for event in events.iter().filter(|e| e.sequence > from) {
-            let starts_sequence = batch.last().is_none_or(|b| b.sequence != event.sequence);
-            if starts_sequence && bytes >= self.budget / 4 {
+            // Split only between sequences, so a reply never holds part of one.
+            if event.sequence != self.last && bytes >= self.budget / 4 {
                 let full = std::mem::take(&mut batch);
                 bytes = 0;
                 self.send(full).await?;
@@ -299,8 +299,9 @@ impl Watch {
             self.last = event.sequence;
             advanced = true;
             if self.data_source.is_empty() || event.data_source == self.data_source {
-                bytes += event.encoded_len();
-                batch.push(SessionEvent::clone(event));
+                bytes += event.bytes.len();
+                // The bytes are shared with every other watcher, not copied.
+                batch.push(event.bytes.clone());
             }
         }
         if !batch.is_empty() || (advanced && self.last_sent.elapsed() >= PROGRESS_EVERY) {
@@ -309,11 +310,8 @@ impl Watch {
         Ok(())
     }
 
-    async fn send(&mut self, events: Vec<SessionEvent>) -> Result<(), Ended> {
-        let response = WatchResponse {
-            events,
-            sequence: self.last,
-        };
+    async fn send(&mut self, events: Vec<Bytes>) -> Result<(), Ended> {
+        let response = WatchResponse::encoded(events, self.last);
         self.last_sent = Instant::now();
         self.sender
             .send(Ok(response))

@@ -20,6 +20,7 @@ use pitwall_core::Session;
 use pitwall_core::lifecycle::order;
 use pitwall_proto::feed::SessionEvent;
 use prost::Message;
+use prost::bytes::Bytes;
 use prost_types::Timestamp;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -123,7 +124,7 @@ pub struct Changes<'a> {
     /// Creation sequences of sessions to delete (retention).
     pub purged: Vec<u64>,
     /// Feed events, as (sequence, encoded `SessionEvent`), in sequence order.
-    pub events: Vec<(u64, Vec<u8>)>,
+    pub events: Vec<(u64, Bytes)>,
     /// The window the feed is trimmed to.
     pub window: FeedWindow,
 }
@@ -241,7 +242,7 @@ impl EmbeddedStore {
             }
             let mut events = txn.open_table(FEED_EVENTS)?;
             for (sequence, event) in &changes.events {
-                events.insert(*sequence, event.as_slice())?;
+                events.insert(*sequence, event.as_ref())?;
             }
             let mut meta = txn.open_table(FEED_META)?;
             let before = bounds_of(&events, &meta)?;
@@ -407,13 +408,13 @@ mod tests {
         }
     }
 
-    fn event(sequence: u64, seconds: i64) -> (u64, Vec<u8>) {
+    fn event(sequence: u64, seconds: i64) -> (u64, Bytes) {
         let event = SessionEvent {
             sequence,
             time: Some(Timestamp { seconds, nanos: 0 }),
             ..Default::default()
         };
-        (sequence, event.encode_to_vec())
+        (sequence, Bytes::from(event.encode_to_vec()))
     }
 
     #[test]

@@ -157,7 +157,9 @@ impl Session {
             };
             match message {
                 Ok(None) => return Ok(()),
-                Ok(Some(WatchResponse { events, sequence })) => {
+                Ok(Some(WatchResponse {
+                    events, sequence, ..
+                })) => {
                     received = true;
                     for event in &events {
                         if self.print_event(event).is_err() {
