@@ -1,9 +1,10 @@
 //! Generated protobuf messages and gRPC stubs for the Stream API session service.
 //!
-//! Nothing but generated code lives here: `open_data` holds the session packets (also the
-//! records of the log), `api` the `SessionManagementService` requests, responses, client and
-//! server, `key_generator` the remote key generator's client, `feed` Pitwall's own `pitwall.v1`
-//! service. Hand-written logic belongs in `pitwall-core` and `pitwall-server`.
+//! Generated code: `open_data` holds the session packets (also the records of the log), `api`
+//! the `SessionManagementService` requests, responses, client and server, `key_generator` the
+//! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. One message is
+//! written by hand, [`watch_response`], so that a server can send an event it encoded once to
+//! every watcher. Logic belongs in `pitwall-core` and `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
