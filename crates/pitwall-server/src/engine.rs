@@ -17,9 +17,8 @@ use pitwall_core::command::{Context, embedded_offsets};
 use pitwall_core::lifecycle::retention_expired;
 use pitwall_core::{Command, Decision, EventKind, Limits, Projection, Record, Rejection, Session};
 use pitwall_proto::feed::{self, SessionEvent};
-use pitwall_store::EmbeddedStore;
-use pitwall_store::embedded::{Changes, FeedWindow as StoreWindow};
-use prost::bytes::Bytes;
+use pitwall_store::embedded::{Changes, FeedBounds, FeedWindow as StoreWindow};
+use pitwall_store::{EmbeddedStore, StoreError};
 use prost_types::Timestamp;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -317,33 +316,33 @@ impl WriterState {
                     Some(event)
                 })
                 .collect();
-            let (items, stored) = encode(&events);
             let started = Instant::now();
-            let committed = store.commit(Changes {
-                sessions: changed.values().collect(),
-                purged: Vec::new(),
-                events: stored,
-                window: self.store_window(now),
-            });
+            let committed =
+                self.commit(store, changed.values().collect(), Vec::new(), &events, now);
             let metrics = &self.applier.metrics;
             metrics
                 .commit_duration
                 .observe(started.elapsed().as_secs_f64());
             metrics.commit_batch_size.observe(pending.len() as f64);
-            if let Err(e) = committed {
-                error!(error = %e, writes = pending.len(), "commit failed; the batch is refused");
-                let message = e.to_string();
-                for p in pending {
-                    let _ = p.reply.send(Err(WriteError::Unavailable(message.clone())));
+            let (items, bounds) = match committed {
+                Ok(committed) => committed,
+                Err(e) => {
+                    error!(error = %e, writes = pending.len(), "commit failed; the batch is refused");
+                    let message = e.to_string();
+                    for p in pending {
+                        let _ = p.reply.send(Err(WriteError::Unavailable(message.clone())));
+                    }
+                    return;
                 }
-                return;
-            }
-            self.feed_next.set(next);
-            self.applier.feed.committed(next - 1);
+            };
+            self.applier.apply(
+                records.into_iter().map(|(_, record)| record),
+                now,
+                self.feed_next.get() - 1,
+            );
             self.applier
-                .apply(records.into_iter().map(|(_, record)| record), now, next - 1);
-            let first_kept = committed.ok().map(|bounds| bounds.first_kept);
-            self.applier.feed.publish(items, first_kept, now);
+                .feed
+                .publish(items, Some(bounds.first_kept), now);
         }
         for p in pending {
             let _ = p.reply.send(p.outcome);
@@ -368,14 +367,11 @@ impl WriterState {
             }
             Message::TrimFeed => {
                 let now = now();
-                match store.commit(Changes {
-                    window: self.store_window(now),
-                    ..Default::default()
-                }) {
-                    Ok(bounds) => {
+                match self.commit(store, Vec::new(), Vec::new(), &[], now) {
+                    Ok((items, bounds)) => {
                         self.applier
                             .feed
-                            .publish(Vec::new(), Some(bounds.first_kept), now)
+                            .publish(items, Some(bounds.first_kept), now)
                     }
                     Err(e) => warn!(error = %e, "trimming the feed failed; it is retried later"),
                 }
@@ -412,18 +408,9 @@ impl WriterState {
             return 0;
         }
         let purged_keys: Vec<String> = events.iter().map(|e| e.session_key.clone()).collect();
-        let next = first + events.len() as u64;
-        let (items, stored) = encode(&events);
-        match store.commit(Changes {
-            sessions: Vec::new(),
-            purged: sequences,
-            events: stored,
-            window: self.store_window(now),
-        }) {
-            Ok(bounds) => {
-                self.feed_next.set(next);
-                self.applier.feed.committed(next - 1);
-                self.applier.purge(&purged_keys, next - 1);
+        match self.commit(store, Vec::new(), sequences, &events, now) {
+            Ok((items, bounds)) => {
+                self.applier.purge(&purged_keys, self.feed_next.get() - 1);
                 self.applier
                     .feed
                     .publish(items, Some(bounds.first_kept), now);
@@ -447,6 +434,35 @@ impl WriterState {
                 0
             }
         }
+    }
+
+    /// Commits session rows, removals and the feed events that record them (numbered from
+    /// `feed_next`), trimming the feed to its window. Once durable the events count as
+    /// committed; they are returned encoded, to publish once the projection reflects them.
+    fn commit(
+        &self,
+        store: &EmbeddedStore,
+        sessions: Vec<&Session>,
+        purged: Vec<u64>,
+        events: &[SessionEvent],
+        now: Timestamp,
+    ) -> Result<(Vec<FeedItem>, FeedBounds), StoreError> {
+        // Each event is encoded once: the bytes are stored and sent to every watcher.
+        let items: Vec<FeedItem> = events.iter().map(FeedItem::encode).collect();
+        let bounds = store.commit(Changes {
+            sessions,
+            purged,
+            events: items
+                .iter()
+                .map(|item| (item.sequence, item.bytes.clone()))
+                .collect(),
+            window: self.store_window(now),
+        })?;
+        if let Some(last) = items.last() {
+            self.feed_next.set(last.sequence + 1);
+            self.applier.feed.committed(last.sequence);
+        }
+        Ok((items, bounds))
     }
 
     fn store_window(&self, now: Timestamp) -> StoreWindow {
@@ -583,16 +599,6 @@ fn kind_of(record: &Record) -> EventKind {
         Record::SessionInfo { .. } => EventKind::Updated,
         Record::EndOfSession { .. } => EventKind::Ended,
     }
-}
-
-/// Each event encoded once: the bytes are stored and sent to every watcher.
-fn encode(events: &[SessionEvent]) -> (Vec<FeedItem>, Vec<(u64, Bytes)>) {
-    let items: Vec<FeedItem> = events.iter().map(FeedItem::encode).collect();
-    let stored = items
-        .iter()
-        .map(|item| (item.sequence, item.bytes.clone()))
-        .collect();
-    (items, stored)
 }
 
 pub(crate) fn now() -> Timestamp {

@@ -21,12 +21,12 @@ use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::engine::Engine;
 use crate::feed::{Compacted, Feed, FeedItem, Follow, HistoryError, Published};
 use crate::metrics::Metrics;
-use crate::service::{starting, status_label};
+use crate::service::{answer_status, starting};
 use crate::shutdown::Shutdown;
 
 /// Events read from the disk history per step of a catch-up.
@@ -73,32 +73,6 @@ impl FeedService {
 
     fn engine(&self) -> Result<&Engine, Status> {
         self.engine.get().ok_or_else(starting)
-    }
-
-    fn answer<T>(
-        &self,
-        method: &'static str,
-        started: Instant,
-        result: Result<T, Status>,
-    ) -> Result<Response<T>, Status> {
-        match result {
-            Ok(response) => {
-                self.metrics
-                    .observe_rpc(method, "success", started.elapsed());
-                Ok(Response::new(response))
-            }
-            Err(status) => {
-                let outcome = match status.code() {
-                    tonic::Code::InvalidArgument => "invalid",
-                    tonic::Code::NotFound => "not_found",
-                    tonic::Code::FailedPrecondition => "compacted",
-                    code => status_label(code),
-                };
-                self.metrics.observe_rpc(method, outcome, started.elapsed());
-                warn!(rpc = method, code = ?status.code(), message = status.message(), "request failed");
-                Err(status)
-            }
-        }
     }
 }
 
@@ -149,7 +123,7 @@ impl SessionFeed for FeedService {
             tokio::spawn(watch.run());
             Ok(Box::pin(ReceiverStream::new(receiver)) as WatchStream)
         });
-        self.answer("Watch", started, result)
+        answer_status(&self.metrics, "Watch", started, result)
     }
 
     async fn list_sessions(
@@ -176,7 +150,7 @@ impl SessionFeed for FeedService {
                 sequence: projection.position(),
             })
         });
-        self.answer("ListSessions", started, result)
+        answer_status(&self.metrics, "ListSessions", started, result)
     }
 
     async fn get_session_tree(
@@ -195,7 +169,7 @@ impl SessionFeed for FeedService {
                 })?;
             Ok(GetSessionTreeResponse { root: Some(root) })
         });
-        self.answer("GetSessionTree", started, result)
+        answer_status(&self.metrics, "GetSessionTree", started, result)
     }
 }
 

@@ -115,11 +115,7 @@ impl SessionService {
         result: Result<T, Failure>,
     ) -> Result<Response<T>, Status> {
         match result {
-            Ok(response) => {
-                self.metrics
-                    .observe_rpc(method, "success", started.elapsed());
-                Ok(Response::new(response))
-            }
+            Ok(response) => answer_status(&self.metrics, method, started, Ok(response)),
             Err(Failure::Refused {
                 session_key,
                 rejection,
@@ -134,10 +130,7 @@ impl SessionService {
                 Ok(response)
             }
             Err(Failure::Error(status)) => {
-                self.metrics
-                    .observe_rpc(method, status_label(status.code()), started.elapsed());
-                warn!(rpc = method, code = ?status.code(), message = status.message(), "request failed");
-                Err(status)
+                answer_status(&self.metrics, method, started, Err(status))
             }
         }
     }
@@ -412,8 +405,35 @@ fn unexpected(method: &str, decision: &Decision) -> Failure {
     )))
 }
 
-pub(crate) fn status_label(code: Code) -> &'static str {
+/// The answer to a request that succeeded or failed with a gRPC status, counted in the RPC
+/// metrics, a failure logged.
+pub(crate) fn answer_status<T>(
+    metrics: &Metrics,
+    method: &'static str,
+    started: Instant,
+    result: Result<T, Status>,
+) -> Result<Response<T>, Status> {
+    match result {
+        Ok(response) => {
+            metrics.observe_rpc(method, "success", started.elapsed());
+            Ok(Response::new(response))
+        }
+        Err(status) => {
+            metrics.observe_rpc(method, status_label(status.code()), started.elapsed());
+            warn!(rpc = method, code = ?status.code(), message = status.message(), "request failed");
+            Err(status)
+        }
+    }
+}
+
+/// The outcome label of a failed RPC. The first three come only from `pitwall.v1` (the Stream
+/// API answers those cases with `success = false`) and match the refusal classes' names.
+fn status_label(code: Code) -> &'static str {
     match code {
+        Code::InvalidArgument => "invalid",
+        Code::NotFound => "not_found",
+        // The feed's history is no longer kept (or the feed is off on this server).
+        Code::FailedPrecondition => "compacted",
         Code::Unavailable => "unavailable",
         Code::ResourceExhausted => "resource_exhausted",
         Code::Internal => "internal",
