@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use pitwall_proto::api::*;
-use pitwall_proto::feed::WatchRequest;
 use prost_types::{Duration, Timestamp};
 use support::*;
 
@@ -173,21 +172,10 @@ async fn kill_9_during_concurrent_creates_loses_no_acknowledged_session() {
     // The feed was in the same commits: one STARTED event per stored session, none lost, none
     // for a session that is not there.
     let mut feed = feed_client(&restarted.grpc_url()).await;
-    let mut stream = feed
-        .watch(WatchRequest {
-            data_source: String::new(),
-            from_sequence: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = watch(&mut feed, "", 1).await;
     let mut started = std::collections::HashSet::new();
     loop {
-        let message = tokio::time::timeout(PATIENCE, stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let message = next(&mut stream).await;
         if message.events.is_empty() {
             break; // caught up with the history
         }

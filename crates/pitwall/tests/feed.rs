@@ -17,24 +17,6 @@ use support::*;
 use tokio::time::timeout;
 use tonic::{Code, Streaming};
 
-async fn watch(feed: &mut FeedClient, data_source: &str, from: u64) -> Streaming<WatchResponse> {
-    feed.watch(WatchRequest {
-        data_source: data_source.into(),
-        from_sequence: from,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn next(stream: &mut Streaming<WatchResponse>) -> WatchResponse {
-    timeout(PATIENCE, stream.message())
-        .await
-        .expect("no feed message in time")
-        .expect("feed stream failed")
-        .expect("feed stream ended")
-}
-
 /// Reads the stream until `count` events have arrived.
 async fn events(stream: &mut Streaming<WatchResponse>, count: usize) -> Vec<SessionEvent> {
     let mut events = Vec::new();

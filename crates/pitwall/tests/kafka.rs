@@ -421,22 +421,6 @@ impl Outage {
     }
 }
 
-async fn session_health(url: &str) -> i32 {
-    let channel = tonic::transport::Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "ma.streaming.api.v1.SessionManagementService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
-
 #[tokio::test]
 async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_returns() {
     broker_or_skip!();
@@ -480,14 +464,14 @@ async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_retu
     let url = server.grpc_url();
     eventually("health NOT_SERVING while the broker is away", || {
         let url = url.clone();
-        async move { session_health(&url).await == ServingStatus::NotServing as i32 }
+        async move { health(&url, SESSION_SERVICE).await == ServingStatus::NotServing }
     })
     .await;
 
     outage.restore();
     eventually("health SERVING once the broker is back", || {
         let url = url.clone();
-        async move { session_health(&url).await == ServingStatus::Serving as i32 }
+        async move { health(&url, SESSION_SERVICE).await == ServingStatus::Serving }
     })
     .await;
     let acknowledged = Arc::new(Mutex::new(Vec::new()));

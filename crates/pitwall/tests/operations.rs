@@ -16,29 +16,10 @@ use pitwall_proto::key_generator::{
 };
 use support::*;
 use tokio::time::timeout;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-const SESSION_SERVICE: &str = "ma.streaming.api.v1.SessionManagementService";
-
-async fn health(url: &str, service: &str) -> ServingStatus {
-    let channel = Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ServingStatus::try_from(response.status).unwrap()
-}
 
 #[tokio::test]
 async fn before_the_store_is_read_health_is_not_serving_and_sessions_are_unavailable() {
@@ -85,11 +66,7 @@ async fn before_the_store_is_read_health_is_not_serving_and_sessions_are_unavail
 #[tokio::test]
 async fn health_turns_not_serving_as_soon_as_shutdown_begins() {
     let server = TestServer::start_with(|c| c.shutdown_grace = Duration::from_millis(500)).await;
-    let channel = Channel::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&server.grpc_url()).await;
     let mut watch = HealthClient::new(channel)
         .watch(HealthCheckRequest {
             service: SESSION_SERVICE.into(),
@@ -122,11 +99,7 @@ async fn health_turns_not_serving_as_soon_as_shutdown_begins() {
 async fn reflection_lists_the_served_services_in_v1_and_v1alpha() {
     use tonic_reflection::pb::{v1, v1alpha};
     let server = TestServer::start().await;
-    let channel = Channel::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&server.grpc_url()).await;
 
     let request = v1::ServerReflectionRequest {
         host: String::new(),

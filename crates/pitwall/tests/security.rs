@@ -38,11 +38,7 @@ async fn server_with_tokens() -> (TestServer, Channel) {
     let dir = tempfile::tempdir().unwrap();
     let tokens = token_file(dir.path());
     let server = TestServer::start_with(|c| c.auth_tokens = Some(tokens)).await;
-    let channel = Endpoint::from_shared(server.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&server.grpc_url()).await;
     (server, channel)
 }
 
@@ -356,11 +352,7 @@ async fn the_token_file_is_reloaded_on_sighup_without_dropping_connections() {
     let token_arg = tokens.to_str().unwrap().to_owned();
     let mut process =
         ServerProcess::start(&dir.path().join("data"), &["--auth-tokens", &token_arg]).await;
-    let channel = Endpoint::from_shared(process.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&process.grpc_url()).await;
     let path = "/ma.streaming.api.v1.SessionManagementService/GetCurrentSessions";
     assert_eq!(
         call(channel.clone(), path, Some("reader-secret")).await,
@@ -403,11 +395,7 @@ async fn tokens_never_appear_in_the_logs_at_any_level() {
         &["--auth-tokens", &token_arg, "--log-level", "trace"],
     )
     .await;
-    let channel = Endpoint::from_shared(process.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&process.grpc_url()).await;
     let path = "/ma.streaming.api.v1.SessionManagementService/CreateSession";
     for (_, token, _) in CALLERS {
         call(channel.clone(), path, *token).await;

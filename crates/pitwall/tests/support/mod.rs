@@ -11,12 +11,16 @@ use std::time::Duration;
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
 use pitwall_proto::api::*;
 use pitwall_proto::feed::session_feed_client::SessionFeedClient;
+use pitwall_proto::feed::{WatchRequest, WatchResponse};
 use pitwall_server::config::StoreConfig;
 use pitwall_server::{Config, RunningServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 pub type Client = SessionManagementServiceClient<Channel>;
 pub type FeedClient = SessionFeedClient<Channel>;
@@ -158,22 +162,61 @@ impl TestServer {
     }
 }
 
-pub async fn connect(url: &str) -> Client {
-    let channel = Endpoint::from_shared(url.to_owned())
+/// The gRPC name of the Stream API session service (health checks, reflection).
+pub const SESSION_SERVICE: &str = "ma.streaming.api.v1.SessionManagementService";
+
+/// A cleartext HTTP/2 connection to `url`.
+pub async fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    SessionManagementServiceClient::new(channel)
+        .unwrap()
+}
+
+pub async fn connect(url: &str) -> Client {
+    SessionManagementServiceClient::new(channel(url).await)
 }
 
 pub async fn feed_client(url: &str) -> FeedClient {
-    let channel = Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
+    SessionFeedClient::new(channel(url).await)
+}
+
+/// The gRPC health status the server at `url` reports for `service`.
+pub async fn health(url: &str, service: &str) -> ServingStatus {
+    let response = HealthClient::new(channel(url).await)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
         .await
-        .unwrap();
-    SessionFeedClient::new(channel)
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+/// Watches the feed for `data_source` (every one if empty) after sequence `from` (0: from
+/// now); returns once the watch is registered.
+pub async fn watch(
+    feed: &mut FeedClient,
+    data_source: &str,
+    from: u64,
+) -> Streaming<WatchResponse> {
+    feed.watch(WatchRequest {
+        data_source: data_source.into(),
+        from_sequence: from,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The next feed reply; none within [`PATIENCE`] is a failure.
+pub async fn next(stream: &mut Streaming<WatchResponse>) -> WatchResponse {
+    tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("no feed message in time")
+        .expect("feed stream failed")
+        .expect("feed stream ended")
 }
 
 /// The `pitwall-error` reason of a `success = false` answer.
