@@ -116,6 +116,19 @@ struct FeedState {
     closed: bool,
 }
 
+impl FeedState {
+    /// Fails if the events after `after` are no longer all kept.
+    fn check_kept(&self, after: u64) -> Result<(), Compacted> {
+        if after.saturating_add(1) < self.first_kept {
+            Err(Compacted {
+                first_kept: self.first_kept,
+            })
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// The history a resume asked for is no longer kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compacted {
@@ -313,23 +326,14 @@ impl Feed {
 
     /// Fails if the events after `after` are no longer all kept.
     pub fn check_kept(&self, after: u64) -> Result<(), Compacted> {
-        let first_kept = self.lock().first_kept;
-        if after.saturating_add(1) < first_kept {
-            Err(Compacted { first_kept })
-        } else {
-            Ok(())
-        }
+        self.lock().check_kept(after)
     }
 
     /// Registers a watcher that has everything up to `after`, if memory holds every event
     /// after it.
     pub fn follow(self: &Arc<Self>, after: u64) -> Result<Follow, Compacted> {
         let mut state = self.lock();
-        if after.saturating_add(1) < state.first_kept {
-            return Err(Compacted {
-                first_kept: state.first_kept,
-            });
-        }
+        state.check_kept(after)?;
         // Memory history holds everything since `first_kept`; disk-backed memory only the
         // latest run of sequences.
         let in_memory = self.disk.get().is_none()
