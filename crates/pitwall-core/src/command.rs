@@ -11,7 +11,7 @@ use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, SessionInfo
 use prost::Message;
 use prost_types::Timestamp;
 
-use crate::lifecycle::{AutoEndPolicy, END_REASON_DETAIL, auto_end_due};
+use crate::lifecycle::{AutoEndPolicy, END_REASON_DETAIL, auto_end_due, retention_expired};
 use crate::record::Record;
 use crate::rejection::Rejection;
 use crate::session::Session;
@@ -40,6 +40,12 @@ pub enum Command {
     AutoEnd {
         session_key: String,
         policy: AutoEndPolicy,
+    },
+    /// Removes a completed session kept for `completed_for` (retention). Decided again against
+    /// the session as it stands, like an auto-end.
+    Purge {
+        session_key: String,
+        completed_for: std::time::Duration,
     },
 }
 
@@ -78,7 +84,9 @@ impl Command {
             Command::UpdateIdentifier(r) => &r.session_key,
             Command::AddAssociate(r) => &r.session_key,
             Command::UpdateDetails(r) => &r.session_key,
-            Command::AutoEnd { session_key, .. } => session_key,
+            Command::AutoEnd { session_key, .. } | Command::Purge { session_key, .. } => {
+                session_key
+            }
         }
     }
 
@@ -123,7 +131,7 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::AutoEnd { .. } => Ok(()),
+            Command::AutoEnd { .. } | Command::Purge { .. } => Ok(()),
         }
     }
 
@@ -190,6 +198,14 @@ impl Command {
                 session_key,
                 policy,
             } => Ok(auto_end(session, session_key, &policy, ctx)),
+            Command::Purge {
+                session_key,
+                completed_for,
+            } => Ok(if retention_expired(session, completed_for, ctx.now) {
+                Decision::Append(Record::Purge { session_key })
+            } else {
+                Decision::Unchanged
+            }),
         }
     }
 }

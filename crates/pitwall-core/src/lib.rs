@@ -4,11 +4,16 @@
 //!   [`details`]: its key/value details, compactly.
 //! - [`record`]: the three records of the log (`NewSession`, `SessionInfo`, `EndOfSession`) and
 //!   their `Packet` encoding shared with the reference's `SessionInfo` topic.
-//! - [`projection`]: folds records, in log order, into the sessions; the merge rules live here
-//!   and only here. Applying a record yields the events notifications are made from.
+//! - [`transition`]: the one transition of a session by a record (the merge rules live here and
+//!   only here), and the events it yields.
+//! - [`projection`]: folds records, in log order, into the sessions, with their indexes; applying
+//!   a record yields the events notifications are made from.
+//! - [`overlay`]: the sessions as a batch of records will leave them, folded with the same
+//!   transition, for the writer to decide and persist a batch before it is applied.
 //! - [`command`]: turns a validated write request into the records to append (or a rejection),
 //!   given the session as it stands.
-//! - [`lifecycle`]: when sessions end or leave without a request: auto-end and retention.
+//! - [`lifecycle`]: when sessions end or leave without a request: auto-end and retention, and
+//!   the auto-end policies.
 //! - [`query`]: listing filters and stable paging; [`tree`]: associate trees; [`view`]: a session
 //!   in the `pitwall.v1` form.
 //! - [`validate`]: the request checks of the contract (names, sizes, times) and [`Limits`].
@@ -20,19 +25,23 @@
 pub mod command;
 pub mod details;
 pub mod lifecycle;
+pub mod overlay;
 pub mod projection;
 pub mod query;
 pub mod record;
 pub mod rejection;
 pub mod session;
+pub mod transition;
 pub mod tree;
 pub mod validate;
 pub mod view;
 
 pub use command::{Command, Decision};
 pub use details::Details;
-pub use projection::{Event, EventKind, Projection, SessionCounts};
+pub use overlay::Overlay;
+pub use projection::{Projection, SessionCounts};
 pub use record::Record;
 pub use rejection::Rejection;
 pub use session::Session;
+pub use transition::{Event, EventKind};
 pub use validate::Limits;

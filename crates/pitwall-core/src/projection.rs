@@ -1,8 +1,9 @@
 //! The sessions as the log says they are: records folded in log order.
 //!
 //! [`Projection::apply`] is the only place records change sessions, for live writes and for
-//! replay alike, and it yields the events that notifications are made from, in log order.
-//! [`Projection::purge`] is the only place sessions leave (retention).
+//! replay alike, with the one transition of [`Session::apply`]; it yields the events that
+//! notifications are made from, in log order. Sessions leave only by a `Purge` record
+//! (retention).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -13,22 +14,7 @@ use prost_types::Timestamp;
 
 use crate::record::Record;
 use crate::session::Session;
-
-/// What applying a record (or retention) did to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    Started,
-    Updated,
-    Ended,
-    Purged,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub kind: EventKind,
-    pub session_key: String,
-    pub data_source: String,
-}
+pub use crate::transition::{Event, EventKind};
 
 /// Records held for keys whose `NewSession` has not been seen (other partitions, cut-off
 /// history). Bounded so a stream of orphan records cannot grow memory without end.
@@ -98,93 +84,86 @@ impl Projection {
 
     /// Applies one record, recorded by the store at `at`, and returns what it did.
     /// `NewSession` for a known key is ignored (the first wins), `SessionInfo` merges,
-    /// `EndOfSession` completes a live session once, and records for unknown keys wait for
-    /// their `NewSession`.
+    /// `EndOfSession` completes a live session once, `Purge` removes it, and records for
+    /// unknown keys wait for their `NewSession`.
     pub fn apply(&mut self, record: Record, at: Timestamp) -> Vec<Event> {
         let mut events = Vec::new();
-        self.apply_into(record, at, &mut events);
+        self.apply_with(record, at, &mut |event, _| events.push(event));
         events
     }
 
-    fn apply_into(&mut self, record: Record, at: Timestamp, events: &mut Vec<Event>) {
-        match record {
-            Record::NewSession {
-                session_key,
-                packet,
-            } => {
-                if self.get(&session_key).is_some() {
-                    return;
-                }
-                let mut session = Session::start(&session_key, self.next_sequence, &packet);
-                session.last_activity = Some(at);
-                self.insert(session);
-                events.push(Event {
-                    kind: EventKind::Started,
-                    data_source: packet.data_source,
-                    session_key: session_key.clone(),
-                });
-                if let Some(held) = self.held.remove(&session_key) {
-                    self.held_count -= held.len();
-                    for record in held {
-                        self.apply_into(record, at, events);
+    /// [`Projection::apply`], handing each event to `on_event` with the session right after it
+    /// (for `Purged`, the session as it left).
+    pub fn apply_with(
+        &mut self,
+        record: Record,
+        at: Timestamp,
+        on_event: &mut dyn FnMut(Event, &Session),
+    ) {
+        let session_key = record.session_key().to_owned();
+        let shard = self.shard_of(&session_key);
+        let Some(session) = self.shards[shard].get_mut(&session_key) else {
+            match Session::begin(&record, self.next_sequence, at) {
+                Some(session) => {
+                    let event = Event {
+                        kind: EventKind::Started,
+                        session_key: session_key.clone(),
+                        data_source: session.data_source.clone(),
+                    };
+                    self.insert(session);
+                    if let Some(session) = self.get(&session_key) {
+                        on_event(event, session);
+                    }
+                    if let Some(held) = self.held.remove(&session_key) {
+                        self.held_count -= held.len();
+                        for record in held {
+                            self.apply_with(record, at, on_event);
+                        }
                     }
                 }
+                // A purge of a session that is not here has nothing to wait for.
+                None if matches!(record, Record::Purge { .. }) => {}
+                None => self.hold(record),
             }
-            Record::SessionInfo {
-                session_key,
-                packet,
-            } => {
-                let shard = self.shard_of(&session_key);
-                let Some(session) = self.shards[shard].get_mut(&session_key) else {
-                    return self.hold(Record::SessionInfo {
-                        session_key,
-                        packet,
-                    });
-                };
-                let associates_before =
-                    (!packet.associate_session_keys.is_empty()).then(|| session.associates.clone());
-                if !session.merge(&packet) {
-                    return;
+            return;
+        };
+        let associates_before = match &record {
+            Record::SessionInfo { packet, .. } if !packet.associate_session_keys.is_empty() => {
+                Some(session.associates.clone())
+            }
+            _ => None,
+        };
+        let Some(kind) = session.apply(&record, at) else {
+            return;
+        };
+        let event = Event {
+            kind,
+            session_key: session_key.clone(),
+            data_source: session.data_source.clone(),
+        };
+        match kind {
+            EventKind::Purged => {
+                if let Some(session) = self.remove(&session_key) {
+                    on_event(event, &session);
                 }
-                session.last_activity = Some(at);
-                events.push(Event {
-                    kind: EventKind::Updated,
-                    data_source: session.data_source.clone(),
-                    session_key: session_key.clone(),
-                });
+                return;
+            }
+            EventKind::Ended => {
+                if let Some(sessions) = self.by_data_source.get_mut(&session.data_source) {
+                    sessions.completed += 1;
+                }
+            }
+            EventKind::Updated => {
                 if let Some(before) = associates_before {
                     let after = session.associates.clone();
                     self.unlink_parent(&session_key, &before);
                     self.link_parent(&session_key, &after);
                 }
             }
-            Record::EndOfSession {
-                session_key,
-                packet,
-            } => {
-                let shard = self.shard_of(&session_key);
-                match self.shards[shard].get_mut(&session_key) {
-                    Some(session) => {
-                        if session.complete(&packet) {
-                            session.last_activity = Some(at);
-                            if let Some(sessions) =
-                                self.by_data_source.get_mut(&session.data_source)
-                            {
-                                sessions.completed += 1;
-                            }
-                            events.push(Event {
-                                kind: EventKind::Ended,
-                                data_source: session.data_source.clone(),
-                                session_key,
-                            });
-                        }
-                    }
-                    None => self.hold(Record::EndOfSession {
-                        session_key,
-                        packet,
-                    }),
-                }
-            }
+            EventKind::Started => {}
+        }
+        if let Some(session) = self.get(&session_key) {
+            on_event(event, session);
         }
     }
 
@@ -223,8 +202,8 @@ impl Projection {
         self.shards[shard].insert(session.key.clone(), Box::new(session));
     }
 
-    /// Removes a session for good (retention) and returns it, with the event saying so.
-    pub fn purge(&mut self, session_key: &str) -> Option<(Session, Event)> {
+    /// Takes a session out with its entries in the indexes (a `Purge` record).
+    fn remove(&mut self, session_key: &str) -> Option<Session> {
         let shard = self.shard_of(session_key);
         let session = *self.shards[shard].remove(session_key)?;
         if let hash_map::Entry::Occupied(mut entry) =
@@ -240,12 +219,7 @@ impl Projection {
             }
         }
         self.unlink_parent(session_key, &session.associates);
-        let event = Event {
-            kind: EventKind::Purged,
-            session_key: session.key.clone(),
-            data_source: session.data_source.clone(),
-        };
-        Some((session, event))
+        Some(session)
     }
 
     fn link_parent(&mut self, parent: &str, associates: &[String]) {

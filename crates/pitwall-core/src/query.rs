@@ -374,8 +374,18 @@ mod tests {
         let limits = PageLimits::for_request(10, usize::MAX);
         let first = page(&p, &query, "", limits).unwrap();
         // Between pages: one listed session and one not yet listed leave, a new one comes.
-        p.purge("k3");
-        p.purge("k15");
+        p.apply(
+            Record::Purge {
+                session_key: "k3".into(),
+            },
+            at(100),
+        );
+        p.apply(
+            Record::Purge {
+                session_key: "k15".into(),
+            },
+            at(100),
+        );
         p.apply(
             Record::NewSession {
                 session_key: "new".into(),

@@ -1,8 +1,9 @@
 //! The records of the session log and their `Packet` encoding.
 //!
-//! On Kafka a record is a `Packet` whose `type` names the packet in `content`; the current names
-//! drop the `Packet` suffix, the first reference release used the full message names, and both
-//! are read.
+//! On a broker a record is a `Packet` whose `type` names the packet in `content`; the current
+//! names drop the `Packet` suffix, the first reference release used the full message names, and
+//! both are read. [`Record::Purge`] is Pitwall's own (retention): a reference server reading the
+//! topic logs its type as unknown and skips it.
 
 use pitwall_proto::open_data::{EndOfSessionPacket, NewSessionPacket, Packet, SessionInfoPacket};
 use prost::Message;
@@ -23,7 +24,12 @@ pub enum Record {
         session_key: String,
         packet: EndOfSessionPacket,
     },
+    /// The session leaves for good (retention decided it had been complete long enough).
+    Purge { session_key: String },
 }
+
+/// The `Packet.type` of [`Record::Purge`].
+pub const PURGE_TYPE: &str = "PitwallPurgeSession";
 
 /// A `Packet` that is not a session record this service can apply.
 #[derive(Debug, Error)]
@@ -44,7 +50,8 @@ impl Record {
         match self {
             Record::NewSession { session_key, .. }
             | Record::SessionInfo { session_key, .. }
-            | Record::EndOfSession { session_key, .. } => session_key,
+            | Record::EndOfSession { session_key, .. }
+            | Record::Purge { session_key } => session_key,
         }
     }
 
@@ -54,6 +61,7 @@ impl Record {
             Record::NewSession { .. } => "NewSession",
             Record::SessionInfo { .. } => "SessionInfo",
             Record::EndOfSession { .. } => "EndOfSession",
+            Record::Purge { .. } => PURGE_TYPE,
         }
     }
 
@@ -63,6 +71,7 @@ impl Record {
             Record::NewSession { packet, .. } => packet.encode_to_vec(),
             Record::SessionInfo { packet, .. } => packet.encode_to_vec(),
             Record::EndOfSession { packet, .. } => packet.encode_to_vec(),
+            Record::Purge { .. } => Vec::new(),
         };
         Packet {
             r#type: self.type_name().to_owned(),
@@ -101,6 +110,7 @@ impl Record {
                 packet: EndOfSessionPacket::decode(content)
                     .map_err(content_error("EndOfSession"))?,
             }),
+            PURGE_TYPE => Ok(Record::Purge { session_key }),
             _ => Err(RecordDecodeError::UnknownType(packet.r#type)),
         }
     }
@@ -132,6 +142,15 @@ mod tests {
                 packet: EndOfSessionPacket::default(),
             },
         ]
+    }
+
+    #[test]
+    fn purges_round_trip_under_their_own_type() {
+        let purge = Record::Purge {
+            session_key: "k".into(),
+        };
+        assert_eq!(purge.to_packet().r#type, PURGE_TYPE);
+        assert_eq!(Record::decode(&purge.encode()).unwrap(), purge);
     }
 
     #[test]

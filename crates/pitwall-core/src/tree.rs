@@ -185,7 +185,12 @@ mod tests {
         );
         assert!(session_tree(&p, "x", 0).unwrap().parents.is_empty());
         assert_eq!(keys(&session_tree(&p, "y", 0).unwrap().parents), ["root"]);
-        p.purge("root");
+        p.apply(
+            Record::Purge {
+                session_key: "root".into(),
+            },
+            AT,
+        );
         assert!(session_tree(&p, "y", 0).unwrap().parents.is_empty());
     }
 }

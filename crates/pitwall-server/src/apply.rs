@@ -1,16 +1,20 @@
-//! Applying records to the shared projection, then queuing their notifications and updating the
-//! session gauges. Both stores go through here: the embedded writer after its commit, the Kafka
-//! follower as it reads the topic (which also publishes the feed, as only it knows the offsets).
+//! The one way the log's records reach the server's state: [`Applier::apply`] folds records,
+//! in log order, into the shared projection, then queues their notifications and feed events
+//! and updates the session gauges.
+//!
+//! Every log calls it: the embedded log right after its commit, a broker log's follower for
+//! each record it reads (this instance's and every other's). Nothing else writes the
+//! projection, the notification hub or the feed.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use pitwall_core::lifecycle::{END_REASON_DETAIL, add, order, retention_expired};
-use pitwall_core::{Event, EventKind, Projection, Record, Session};
+use pitwall_core::lifecycle::END_REASON_DETAIL;
+use pitwall_core::{Event, EventKind, Projection, Record};
 use prost_types::Timestamp;
 
 use crate::feed::{Feed, FeedItem, feed_event};
+use crate::log::Position;
 use crate::metrics::Metrics;
 use crate::notify::Hub;
 
@@ -18,9 +22,24 @@ use crate::notify::Hub;
 /// await; written only by [`Applier`], just long enough to apply a few records.
 pub type SharedProjection = Arc<RwLock<Projection>>;
 
-/// Sessions one retention pass removes at most, so a large backlog is purged over several
-/// passes without holding the projection for long.
-pub const MAX_PURGE_PER_PASS: usize = 1000;
+/// Dropped-associate notes kept for writers to pick up; older ones are forgotten.
+const MAX_DROP_NOTES: usize = 10_000;
+
+/// Records a log has made durable, to apply in order.
+pub struct Applied<'a> {
+    /// Each record with its position in the log.
+    pub records: &'a [(Position, Record)],
+    /// The position the log stands at after them: at least each record's (a log may pass
+    /// positions that hold nothing to apply).
+    pub through: Position,
+    /// When the log recorded them.
+    pub at: Timestamp,
+    /// Their feed events, encoded and stored by the log in the same commit; `None` to build
+    /// them here from the sessions as applied.
+    pub events: Option<Vec<FeedItem>>,
+    /// The first position the log still keeps feed history for, when the log keeps it.
+    pub first_kept: Option<u64>,
+}
 
 #[derive(Clone)]
 pub struct Applier {
@@ -28,70 +47,65 @@ pub struct Applier {
     pub hub: Arc<Hub>,
     pub feed: Arc<Feed>,
     pub metrics: Metrics,
+    drops: Arc<Mutex<DropNotes>>,
 }
 
+/// Associates a `SessionInfo` dropped, by its position, for the writer of that record to put
+/// back (a concurrent writer on another instance replaced the list without them). A `std`
+/// mutex: pushed by the applier and taken by the writer, never held across an await.
+type DropNotes = VecDeque<(Position, Vec<String>)>;
+
 impl Applier {
-    /// Applies records the store recorded at `at`, in order, then queues the notifications
-    /// they cause (in that order). `position` is the feed sequence they bring the sessions to.
-    pub fn apply(&self, records: impl IntoIterator<Item = Record>, at: Timestamp, position: u64) {
+    pub fn new(projection: Projection, hub: Arc<Hub>, feed: Arc<Feed>, metrics: Metrics) -> Self {
+        Applier {
+            projection: Arc::new(RwLock::new(projection)),
+            hub,
+            feed,
+            metrics,
+            drops: Arc::default(),
+        }
+    }
+
+    /// Applies the records in order, then queues the notifications and feed events they cause
+    /// (in that order).
+    pub fn apply(&self, applied: Applied<'_>) {
+        let Applied {
+            records,
+            through,
+            at,
+            events: stored,
+            first_kept,
+        } = applied;
+        let mut built = Vec::new();
+        let mut drops = Vec::new();
         let events = {
             let mut projection = write(&self.projection);
             let mut events = Vec::new();
-            for record in records {
-                events.extend(projection.apply(record, at));
+            for (position, record) in records {
+                if let Some(dropped) = dropped_associates(&projection, record) {
+                    drops.push((*position, dropped));
+                }
+                projection.apply_with(record.clone(), at, &mut |event, session| {
+                    if stored.is_none() {
+                        let event = feed_event(*position, event.kind, session.to_view(), at);
+                        built.push(FeedItem::encode(&event));
+                    }
+                    events.push(event);
+                });
             }
-            projection.set_position(position);
+            projection.set_position(through);
             self.count(&projection, &events);
             events
         };
-        self.hub.publish(&events);
-    }
-
-    /// Applies one record of the Kafka topic at feed sequence `sequence` and publishes its feed
-    /// events. With `retention`, completed sessions older than it at the record's time leave
-    /// too, so every instance reading the topic purges the same sessions at the same place.
-    pub fn apply_logged(
-        &self,
-        record: Option<Record>,
-        at: Timestamp,
-        sequence: u64,
-        retention: Option<&mut RetentionClock>,
-    ) {
-        let mut feed_events = Vec::new();
-        let events = {
-            let mut projection = write(&self.projection);
-            let mut events = record
-                .map(|record| projection.apply(record, at))
-                .unwrap_or_default();
-            for event in &events {
-                if let Some(session) = projection.get(&event.session_key) {
-                    feed_events.push(feed_event(sequence, event.kind, session.to_view(), at));
+        if !drops.is_empty() {
+            let mut notes = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+            for note in drops {
+                if notes.len() >= MAX_DROP_NOTES {
+                    notes.pop_front();
                 }
+                notes.push_back(note);
             }
-            if let Some(clock) = retention {
-                for event in &events {
-                    if event.kind == EventKind::Ended {
-                        clock.ended_at(at);
-                    }
-                }
-                if clock.due(at) {
-                    let (expired, next) = expired(&projection, clock.completed_for, at);
-                    clock.next_due = next;
-                    for (session, event) in expired.iter().filter_map(|key| projection.purge(key)) {
-                        feed_events.push(feed_event(
-                            sequence,
-                            EventKind::Purged,
-                            session.to_view(),
-                            at,
-                        ));
-                        events.push(event);
-                    }
-                }
-            }
-            projection.set_position(sequence);
-            self.count(&projection, &events);
-            events
-        };
+        }
         self.metrics.sessions_purged.inc_by(
             events
                 .iter()
@@ -99,21 +113,15 @@ impl Applier {
                 .count() as u64,
         );
         self.hub.publish(&events);
-        let items = feed_events.iter().map(FeedItem::encode).collect();
-        self.feed.publish(items, None, at);
+        self.feed.publish(stored.unwrap_or(built), first_kept, at);
     }
 
-    /// Removes sessions for retention (embedded store, after their rows were deleted and
-    /// their feed events written); `position` is the feed sequence of the last of them.
-    pub fn purge(&self, keys: &[String], position: u64) {
-        let mut projection = write(&self.projection);
-        let events: Vec<Event> = keys
-            .iter()
-            .filter_map(|key| projection.purge(key).map(|(_, event)| event))
-            .collect();
-        projection.set_position(position);
-        self.count(&projection, &events);
-        self.metrics.sessions_purged.inc_by(events.len() as u64);
+    /// The associates that the `SessionInfo` at `position` dropped from its session's list, if
+    /// it dropped any: a concurrent writer replaced the list without them.
+    pub fn take_drops(&self, position: Position) -> Option<Vec<String>> {
+        let mut notes = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+        let index = notes.iter().position(|(at, _)| *at == position)?;
+        notes.remove(index).map(|(_, dropped)| dropped)
     }
 
     fn count(&self, projection: &Projection, events: &[Event]) {
@@ -140,82 +148,26 @@ impl Applier {
     }
 }
 
-/// Completed sessions older than `completed_for` at `now`, oldest end first (ties by creation),
-/// at most [`MAX_PURGE_PER_PASS`]: the same answer on every instance with the same sessions.
-/// Also when the next pass is due: when the next of the others expires (`now` again if the cap
-/// left some behind).
-fn expired(
-    projection: &Projection,
-    completed_for: Duration,
-    now: Timestamp,
-) -> (Vec<String>, Option<Timestamp>) {
-    let mut expired: Vec<&Session> = Vec::new();
-    let mut next: Option<Timestamp> = None;
-    for session in projection.sessions().filter(|s| s.is_complete()) {
-        if retention_expired(session, completed_for, now) {
-            expired.push(session);
-        } else if let Some(ended) = session.last_activity {
-            let expires = add(ended, completed_for);
-            if next.is_none_or(|n| order(expires) < order(n)) {
-                next = Some(expires);
-            }
-        }
+/// Associates in the session's list that a `SessionInfo` replacing the list leaves out.
+fn dropped_associates(projection: &Projection, record: &Record) -> Option<Vec<String>> {
+    let Record::SessionInfo {
+        session_key,
+        packet,
+    } = record
+    else {
+        return None;
+    };
+    if packet.associate_session_keys.is_empty() {
+        return None;
     }
-    expired.sort_by_key(|session| (session.last_activity.map(order), session.sequence));
-    if expired.len() > MAX_PURGE_PER_PASS {
-        next = Some(now);
-    }
-    let keys = expired
-        .into_iter()
-        .take(MAX_PURGE_PER_PASS)
-        .map(|session| session.key.clone())
+    let dropped: Vec<String> = projection
+        .get(session_key)?
+        .associates
+        .iter()
+        .filter(|a| !packet.associate_session_keys.contains(a))
+        .cloned()
         .collect();
-    (keys, next)
-}
-
-/// When the Kafka follower purges: at the first record whose time (log time, the producer's
-/// timestamp) has reached the moment the earliest completed session expires, but not within a
-/// tenth of the retention (at most a minute) of log time after the last pass, since a pass scans
-/// every session. Every instance reads the same records with the same times, so all purge the
-/// same sessions at the same place.
-pub struct RetentionClock {
-    pub completed_for: Duration,
-    next_due: Option<Timestamp>,
-    last_pass: Option<Timestamp>,
-}
-
-/// Log time between two retention passes at most.
-const MAX_PASS_SPACING: Duration = Duration::from_secs(60);
-
-impl RetentionClock {
-    pub fn new(completed_for: Duration) -> RetentionClock {
-        RetentionClock {
-            completed_for,
-            next_due: None,
-            last_pass: None,
-        }
-    }
-
-    /// A session ended at log time `at`: it expires `completed_for` later.
-    fn ended_at(&mut self, at: Timestamp) {
-        let expires = add(at, self.completed_for);
-        if self.next_due.is_none_or(|due| order(expires) < order(due)) {
-            self.next_due = Some(expires);
-        }
-    }
-
-    /// Whether a pass is due at `at`; if so, it counts as done.
-    fn due(&mut self, at: Timestamp) -> bool {
-        let spacing = (self.completed_for / 10).min(MAX_PASS_SPACING);
-        let expired = self.next_due.is_some_and(|due| order(due) <= order(at));
-        let spaced = self
-            .last_pass
-            .is_none_or(|last| order(add(last, spacing)) <= order(at));
-        if expired && spaced {
-            self.last_pass = Some(at);
-        }
-        expired && spaced
-    }
+    (!dropped.is_empty()).then_some(dropped)
 }
 
 // A panic while holding the projection lock would come from a bug in apply; the projection is
@@ -226,29 +178,4 @@ pub fn read(projection: &SharedProjection) -> RwLockReadGuard<'_, Projection> {
 
 fn write(projection: &SharedProjection) -> RwLockWriteGuard<'_, Projection> {
     projection.write().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(millis: i64) -> Timestamp {
-        Timestamp {
-            seconds: millis / 1000,
-            nanos: ((millis % 1000) * 1_000_000) as i32,
-        }
-    }
-
-    #[test]
-    fn retention_passes_come_at_the_first_expiry_and_are_spaced() {
-        let mut clock = RetentionClock::new(Duration::from_secs(10));
-        assert!(!clock.due(at(50_000)), "nothing has ended");
-        clock.ended_at(at(1_000));
-        assert!(!clock.due(at(10_999)));
-        assert!(clock.due(at(11_000)));
-        // The pass found the next expiry 200 ms later; passes are a second (a tenth) apart.
-        clock.next_due = Some(at(11_200));
-        assert!(!clock.due(at(11_500)));
-        assert!(clock.due(at(12_000)));
-    }
 }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use crate::log::{StoreConfig, StreamLayout};
 use pitwall_core::Limits;
 use pitwall_core::lifecycle::AutoEndPolicy;
-pub use pitwall_store::kafka::StreamLayout;
 
 pub use crate::feed::FeedWindow;
 use serde_json::{Map, Value};
@@ -20,20 +20,6 @@ pub const DEFAULT_GRPC_PORT: u16 = 13579;
 /// Default Prometheus port of the reference server.
 pub const DEFAULT_METRICS_PORT: u16 = 2468;
 
-/// Where sessions are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreConfig {
-    /// The embedded store in `data_dir`.
-    Embedded,
-    /// The session topic of a Kafka cluster.
-    Kafka {
-        brokers: String,
-        topic: String,
-        /// How long a produce, a broker query or waiting to read a write back may take.
-        timeout: std::time::Duration,
-    },
-}
-
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -41,7 +27,8 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub store: StoreConfig,
-    /// How a data source's streams map to Kafka (`StreamCreationStrategy`, `PartitionMappings`).
+    /// How a data source's streams map to a broker's topics (`StreamCreationStrategy`,
+    /// `PartitionMappings`).
     pub stream_layout: StreamLayout,
     /// `IntegrateSessionManagement`: when false every unary RPC answers `success = false`.
     pub integrate_session_management: bool,
@@ -72,6 +59,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// How much of the session feed is kept for watchers to resume from.
     pub feed_window: FeedWindow,
+    /// Where to write the addresses once ready (JSON), for whoever started the server.
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Auto-end rules: one policy for every data source, and per data source changes to it.
@@ -146,6 +135,7 @@ impl Default for Config {
             auto_end: AutoEndConfig::default(),
             retention: None,
             feed_window: FeedWindow::default(),
+            ready_file: None,
         }
     }
 }

@@ -1,15 +1,17 @@
 //! The session feed: every change with its store sequence, kept for a window so a watcher can
 //! resume where it left off, and delivered live to watchers.
 //!
-//! Publishing never waits: a watcher has a bounded queue of published groups, and one that is
-//! full is cut off and told from which sequence to resume (nothing is lost: it resumes from the
-//! history). History is the embedded store's feed table, or, on Kafka, this instance's memory
-//! (the topic itself holds records, not the sessions as they were after each one).
+//! Watchers are a [`Fanout`]: publishing never waits, and a watcher whose queue of published
+//! groups is full is cut off and told from which sequence to resume (nothing is lost: it resumes
+//! from the history). History is the embedded store's feed table, or, with a shared broker
+//! log, this instance's memory (the log itself holds records, not the sessions as they were
+//! after each one).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use pitwall_core::EventKind;
 use pitwall_core::lifecycle::{order, sub};
@@ -18,8 +20,8 @@ use pitwall_store::{EmbeddedStore, StoreError};
 use prost::Message;
 use prost::bytes::Bytes;
 use prost_types::Timestamp;
-use tokio::sync::mpsc;
 
+use crate::fanout::{CutOffNotice, Fanout, Subscriber};
 use crate::metrics::Metrics;
 
 /// One published group: whole store positions, in sequence order.
@@ -85,35 +87,31 @@ impl FeedWindow {
 const RECENT_ON_DISK_STORE: usize = 4096;
 /// Bytes of those at most (sessions may be large).
 const RECENT_BYTES_ON_DISK_STORE: usize = 64 * 1024 * 1024;
-/// Bytes of events a memory window (Kafka) holds at most, whatever its count: with large
+/// Bytes of events a memory window (shared broker log) holds at most, whatever its count: with large
 /// sessions the count alone would not bound memory.
 const MEMORY_WINDOW_BYTES: usize = 256 * 1024 * 1024;
 
 pub struct Feed {
-    /// A `std` mutex: held to push a group or register a watcher, never across an await;
-    /// `try_send` inside it does not block.
+    /// A `std` mutex: held to push a group or register a watcher, never across an await.
+    /// Watchers register under it, so a watcher's tail and its first live group never overlap
+    /// nor leave a gap.
     state: Mutex<FeedState>,
+    watchers: Arc<Fanout<(), Published>>,
     /// Set when the embedded store is open; without it history is the memory window.
     disk: OnceLock<Arc<EmbeddedStore>>,
     /// Why the feed cannot be watched, if it cannot.
     unavailable: OnceLock<String>,
-    /// The newest sequence the embedded store has committed; it may be ahead of what is
-    /// published by the moment between commit and publish.
-    committed: AtomicU64,
     window: FeedWindow,
-    queue: usize,
     metrics: Metrics,
 }
 
+/// The kept window: what memory holds and where history starts.
 struct FeedState {
     recent: Recent,
     /// Oldest sequence a watcher may still resume after (minus one).
     first_kept: u64,
     /// Newest sequence published.
     head: u64,
-    watchers: HashMap<u64, mpsc::Sender<Published>>,
-    next_id: u64,
-    closed: bool,
 }
 
 impl FeedState {
@@ -149,44 +147,35 @@ pub enum Follow {
 
 /// A registered watcher's queue; dropping it unregisters.
 pub struct Watcher {
-    receiver: mpsc::Receiver<Published>,
-    feed: Arc<Feed>,
-    id: u64,
+    subscriber: Subscriber<(), Published>,
 }
 
 impl Watcher {
     /// The next group; `None` when the feed closed or this watcher was cut off (see
     /// [`Feed::is_closed`]).
     pub async fn recv(&mut self) -> Option<Published> {
-        self.receiver.recv().await
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let mut state = self.feed.lock();
-        if state.watchers.remove(&self.id).is_some() {
-            self.feed.metrics.feed_watchers.dec();
-        }
+        self.subscriber.next().await?.ok()
     }
 }
 
 impl Feed {
     pub fn new(window: FeedWindow, queue: usize, metrics: Metrics) -> Arc<Feed> {
+        let gauge = metrics.clone();
+        // A cut-off watcher resumes from the last event it got, so it gets what is queued
+        // first.
+        let watchers = Fanout::new(queue, CutOffNotice::AfterQueued, move |_| {
+            gauge.feed_watchers.dec()
+        });
         Arc::new(Feed {
             state: Mutex::new(FeedState {
                 recent: Recent::default(),
                 first_kept: 1,
                 head: 0,
-                watchers: HashMap::new(),
-                next_id: 0,
-                closed: false,
             }),
+            watchers,
             disk: OnceLock::new(),
             unavailable: OnceLock::new(),
-            committed: AtomicU64::new(0),
             window,
-            queue: queue.max(1),
             metrics,
         })
     }
@@ -215,7 +204,6 @@ impl Feed {
         state.first_kept = bounds.first_kept;
         state.head = bounds.next - 1;
         drop(state);
-        self.committed.store(bounds.next - 1, Ordering::Release);
         let _ = self.disk.set(store);
         self.metrics.feed_first_kept.set(bounds.first_kept as i64);
         self.metrics.feed_head.set(bounds.next as i64 - 1);
@@ -290,18 +278,10 @@ impl Feed {
         if let Some(first_kept) = first_kept {
             state.first_kept = first_kept;
         }
-        let mut cut_off = Vec::new();
-        for (id, sender) in &state.watchers {
-            if sender.try_send(group.clone()).is_err() {
-                cut_off.push(*id);
-            }
-        }
-        for id in cut_off {
-            state.watchers.remove(&id);
-            self.metrics.feed_watchers.dec();
-            self.metrics.feed_watchers_cut_off.inc();
-        }
-        self.metrics.feed_events.inc_by(group.len() as u64);
+        let events = group.len() as u64;
+        let delivered = self.watchers.publish(&(), group);
+        self.metrics.feed_watchers_cut_off.inc_by(delivered.cut_off);
+        self.metrics.feed_events.inc_by(events);
         self.metrics.feed_first_kept.set(state.first_kept as i64);
         self.metrics.feed_head.set(state.head as i64);
     }
@@ -311,17 +291,11 @@ impl Feed {
         self.lock().head
     }
 
-    /// Records that the embedded store has committed every sequence up to `sequence` (before
-    /// the sessions reflect them, so no listing reports a sequence this feed calls unknown).
-    pub fn committed(&self, sequence: u64) {
-        self.committed.fetch_max(sequence, Ordering::AcqRel);
-    }
-
-    /// A sequence no change has had yet, if this server can tell: the embedded store numbers
-    /// every change itself; on Kafka another instance may be ahead of this one.
-    pub fn is_unknown(&self, sequence: u64) -> Option<u64> {
-        let committed = self.committed.load(Ordering::Acquire);
-        (self.disk.get().is_some() && sequence > committed).then_some(committed)
+    /// Whether `sequence` is beyond `applied`, the newest position the sessions reflect, when
+    /// this server can tell: the embedded store numbers every change itself; on a shared
+    /// broker log another instance may be ahead of this one.
+    pub fn is_unknown(&self, sequence: u64, applied: u64) -> Option<u64> {
+        (self.disk.get().is_some() && sequence > applied).then_some(applied)
     }
 
     /// Fails if the events after `after` are no longer all kept.
@@ -331,8 +305,8 @@ impl Feed {
 
     /// Registers a watcher that has everything up to `after`, if memory holds every event
     /// after it.
-    pub fn follow(self: &Arc<Self>, after: u64) -> Result<Follow, Compacted> {
-        let mut state = self.lock();
+    pub fn follow(&self, after: u64) -> Result<Follow, Compacted> {
+        let state = self.lock();
         state.check_kept(after)?;
         // Memory history holds everything since `first_kept`; disk-backed memory only the
         // latest run of sequences.
@@ -351,20 +325,14 @@ impl Feed {
             .skip_while(|event| event.sequence <= after)
             .cloned()
             .collect();
-        let (sender, receiver) = mpsc::channel(self.queue);
-        let id = state.next_id;
-        state.next_id += 1;
-        if !state.closed {
-            state.watchers.insert(id, sender);
+        let (subscriber, registered) = self.watchers.subscribe(());
+        if registered {
             self.metrics.feed_watchers.inc();
         }
+        drop(state);
         Ok(Follow::Live {
             tail,
-            live: Watcher {
-                receiver,
-                feed: self.clone(),
-                id,
-            },
+            live: Watcher { subscriber },
         })
     }
 
@@ -381,22 +349,19 @@ impl Feed {
             .collect()
     }
 
-    /// Ends every watcher (shutdown); later watchers end at once.
+    /// Ends every watcher after what is queued for it (shutdown); later watchers end at once.
     pub fn close(&self) {
-        let mut state = self.lock();
-        state.closed = true;
-        let count = state.watchers.len();
-        state.watchers.clear();
-        self.metrics.feed_watchers.sub(count as i64);
+        let _state = self.lock();
+        self.watchers.close();
     }
 
     pub fn is_closed(&self) -> bool {
-        self.lock().closed
+        self.watchers.is_closed()
     }
 
     /// Groups a watcher may have waiting before it is cut off.
     pub fn queue(&self) -> usize {
-        self.queue
+        self.watchers.queue()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {

@@ -20,6 +20,7 @@ use pitwall_proto::feed::{
 use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
@@ -27,7 +28,6 @@ use crate::engine::Engine;
 use crate::feed::{Compacted, Feed, FeedItem, Follow, HistoryError, Published};
 use crate::metrics::Metrics;
 use crate::service::{answer_status, starting};
-use crate::shutdown::Shutdown;
 
 /// Events read from the disk history per step of a catch-up.
 const HISTORY_PAGE: usize = 512;
@@ -47,7 +47,8 @@ pub struct FeedService {
     limits: Limits,
     /// Room for sessions in one response (the message limit, less headroom for framing).
     message_budget: usize,
-    shutdown: Shutdown,
+    /// Owns the watch tasks: closed and awaited at shutdown, after the feed has ended them.
+    tasks: TaskTracker,
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
@@ -59,7 +60,7 @@ impl FeedService {
         metrics: Metrics,
         limits: Limits,
         max_message_bytes: usize,
-        shutdown: Shutdown,
+        tasks: TaskTracker,
     ) -> FeedService {
         FeedService {
             engine,
@@ -67,7 +68,7 @@ impl FeedService {
             metrics,
             limits,
             message_budget: max_message_bytes.saturating_sub(64 * 1024).max(1),
-            shutdown,
+            tasks,
         }
     }
 
@@ -86,7 +87,7 @@ impl SessionFeed for FeedService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        let result = self.engine().and_then(|_| {
+        let result = self.engine().and_then(|engine| {
             if !request.data_source.is_empty() {
                 self.limits
                     .check_data_source(&request.data_source)
@@ -101,7 +102,8 @@ impl SessionFeed for FeedService {
                 0 => self.feed.head(),
                 from => {
                     self.feed.check_kept(from).map_err(compacted)?;
-                    if let Some(newest) = self.feed.is_unknown(from) {
+                    let applied = engine.read().position();
+                    if let Some(newest) = self.feed.is_unknown(from, applied) {
                         return Err(Status::invalid_argument(format!(
                             "from_sequence {from} is ahead of the newest sequence {newest}; pass \
                              a sequence this server sent, or 0 to follow from now"
@@ -117,10 +119,9 @@ impl SessionFeed for FeedService {
                 last: after,
                 budget: self.message_budget,
                 sender,
-                shutdown: self.shutdown.clone(),
                 last_sent: Instant::now(),
             };
-            tokio::spawn(watch.run());
+            self.tasks.spawn(watch.run());
             Ok(Box::pin(ReceiverStream::new(receiver)) as WatchStream)
         });
         answer_status(&self.metrics, "Watch", started, result)
@@ -181,7 +182,6 @@ struct Watch {
     last: u64,
     budget: usize,
     sender: mpsc::Sender<Result<WatchResponse, Status>>,
-    shutdown: Shutdown,
     last_sent: Instant,
 }
 
@@ -239,6 +239,7 @@ impl Watch {
             let group: Published = tokio::select! {
                 group = live.recv() => match group {
                     Some(group) => group,
+                    // Shutdown: closed once every acknowledged write's events were queued.
                     None if self.feed.is_closed() => return Ok(()),
                     None => {
                         return Err(Ended::With(Status::resource_exhausted(format!(
@@ -249,7 +250,6 @@ impl Watch {
                         ))));
                     }
                 },
-                () = self.shutdown.wait() => return Ok(()),
                 () = self.sender.closed() => return Err(Ended::Quietly),
             };
             self.send_events(&group).await?;

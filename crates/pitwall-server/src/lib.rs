@@ -1,14 +1,16 @@
 //! The Pitwall server: everything between the network and the store.
 //!
 //! - [`config`]: the one `Config`, and the reference's `AppConfig.json` keys.
-//! - [`engine`]: the single writer (group commit into the store) and the shared projection;
-//!   [`apply`]: records into the projection, then notifications; [`kafka_backend`]: the
-//!   follower of the Kafka topic and the Kafka write path.
-//! - [`notify`]: start/stop subscribers per data source, bounded queues, cut-off of laggards.
-//! - [`feed`]: the session feed: sequenced events, the kept window, resumable watchers.
+//! - [`engine`]: the single writer (decides batches, group commit through the log) and the
+//!   shared projection; [`log`]: the seam every store plugs into (embedded, or a broker topic);
+//!   [`apply`]: the one way records reach the projection, notifications and the feed.
+//! - [`fanout`]: bounded live subscribers, cut off when they fall behind; [`notify`]: start/stop
+//!   subscribers per data source; [`feed`]: the session feed: sequenced events, the kept
+//!   window, resumable watchers.
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
 //! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree.
-//! - [`sweeper`]: the background pass that auto-ends abandoned sessions and purges expired ones.
+//! - [`sweeper`]: the background pass that proposes auto-ends and purges to the writer.
+//! - [`clock`]: the server's time, the system's or a manual one for tests.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
 //! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
@@ -17,19 +19,22 @@
 //! - [`tls`]: certificate files and TLS termination for both ports; [`auth`]: bearer tokens,
 //!   roles, and the rule of every RPC and admin path.
 //!
-//! Only the engine's writer thread writes the store; only the writer (embedded) or the Kafka
-//! follower changes the projection; request handlers read the projection and submit commands.
+//! Only the engine's writer thread appends to the log; only the [`apply::Applier`] changes the
+//! projection, the notification hub and the feed; request handlers read the projection and
+//! submit commands.
 
 pub mod admin;
 pub mod apply;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod engine;
+pub mod fanout;
 pub mod feed;
 pub mod feed_service;
 pub mod grpc_status;
-pub mod kafka_backend;
 pub mod keys;
+pub mod log;
 pub mod metrics;
 pub mod notify;
 pub mod server;
@@ -38,6 +43,7 @@ pub mod shutdown;
 pub mod sweeper;
 pub mod tls;
 
+pub use clock::{Clock, ManualClock};
 pub use config::{AppConfig, Config};
 pub use pitwall_core::Limits;
 pub use server::{Launched, RunningServer, ServeError, StartError, launch, start};

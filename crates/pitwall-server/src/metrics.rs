@@ -35,8 +35,6 @@ pub struct Metrics {
     pub notification_streams: IntGaugeVec,
     pub notifications_sent: IntCounterVec,
     pub subscribers_cut_off: IntCounterVec,
-    /// 1 while the Kafka broker answers (Kafka store only).
-    pub broker_up: IntGauge,
     pub feed_events: IntCounter,
     pub feed_watchers: IntGauge,
     pub feed_watchers_cut_off: IntCounter,
@@ -124,11 +122,6 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
-        let broker_up = IntGauge::new(
-            "pitwall_kafka_broker_up",
-            "1 while the Kafka broker answers metadata requests (Kafka store only)",
-        )
-        .expect("valid metric");
         let feed_events = IntCounter::new(
             "pitwall_feed_events_total",
             "Session events published to the feed",
@@ -173,7 +166,6 @@ impl Metrics {
             Box::new(notification_streams.clone()),
             Box::new(notifications_sent.clone()),
             Box::new(subscribers_cut_off.clone()),
-            Box::new(broker_up.clone()),
             Box::new(feed_events.clone()),
             Box::new(feed_watchers.clone()),
             Box::new(feed_watchers_cut_off.clone()),
@@ -198,7 +190,6 @@ impl Metrics {
             notification_streams,
             notifications_sent,
             subscribers_cut_off,
-            broker_up,
             feed_events,
             feed_watchers,
             feed_watchers_cut_off,
@@ -216,6 +207,13 @@ impl Metrics {
         self.rpc_duration
             .with_label_values(&[method, outcome])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Registers a gauge that only one kind of log has.
+    pub fn register_gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        let gauge = IntGauge::new(name, help)?;
+        self.registry.register(Box::new(gauge.clone()))?;
+        Ok(gauge)
     }
 
     /// Sets the per-data-source session gauges.

@@ -1,20 +1,16 @@
 //! The notification hub: start and stop subscribers per data source, fed from applied events.
 //!
-//! Only the engine's writer publishes, in apply order, so every subscriber sees events in log
-//! order. Publishing never waits: each subscriber has a bounded queue, and one that is full is
-//! cut off (its stream ends with `RESOURCE_EXHAUSTED`) instead of slowing writers or others.
+//! Only the [`Applier`](crate::apply::Applier) publishes, in apply order, so every subscriber
+//! sees events in log order. Subscribers are a [`Fanout`]: publishing never waits, and a
+//! subscriber whose queue is full is cut off (its stream ends with `RESOURCE_EXHAUSTED`) instead
+//! of slowing writers or others.
 
-use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 
-use futures::Stream;
 use pitwall_core::{Event, EventKind};
-use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::fanout::{CutOff, CutOffNotice, Fanout, Subscriber};
 use crate::metrics::Metrics;
 
 /// Which notification stream a subscriber holds.
@@ -42,229 +38,90 @@ impl Kind {
 }
 
 /// The subscriber fell behind by more than its queue and was cut off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FellBehind {
-    pub queue: usize,
-}
+pub type FellBehind = CutOff;
+
+/// A subscriber's stream of session keys, ending with [`FellBehind`] if it was cut off.
+pub type Subscription = Subscriber<(Kind, String), Arc<str>>;
 
 pub struct Hub {
-    /// A `std` mutex: held only to look up or change subscriber lists, never across an await,
-    /// and `try_send` inside it does not block.
-    inner: Mutex<Inner>,
-    queue: usize,
+    subscribers: Arc<Fanout<(Kind, String), Arc<str>>>,
     metrics: Metrics,
-}
-
-#[derive(Default)]
-struct Inner {
-    subscribers: HashMap<(Kind, String), Vec<Subscriber>>,
-    next_id: u64,
-    closed: bool,
-}
-
-struct Subscriber {
-    id: u64,
-    sender: mpsc::Sender<Arc<str>>,
-    cut_off: Arc<AtomicBool>,
 }
 
 impl Hub {
     /// `queue`: notifications a subscriber may have waiting before it is cut off.
     pub fn new(queue: usize, metrics: Metrics) -> Arc<Hub> {
+        let gauge = metrics.clone();
+        // A cut-off subscriber must subscribe again and re-read the sessions anyway, so it is
+        // told at once rather than after a backlog it would discard.
+        let subscribers = Fanout::new(
+            queue,
+            CutOffNotice::AtOnce,
+            move |(kind, _): &(Kind, String)| {
+                gauge
+                    .notification_streams
+                    .with_label_values(&[kind.label()])
+                    .dec();
+            },
+        );
         Arc::new(Hub {
-            inner: Mutex::new(Inner::default()),
-            queue: queue.max(1),
+            subscribers,
             metrics,
         })
     }
 
     /// Registers a subscriber. From the moment this returns, every matching event is delivered.
     /// After [`Hub::close`] the subscription ends at once.
-    pub fn subscribe(self: &Arc<Self>, kind: Kind, data_source: &str) -> Subscription {
-        let (sender, receiver) = mpsc::channel(self.queue);
-        let cut_off = Arc::new(AtomicBool::new(false));
-        let mut inner = self.lock();
-        let id = inner.next_id;
-        inner.next_id += 1;
-        if !inner.closed {
-            inner
-                .subscribers
-                .entry((kind, data_source.to_owned()))
-                .or_default()
-                .push(Subscriber {
-                    id,
-                    sender,
-                    cut_off: cut_off.clone(),
-                });
+    pub fn subscribe(&self, kind: Kind, data_source: &str) -> Subscription {
+        let (subscription, registered) = self.subscribers.subscribe((kind, data_source.to_owned()));
+        if registered {
             self.metrics
                 .notification_streams
                 .with_label_values(&[kind.label()])
                 .inc();
         }
-        Subscription {
-            receiver,
-            cut_off,
-            queue: self.queue,
-            registration: Some(Registration {
-                hub: Arc::downgrade(self),
-                kind,
-                data_source: data_source.to_owned(),
-                id,
-            }),
-        }
+        subscription
     }
 
     /// Queues each event to its subscribers, in order. Never waits.
     pub fn publish(&self, events: &[Event]) {
-        let mut inner = self.lock();
         for event in events {
             let Some(kind) = Kind::of(event.kind) else {
                 continue;
             };
-            let Some(subscribers) = inner
+            let key = (kind, event.data_source.clone());
+            let delivered = self
                 .subscribers
-                .get_mut(&(kind, event.data_source.clone()))
-            else {
-                continue;
-            };
-            let key: Arc<str> = Arc::from(event.session_key.as_str());
-            let before = subscribers.len();
-            let mut sent = 0;
-            subscribers.retain(|subscriber| match subscriber.sender.try_send(key.clone()) {
-                Ok(()) => {
-                    sent += 1;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    subscriber.cut_off.store(true, Ordering::Release);
-                    self.metrics
-                        .subscribers_cut_off
-                        .with_label_values(&[kind.label()])
-                        .inc();
-                    warn!(
-                        kind = kind.label(),
-                        data_source = %event.data_source,
-                        queue = self.queue,
-                        "notification subscriber fell behind and was cut off"
-                    );
-                    false
-                }
-                // The subscription is being dropped; its guard removes it too.
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            });
-            let removed = before - subscribers.len();
-            if subscribers.is_empty() {
-                inner.subscribers.remove(&(kind, event.data_source.clone()));
-            }
+                .publish(&key, Arc::from(event.session_key.as_str()));
             self.metrics
                 .notifications_sent
                 .with_label_values(&[kind.label()])
-                .inc_by(sent);
-            self.metrics
-                .notification_streams
-                .with_label_values(&[kind.label()])
-                .sub(removed as i64);
+                .inc_by(delivered.sent);
+            if delivered.cut_off > 0 {
+                self.metrics
+                    .subscribers_cut_off
+                    .with_label_values(&[kind.label()])
+                    .inc_by(delivered.cut_off);
+                warn!(
+                    kind = kind.label(),
+                    data_source = %event.data_source,
+                    subscribers = delivered.cut_off,
+                    queue = self.subscribers.queue(),
+                    "notification subscriber fell behind and was cut off"
+                );
+            }
         }
     }
 
-    /// Ends every stream (status OK) and refuses new ones: the server is shutting down.
+    /// Ends every stream (status OK) after what is queued for it, and refuses new ones: the
+    /// server is shutting down.
     pub fn close(&self) {
-        let mut inner = self.lock();
-        inner.closed = true;
-        for ((kind, _), subscribers) in inner.subscribers.drain() {
-            self.metrics
-                .notification_streams
-                .with_label_values(&[kind.label()])
-                .sub(subscribers.len() as i64);
-        }
+        self.subscribers.close();
     }
 
     /// Subscribers currently registered for `kind` and `data_source`.
     pub fn subscriber_count(&self, kind: Kind, data_source: &str) -> usize {
-        self.lock()
-            .subscribers
-            .get(&(kind, data_source.to_owned()))
-            .map_or(0, Vec::len)
-    }
-
-    fn remove(&self, kind: Kind, data_source: &str, id: u64) {
-        let mut inner = self.lock();
-        let key = (kind, data_source.to_owned());
-        let Some(subscribers) = inner.subscribers.get_mut(&key) else {
-            return;
-        };
-        let before = subscribers.len();
-        subscribers.retain(|s| s.id != id);
-        if before != subscribers.len() {
-            self.metrics
-                .notification_streams
-                .with_label_values(&[kind.label()])
-                .dec();
-        }
-        if subscribers.is_empty() {
-            inner.subscribers.remove(&key);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic elsewhere while holding the lock leaves the lists consistent (every change
-        // is a single retain/push), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A subscriber's stream of session keys. Dropping it (the client went away) unregisters it at
-/// once, without waiting for the next event.
-pub struct Subscription {
-    receiver: mpsc::Receiver<Arc<str>>,
-    cut_off: Arc<AtomicBool>,
-    queue: usize,
-    registration: Option<Registration>,
-}
-
-struct Registration {
-    hub: Weak<Hub>,
-    kind: Kind,
-    data_source: String,
-    id: u64,
-}
-
-impl Stream for Subscription {
-    type Item = Result<Arc<str>, FellBehind>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.registration.is_none() {
-            return Poll::Ready(None);
-        }
-        // A cut-off subscriber is told at once, ahead of what is still queued: it must
-        // re-subscribe and re-read state anyway.
-        if self.cut_off.load(Ordering::Acquire) {
-            self.registration = None;
-            return Poll::Ready(Some(Err(FellBehind { queue: self.queue })));
-        }
-        match self.receiver.poll_recv(cx) {
-            Poll::Ready(Some(key)) => Poll::Ready(Some(Ok(key))),
-            Poll::Ready(None) if self.cut_off.load(Ordering::Acquire) => {
-                self.registration = None;
-                Poll::Ready(Some(Err(FellBehind { queue: self.queue })))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some(registration) = self.registration.take()
-            && let Some(hub) = registration.hub.upgrade()
-        {
-            hub.remove(
-                registration.kind,
-                &registration.data_source,
-                registration.id,
-            );
-        }
+        self.subscribers.count(&(kind, data_source.to_owned()))
     }
 }
 

@@ -3,25 +3,27 @@
 //! Startup is two steps. [`launch`] opens (and locks) the store and binds both ports: from then
 //! on health answers `NOT_SERVING`, `/readyz` 503, and session RPCs `UNAVAILABLE`, so an
 //! orchestrator can tell "starting" from "down" during a long replay. [`Launched::finish`] reads
-//! the store into the projection, starts the writer and reports ready (health `SERVING`).
-//! Shutdown: health `NOT_SERVING`, stop accepting, end streams, finish in-flight writes, close
-//! the store.
+//! the log into the projection, starts the writer and reports ready (health `SERVING`, and the
+//! ready file when one is asked for).
+//! Shutdown: health `NOT_SERVING`, stop accepting connections, finish the writes already
+//! queued, then end notification streams and feed watchers once they have been sent everything
+//! those writes caused, wait for open requests, close the log.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use futures::StreamExt;
 use pitwall_core::Projection;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
 use pitwall_proto::feed::session_feed_server::SessionFeedServer;
-use pitwall_store::embedded::EmbeddedOptions;
-use pitwall_store::kafka::{KafkaOptions, KafkaStoreError};
-use pitwall_store::{EmbeddedStore, StoreError};
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -32,18 +34,19 @@ use tracing::{info, warn};
 use crate::admin::{self, Readiness};
 use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
-use crate::config::{Config, StoreConfig};
-use crate::engine::{Backend, Engine, EngineOptions};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::engine::{Engine, EngineOptions};
 use crate::feed::Feed;
 use crate::feed_service::FeedService;
 use crate::grpc_status::oversize_as_resource_exhausted;
-use crate::kafka_backend::KafkaBackend;
 use crate::keys::KeySource;
+use crate::log::{self, LogHealth, Opened, StartLogError};
 use crate::metrics::Metrics;
 use crate::notify::Hub;
 use crate::service::SessionService;
 use crate::shutdown::Shutdown;
-use crate::sweeper::Sweeper;
+use crate::sweeper::{Sweeper, SweeperOptions};
 use crate::tls::{AdminListener, Tls};
 
 /// Name of the session service in gRPC health checks and reflection.
@@ -57,7 +60,7 @@ const STORE_HEALTH_NAMES: [&str; 3] = ["", SESSION_SERVICE_NAME, FEED_SERVICE_NA
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Log(#[from] StartLogError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         addr: SocketAddr,
@@ -74,8 +77,11 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     TokenFile(#[from] crate::auth::TokenFileError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaStoreError),
+    #[error("cannot write the ready file {path}: {source}")]
+    ReadyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("stopped before the server was ready")]
     StoppedBeforeReady,
     #[error("startup task failed: {0}")]
@@ -95,8 +101,9 @@ pub enum ServeError {
 /// Ports bound and answering, store open but not read yet.
 pub struct Launched {
     config: Config,
+    clock: Clock,
     started: Instant,
-    store: Option<EmbeddedStore>,
+    opened: Option<Opened>,
     addrs: Addrs,
     metrics: Metrics,
     hub: Arc<Hub>,
@@ -107,6 +114,8 @@ pub struct Launched {
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
+    /// Tasks serving one call each (feed watchers): stopped and awaited at shutdown.
+    calls: TaskTracker,
     grpc_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -158,27 +167,22 @@ impl RunningServer {
 }
 
 /// Opens the store, replays it, binds both ports and starts serving: [`launch`] then
-/// [`Launched::finish`].
+/// [`Launched::finish`], on the system clock.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
-    launch(config).await?.finish().await
+    launch(config, Clock::system()).await?.finish().await
 }
 
 /// Opens and locks the store and binds both ports; health says `NOT_SERVING` until
-/// [`Launched::finish`] has read the store.
-pub async fn launch(config: Config) -> Result<Launched, StartError> {
+/// [`Launched::finish`] has read the store. `clock` is the time every decision uses.
+pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError> {
     let started = Instant::now();
     let metrics = Metrics::new();
-    let data_dir = config.data_dir.clone();
-    let store_options = EmbeddedOptions {
+    let (store, data_dir) = (config.store.clone(), config.data_dir.clone());
+    let store_options = log::embedded::Options {
         cache_bytes: config.store_cache_bytes,
     };
-    let store = match &config.store {
-        StoreConfig::Embedded => Some(
-            tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir, &store_options))
-                .await??,
-        ),
-        StoreConfig::Kafka { .. } => None,
-    };
+    let opened =
+        tokio::task::spawn_blocking(move || log::open(&store, &data_dir, store_options)).await??;
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
@@ -201,6 +205,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let hub = Hub::new(config.subscriber_queue, metrics.clone());
     let feed = Feed::new(config.feed_window, config.subscriber_queue, metrics.clone());
     let engine = Arc::new(OnceLock::new());
+    let calls = TaskTracker::new();
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in STORE_HEALTH_NAMES {
         health
@@ -247,7 +252,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         metrics.clone(),
         config.limits.clone(),
         config.max_message_bytes,
-        shutdown.clone(),
+        calls.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
@@ -296,26 +301,17 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
             shutdown.clone(),
         )),
     };
-    match (&store, &config.store) {
-        (Some(store), _) => info!(
-            grpc = %addrs.grpc,
-            metrics = %addrs.metrics,
-            path = %store.path().display(),
-            "store opened and ports bound; reading the store"
-        ),
-        (None, StoreConfig::Kafka { brokers, topic, .. }) => info!(
-            grpc = %addrs.grpc,
-            metrics = %addrs.metrics,
-            %brokers,
-            %topic,
-            "ports bound; reading the Kafka session topic"
-        ),
-        (None, StoreConfig::Embedded) => {}
-    }
+    info!(
+        grpc = %addrs.grpc,
+        metrics = %addrs.metrics,
+        log = %opened.describe(),
+        "ports bound; reading the log"
+    );
     Ok(Launched {
         config,
+        clock,
         started,
-        store,
+        opened: Some(opened),
         addrs,
         metrics,
         hub,
@@ -326,6 +322,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         health,
         readiness,
         shutdown,
+        calls,
         grpc_task: Some(grpc_task),
         admin_task: Some(admin_task),
     })
@@ -351,61 +348,26 @@ impl Launched {
         self.access.clone()
     }
 
-    /// Reads the store into the projection, starts the writer and reports ready.
+    /// Reads the log into the projection, starts the writer and reports ready.
     pub async fn finish(mut self) -> Result<RunningServer, StartError> {
         let replay_started = Instant::now();
-        let applier = Applier {
-            projection: Arc::new(RwLock::new(Projection::default())),
-            hub: self.hub.clone(),
-            feed: self.feed.clone(),
-            metrics: self.metrics.clone(),
+        let applier = Applier::new(
+            Projection::default(),
+            self.hub.clone(),
+            self.feed.clone(),
+            self.metrics.clone(),
+        );
+        let context = log::Context {
+            applier: applier.clone(),
+            clock: self.clock.clone(),
+            layout: self.config.stream_layout.clone(),
+            feed_window: self.config.feed_window,
+            shutdown: self.shutdown.clone(),
         };
-        let (backend, follower) = match (self.store.take(), &self.config.store) {
-            (Some(store), _) => {
-                let projection = applier.projection.clone();
-                let feed = self.feed.clone();
-                let store = tokio::task::spawn_blocking(move || {
-                    // Nothing reads the projection before startup finishes; the lock is
-                    // uncontended.
-                    let mut projection = projection.write().unwrap_or_else(|e| e.into_inner());
-                    projection.reserve(store.len()? as usize);
-                    store.load(|session| projection.restore(session))?;
-                    let store = Arc::new(store);
-                    feed.use_disk(store.clone())?;
-                    projection.set_position(feed.head());
-                    drop(projection);
-                    Ok::<_, StoreError>(store)
-                })
-                .await??;
-                (Backend::Embedded(store), None)
-            }
-            (
-                None,
-                StoreConfig::Kafka {
-                    brokers,
-                    topic,
-                    timeout,
-                },
-            ) => {
-                let options = KafkaOptions {
-                    brokers: brokers.clone(),
-                    topic: topic.clone(),
-                    timeout: *timeout,
-                };
-                let layout = self.config.stream_layout.clone();
-                let retention = self.config.retention;
-                let (applier, shutdown) = (applier.clone(), self.shutdown.clone());
-                let started = tokio::task::spawn_blocking(move || {
-                    KafkaBackend::start(options, layout, applier, retention, &shutdown)
-                })
-                .await??;
-                let Some((kafka, follower)) = started else {
-                    return Err(StartError::StoppedBeforeReady);
-                };
-                (Backend::Kafka(kafka), Some(follower))
-            }
-            (None, StoreConfig::Embedded) => unreachable!("launch opens the embedded store"),
-        };
+        let opened = self.opened.take().expect("finish runs once");
+        let log = tokio::task::spawn_blocking(move || opened.start(context))
+            .await??
+            .ok_or(StartError::StoppedBeforeReady)?;
         let sessions = {
             let projection = read(&applier.projection);
             for (data_source, counts) in projection.counts_by_data_source() {
@@ -420,28 +382,35 @@ impl Launched {
             );
             projection.len()
         };
-        let broker = match &backend {
-            Backend::Kafka(kafka) => Some(kafka.clone()),
-            Backend::Embedded(_) => None,
-        };
 
         let (engine, writer) = Engine::start(
-            backend,
+            log.clone(),
             applier,
             EngineOptions {
                 limits: self.config.limits.clone(),
                 write_queue: self.config.write_queue,
                 max_batch: self.config.max_batch,
+                feed_window: self.config.feed_window,
+                clock: self.clock.clone(),
             },
         )
         .map_err(StartError::Writer)?;
         let sweeper = Sweeper::start(
             engine.clone(),
-            self.config.auto_end.clone(),
-            self.config.retention,
-            self.config.feed_window.max_age.is_some(),
+            SweeperOptions {
+                auto_end: self.config.auto_end.clone(),
+                retention: self.config.retention,
+                trim_by_age: self.config.feed_window.max_age.is_some(),
+            },
+            self.clock.clone(),
             self.shutdown.clone(),
         );
+        let log_health = tokio::spawn(follow_log_health(
+            log.health(),
+            self.health.clone(),
+            self.readiness.clone(),
+            self.shutdown.clone(),
+        ));
         // Only `finish` sets it, once.
         let _ = self.engine.set(engine);
         for name in STORE_HEALTH_NAMES {
@@ -467,6 +436,12 @@ impl Launched {
             );
             "open-beyond-loopback"
         };
+        if let Some(path) = &self.config.ready_file {
+            write_ready_file(path, self.addrs).map_err(|source| StartError::ReadyFile {
+                path: path.clone(),
+                source,
+            })?;
+        }
         info!(
             grpc = %self.addrs.grpc,
             metrics = %self.addrs.metrics,
@@ -478,34 +453,38 @@ impl Launched {
             "pitwall ready"
         );
 
-        if let Some(kafka) = broker {
-            tokio::spawn(watch_broker(
-                kafka,
-                self.health.clone(),
-                self.metrics.clone(),
-                self.shutdown.clone(),
-            ));
-        }
         let stopping = self.shutdown.clone();
         let grace = self.config.shutdown_grace;
         let health = self.health.clone();
         let readiness = self.readiness.clone();
         let hub = self.hub.clone();
         let feed = self.feed.clone();
+        let calls = self.calls.clone();
+        let ready_file = self.config.ready_file.clone();
         let grpc_task = self.grpc_task.take().expect("finish runs once");
         let admin_task = self.admin_task.take().expect("finish runs once");
         let done = tokio::spawn(async move {
             stopping.wait().await;
             let began = Instant::now();
-            info!("shutting down: no new connections, ending notification streams");
+            info!("shutting down: no new connections, finishing queued writes");
+            if let Some(path) = &ready_file {
+                let _ = std::fs::remove_file(path);
+            }
             readiness.set(false);
             for name in STORE_HEALTH_NAMES {
                 health
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            sweeper.stop().await;
+            // Every write accepted so far is answered, so its notifications are queued...
+            writer.stop().await;
+            // ...and every stream ends once it has been sent them.
             hub.close();
             feed.close();
+            calls.close();
+            calls.wait().await;
+            let _ = log_health.await;
             // In-flight requests finish; a stream that does not end by itself (a health Watch)
             // is cut when the grace period is over, so it cannot hold the process open.
             let abort = grpc_task.abort_handle();
@@ -520,12 +499,7 @@ impl Launched {
                     Ok(Ok(()))
                 }
             };
-            sweeper.stop().await;
-            // The writer finishes what is queued, then closes the store.
-            writer.stop().await;
-            if let Some(follower) = follower {
-                let _ = tokio::task::spawn_blocking(move || follower.stop()).await;
-            }
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
             let admin_result = admin_task.await;
             info!(
                 elapsed_ms = began.elapsed().as_millis() as u64,
@@ -553,42 +527,49 @@ impl Drop for Launched {
     }
 }
 
-/// How often the broker is asked whether it is there.
-const BROKER_PROBE_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Marks the session service `NOT_SERVING` while the broker does not answer (writes cannot be
-/// made durable; reads still answer from the last applied state), `SERVING` again when it does.
-async fn watch_broker(
-    kafka: Arc<KafkaBackend>,
+/// Keeps health and readiness in step with the log: a log that cannot take writes marks the
+/// session service `NOT_SERVING` (reads still answer from what was applied); a failed store
+/// marks the whole server `NOT_SERVING` and `/readyz` 503 until it recovers.
+async fn follow_log_health(
+    mut changes: watch::Receiver<LogHealth>,
     health: HealthReporter,
-    metrics: Metrics,
+    readiness: Readiness,
     shutdown: Shutdown,
 ) {
-    let mut up = true;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(BROKER_PROBE_INTERVAL) => {}
+            changed = changes.changed() => if changed.is_err() { return },
             () = shutdown.wait() => return,
         }
-        let probe = kafka.clone();
-        let answered = tokio::task::spawn_blocking(move || probe.probe())
-            .await
-            .unwrap_or(false);
-        metrics.broker_up.set(i64::from(answered));
-        if answered != up && !shutdown.is_triggered() {
-            up = answered;
-            let status = if up {
-                info!("Kafka broker answers again; writes are served");
-                ServingStatus::Serving
-            } else {
-                warn!("Kafka broker does not answer; writes answer UNAVAILABLE until it returns");
-                ServingStatus::NotServing
-            };
-            health
-                .set_service_status(SESSION_SERVICE_NAME, status)
-                .await;
+        let state = changes.borrow_and_update().clone();
+        if shutdown.is_triggered() {
+            return;
         }
+        let (names, status, ready): (&[&str], _, _) = match &state {
+            LogHealth::Serving => (&STORE_HEALTH_NAMES, ServingStatus::Serving, true),
+            LogHealth::WritesDown(_) => (&[SESSION_SERVICE_NAME], ServingStatus::NotServing, true),
+            LogHealth::Failed(_) => (&STORE_HEALTH_NAMES, ServingStatus::NotServing, false),
+        };
+        for name in names {
+            health.set_service_status(*name, status).await;
+        }
+        readiness.set(ready);
     }
+}
+
+/// Writes the addresses once the server is ready, for scripts and tests that start it: written
+/// whole under another name, then renamed, so a reader never sees half of it.
+fn write_ready_file(path: &Path, addrs: Addrs) -> std::io::Result<()> {
+    let text = format!(
+        "{{\"grpc\":\"{}\",\"metrics\":\"{}\",\"pid\":{}}}\n",
+        addrs.grpc,
+        addrs.metrics,
+        std::process::id()
+    );
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, path)
 }
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {

@@ -34,11 +34,15 @@ const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions_by_
 /// Feed sequence → encoded `pitwall.v1.SessionEvent`.
 const FEED_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("feed_events");
 
-/// Small facts about the feed; [`FIRST_KEPT`] is the only one.
+/// Small facts about the feed: [`FIRST_KEPT`] and [`NEXT`].
 const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("feed_meta");
 
 /// The oldest sequence still kept (everything before it was trimmed).
 const FIRST_KEPT: &str = "first_kept";
+
+/// The next sequence, when the last ones numbered records that changed nothing (and so have no
+/// event to say how far numbering went).
+const NEXT: &str = "next";
 
 /// How far beyond its count the feed may grow before it is trimmed back (less for small
 /// windows).
@@ -127,6 +131,8 @@ pub struct Changes<'a> {
     pub events: Vec<(u64, Bytes)>,
     /// The window the feed is trimmed to.
     pub window: FeedWindow,
+    /// The next sequence, when it is past the last of `events`.
+    pub next: Option<u64>,
 }
 
 /// How much of the feed is kept: at most `max_events`, none recorded before `oldest`.
@@ -254,9 +260,12 @@ impl EmbeddedStore {
             if first_kept != before.first_kept {
                 meta.insert(FIRST_KEPT, first_kept)?;
             }
+            if let Some(next) = changes.next {
+                meta.insert(NEXT, next)?;
+            }
             FeedBounds {
                 first_kept,
-                next: before.next,
+                next: before.next.max(changes.next.unwrap_or(0)),
             }
         };
         txn.commit()?;
@@ -342,10 +351,11 @@ fn bounds_of(
     meta: &impl ReadableTable<&'static str, u64>,
 ) -> Result<FeedBounds, StoreError> {
     let first_kept = meta.get(FIRST_KEPT)?.map(|v| v.value()).unwrap_or(1);
-    let next = match events.last()? {
+    let after_events = match events.last()? {
         Some((sequence, _)) => sequence.value() + 1,
         None => first_kept,
     };
+    let next = after_events.max(meta.get(NEXT)?.map(|v| v.value()).unwrap_or(0));
     Ok(FeedBounds { first_kept, next })
 }
 

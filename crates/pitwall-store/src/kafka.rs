@@ -248,11 +248,13 @@ impl KafkaLog {
             .collect()
     }
 
-    /// Produces the records in order and waits until each is acknowledged by all in-sync
-    /// replicas. Returns each record's (partition, offset), or why it failed.
+    /// Produces the records in order, stamped `timestamp_ms` (milliseconds since the epoch),
+    /// and waits until each is acknowledged by all in-sync replicas. Returns each record's
+    /// (partition, offset), or why it failed.
     pub fn append<'a>(
         &self,
         records: impl IntoIterator<Item = &'a Record>,
+        timestamp_ms: i64,
     ) -> Vec<Result<(i32, i64), KafkaStoreError>> {
         let pending: Vec<_> = records
             .into_iter()
@@ -263,7 +265,8 @@ impl KafkaLog {
                     .send_result(
                         FutureRecord::to(&self.options.topic)
                             .key(&key)
-                            .payload(&payload),
+                            .payload(&payload)
+                            .timestamp(timestamp_ms),
                     )
                     .map_err(|(e, _)| KafkaStoreError::Produce(e))
             })

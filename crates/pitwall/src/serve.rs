@@ -40,7 +40,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let signals = Signals::register().context("cannot listen for SIGINT and SIGTERM")?;
     let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let token_file = config.auth_tokens.clone();
-    let launched = pitwall_server::launch(config).await?;
+    let launched = pitwall_server::launch(config, pitwall_server::Clock::system()).await?;
     let shutdown = launched.shutdown_handle();
     let access = launched.access();
     tokio::spawn(async move {
@@ -101,6 +101,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         auto_end: defaults.auto_end.clone(),
         retention: defaults.retention,
         feed_window: defaults.feed_window,
+        ready_file: args.ready_file.clone(),
     };
     let app = match &args.config {
         Some(path) => Some((path, AppConfig::load(path)?)),

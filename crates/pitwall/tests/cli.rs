@@ -1115,15 +1115,12 @@ async fn watch_resumes_by_itself_after_the_server_cuts_it_off() {
 
 #[tokio::test]
 async fn watch_shows_sessions_purged_by_retention() {
-    if kafka_broker().is_some() {
-        // Retention removes sessions on the embedded store only.
-        return;
-    }
-    let server =
-        TestServer::start_with(|c| c.retention = Some(std::time::Duration::from_millis(200))).await;
+    let retention = std::time::Duration::from_millis(200);
+    let server = TestServer::start_manual(|c| c.retention = Some(retention)).await;
     let mut watch = feed_watch(&server, "table", &["--all"]).await;
     let key = created(&server, &["--data-source", "ds", "--identifier", "FP1"]).await;
     assert!(pitwall(&server, &["end", &key]).await.status.success());
+    server.advance(retention);
     let kinds = [
         watch.event().await,
         watch.event().await,

@@ -16,19 +16,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
 use tokio::time::timeout;
 
-/// Skips the test (with a note) when no broker is configured.
-macro_rules! broker_or_skip {
-    () => {
-        match kafka_broker() {
-            Some(broker) => broker,
-            None => {
-                eprintln!("no PITWALL_TEST_KAFKA broker: Kafka test not run");
-                return;
-            }
-        }
-    };
-}
-
 /// Polls `check` until it holds: state written on one instance reaches the others through the
 /// topic, with no event to wait for on the reading side.
 async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -46,8 +33,9 @@ where
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_others() {
-    broker_or_skip!();
+    required_broker();
     let a = TestServer::start().await;
     let b = a.another_instance().await;
     let c = a.another_instance().await;
@@ -104,8 +92,9 @@ async fn sessions_written_on_one_instance_are_read_listed_and_notified_on_the_ot
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn concurrent_associates_from_two_instances_both_end_up_in_the_list() {
-    broker_or_skip!();
+    required_broker();
     let a = TestServer::start().await;
     let b = a.another_instance().await;
     let (mut on_a, on_b) = (a.client().await, b.client().await);
@@ -161,8 +150,9 @@ async fn concurrent_associates_from_two_instances_both_end_up_in_the_list() {
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn an_instance_killed_mid_write_loses_nothing_and_the_others_carry_on() {
-    broker_or_skip!();
+    required_broker();
     let topic_dir = tempfile::tempdir().unwrap();
     let topic = topic_for(topic_dir.path());
     let (dir_1, dir_2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -235,8 +225,9 @@ fn packet(kind: &str, session_key: &str, content: Vec<u8>) -> Vec<u8> {
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn records_written_as_the_reference_writes_them_are_picked_up() {
-    let broker = broker_or_skip!();
+    let broker = required_broker();
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let mut starts = starts(&mut client, "REF").await;
@@ -422,12 +413,11 @@ impl Outage {
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn writes_are_unavailable_while_the_broker_is_down_and_resume_when_it_returns() {
-    broker_or_skip!();
-    let Ok(tansu) = std::env::var("PITWALL_TEST_TANSU") else {
-        eprintln!("no PITWALL_TEST_TANSU broker binary: broker restart test not run");
-        return;
-    };
+    required_broker();
+    let tansu = std::env::var("PITWALL_TEST_TANSU")
+        .expect("this test restarts the broker: set PITWALL_TEST_TANSU to the tansu binary");
     use tonic_health::pb::health_check_response::ServingStatus;
     let outage = Outage::start(&tansu).await;
     let dir = tempfile::tempdir().unwrap();
@@ -558,8 +548,9 @@ async fn topic_with_records(broker: &str, topic: &str, partitions: i32, counts: 
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn partition_based_offsets_and_streams_come_from_the_cluster() {
-    let broker = broker_or_skip!();
+    let broker = required_broker();
     let data_source = unique_name("pb");
     // Main topic: partition 0 holds 3 records, partition 1 holds 2, partition 2 none; no
     // essentials topic yet.
@@ -598,8 +589,9 @@ async fn partition_based_offsets_and_streams_come_from_the_cluster() {
 }
 
 #[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
 async fn topic_based_offsets_and_streams_come_from_the_cluster() {
-    let broker = broker_or_skip!();
+    let broker = required_broker();
     let data_source = unique_name("tb");
     topic_with_records(&broker, &format!("{data_source}.laps"), 1, &[2]).await;
     topic_with_records(&broker, &format!("{data_source}.gps"), 1, &[0]).await;

@@ -14,6 +14,7 @@ use pitwall_proto::key_generator::unique_key_generator_service_server::{
 use pitwall_proto::key_generator::{
     GenerateUniqueKeyRequest, GenerateUniqueKeyResponse, KeyType, generate_unique_key_response,
 };
+use pitwall_server::Clock;
 use support::*;
 use tokio::time::timeout;
 use tonic::{Code, Request, Response, Status};
@@ -24,7 +25,7 @@ use tonic_health::pb::health_client::HealthClient;
 #[tokio::test]
 async fn before_the_store_is_read_health_is_not_serving_and_sessions_are_unavailable() {
     let dir = tempfile::tempdir().unwrap();
-    let launched = pitwall_server::launch(loopback_config(dir.path()))
+    let launched = pitwall_server::launch(loopback_config(dir.path()), Clock::system())
         .await
         .unwrap();
     let url = format!("http://{}", launched.grpc_addr());

@@ -53,12 +53,10 @@ async fn sigint_stops_gracefully_with_exit_code_zero() {
 
 #[tokio::test]
 async fn a_second_server_on_a_data_directory_in_use_refuses_to_start() {
-    if kafka_broker().is_some() {
-        // On Kafka several instances share one topic by design; there is no data directory.
-        return;
-    }
+    // The embedded store's lock, whichever store the suite runs on (on Kafka several instances
+    // share one topic by design).
     let dir = tempfile::tempdir().unwrap();
-    let _first = ServerProcess::start(dir.path(), &[]).await;
+    let _first = ServerProcess::start_embedded(dir.path(), &[]).await;
     let second = timeout(
         PATIENCE,
         Command::new(binary())
@@ -118,19 +116,24 @@ async fn app_config_ports_and_feature_switch_are_read() {
         ),
     )
     .unwrap();
+    let ready_file = dir.path().join("ready.json");
     let mut child = Command::new(binary())
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
+        .arg("--ready-file")
+        .arg(&ready_file)
         .env_remove("PITWALL_METRICS_LISTEN")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    wait_ready(&ready_file, &mut child).await;
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
+    // The notes come before the ready line, which is written once the ready file is.
     let ready = timeout(PATIENCE, async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if line.contains("pitwall ready") {
@@ -166,16 +169,19 @@ async fn app_config_ports_and_feature_switch_are_read() {
 #[tokio::test]
 async fn environment_variables_configure_the_server() {
     let dir = tempfile::tempdir().unwrap();
+    let ready_file = dir.path().join("ready.json");
     let mut child = Command::new(binary())
         .arg("serve")
         .env("PITWALL_LISTEN", "127.0.0.1:0")
         .env("PITWALL_METRICS_LISTEN", "127.0.0.1:0")
         .env("PITWALL_DATA_DIR", dir.path())
         .env("PITWALL_MAX_DETAILS", "1")
+        .env("PITWALL_READY_FILE", &ready_file)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    wait_ready(&ready_file, &mut child).await;
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let ready = timeout(PATIENCE, async {

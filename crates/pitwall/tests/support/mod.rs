@@ -13,7 +13,7 @@ use pitwall_proto::api::*;
 use pitwall_proto::feed::session_feed_client::SessionFeedClient;
 use pitwall_proto::feed::{WatchRequest, WatchResponse};
 use pitwall_server::config::StoreConfig;
-use pitwall_server::{Config, RunningServer};
+use pitwall_server::{Clock, Config, ManualClock, RunningServer};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::Streaming;
@@ -33,6 +33,9 @@ pub struct TestServer {
     server: Option<RunningServer>,
     config: Config,
     dir: Arc<tempfile::TempDir>,
+    clock: Clock,
+    /// Moves `clock`, for servers started with [`TestServer::start_manual`].
+    hand: Option<Arc<ManualClock>>,
 }
 
 /// The Kafka broker the suite runs against when `PITWALL_TEST_KAFKA` names one; otherwise
@@ -41,6 +44,14 @@ pub fn kafka_broker() -> Option<String> {
     std::env::var("PITWALL_TEST_KAFKA")
         .ok()
         .filter(|broker| !broker.is_empty())
+}
+
+/// The broker of a test that only means something on Kafka. Such tests are marked
+/// `#[ignore = "needs a Kafka broker ..."]`, so a run without a broker lists them as not run;
+/// run anyway (`--include-ignored`, as `scripts/test` does with a broker), a missing broker
+/// fails them.
+pub fn required_broker() -> String {
+    kafka_broker().expect("this test needs a Kafka broker: set PITWALL_TEST_KAFKA=host:port")
 }
 
 /// The topic a test's server uses on Kafka: one per data directory, so a restart on the same
@@ -86,16 +97,42 @@ impl TestServer {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let mut config = loopback_config(dir.path());
         adjust(&mut config);
-        TestServer::start_config(config, dir).await
+        TestServer::start_config(config, dir, Clock::system(), None).await
     }
 
-    async fn start_config(config: Config, dir: Arc<tempfile::TempDir>) -> TestServer {
-        let server = pitwall_server::start(config.clone()).await.unwrap();
+    /// A server whose clock stands still until the test moves it with
+    /// [`TestServer::advance`]: time-driven behaviour (auto-end, retention, the feed's age)
+    /// happens when the test says, without waiting for real time.
+    pub async fn start_manual(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut config = loopback_config(dir.path());
+        adjust(&mut config);
+        let (clock, hand) = Clock::manual(pitwall_server::clock::system_now());
+        TestServer::start_config(config, dir, clock, Some(hand)).await
+    }
+
+    async fn start_config(
+        config: Config,
+        dir: Arc<tempfile::TempDir>,
+        clock: Clock,
+        hand: Option<Arc<ManualClock>>,
+    ) -> TestServer {
+        let server = start_on(config.clone(), clock.clone()).await;
         TestServer {
             server: Some(server),
             config,
             dir,
+            clock,
+            hand,
         }
+    }
+
+    /// Moves the server's manual clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.hand
+            .as_ref()
+            .expect("advance needs a server started with TestServer::start_manual")
+            .advance(by);
     }
 
     fn running(&self) -> &RunningServer {
@@ -133,20 +170,21 @@ impl TestServer {
         self.running().shutdown_handle()
     }
 
-    /// On Kafka, another instance on the same topic (its own data directory and ports).
+    /// On Kafka, another instance on the same topic (its own data directory and ports), on
+    /// the same clock.
     pub async fn another_instance(&self) -> TestServer {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         let config = Config {
             data_dir: dir.path().to_owned(),
             ..self.config.clone()
         };
-        TestServer::start_config(config, dir).await
+        TestServer::start_config(config, dir, self.clock.clone(), self.hand.clone()).await
     }
 
     /// Stops gracefully and starts again on the same data directory (new ports).
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
-        let server = pitwall_server::start(self.config.clone()).await.unwrap();
+        let server = start_on(self.config.clone(), self.clock.clone()).await;
         self.server = Some(server);
         self
     }
@@ -160,6 +198,15 @@ impl TestServer {
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+async fn start_on(config: Config, clock: Clock) -> RunningServer {
+    pitwall_server::launch(config, clock)
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .unwrap()
 }
 
 /// The gRPC name of the Stream API session service (health checks, reflection).
@@ -349,16 +396,52 @@ pub struct ServerProcess {
     pub child: Child,
     pub grpc_addr: String,
     pub metrics_addr: String,
-    /// Lines of standard error after the ready line, as they arrive.
+    /// Lines of standard error, as they arrive.
     pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Holds the ready file.
+    _ready_dir: tempfile::TempDir,
 }
 
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pitwall"))
 }
 
+/// What a server's `--ready-file` says once it is ready.
+pub struct Ready {
+    pub grpc: String,
+    pub metrics: String,
+}
+
+/// Waits for `child` to write its ready file at `path`; fails if it exits first. The file
+/// appears whole (it is renamed into place), so the first read that finds it is complete.
+pub async fn wait_ready(path: &Path, child: &mut Child) -> Ready {
+    let ready = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return text;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("pitwall exited ({status}) before it was ready");
+            }
+            // Nothing to await: the file is the signal.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("pitwall did not report ready in time");
+    let value: serde_json::Value = serde_json::from_str(&ready).expect("the ready file is JSON");
+    Ready {
+        grpc: value["grpc"].as_str().expect("grpc address").to_owned(),
+        metrics: value["metrics"]
+            .as_str()
+            .expect("metrics address")
+            .to_owned(),
+    }
+}
+
 impl ServerProcess {
-    /// Starts `pitwall serve` on loopback ephemeral ports and waits for its ready line.
+    /// Starts `pitwall serve` on loopback ephemeral ports, on the suite's store, and waits
+    /// until it is ready.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
         ServerProcess::start_on_topic(data_dir, &topic_for(data_dir), extra).await
     }
@@ -376,6 +459,17 @@ impl ServerProcess {
                 topic.to_owned(),
             ];
         }
+        ServerProcess::spawn(data_dir, &store_args, extra).await
+    }
+
+    /// Like [`ServerProcess::start`], always on the embedded store.
+    pub async fn start_embedded(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::spawn(data_dir, &[], extra).await
+    }
+
+    async fn spawn(data_dir: &Path, store_args: &[String], extra: &[&str]) -> ServerProcess {
+        let ready_dir = tempfile::tempdir().unwrap();
+        let ready_file = ready_dir.path().join("ready.json");
         let mut child = Command::new(binary())
             .args([
                 "serve",
@@ -386,7 +480,9 @@ impl ServerProcess {
             ])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(&store_args)
+            .arg("--ready-file")
+            .arg(&ready_file)
+            .args(store_args)
             .args(extra)
             .env_remove("PITWALL_LISTEN")
             .env_remove("PITWALL_METRICS_LISTEN")
@@ -397,27 +493,19 @@ impl ServerProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let ready = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.contains("pitwall ready") {
-                    return line;
-                }
-            }
-            panic!("pitwall exited before it was ready");
-        })
-        .await
-        .expect("pitwall did not report ready in time");
         let (sender, log) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let _ = sender.send(line);
             }
         });
+        let ready = wait_ready(&ready_file, &mut child).await;
         ServerProcess {
             child,
-            grpc_addr: field(&ready, "grpc="),
-            metrics_addr: field(&ready, "metrics="),
+            grpc_addr: ready.grpc,
+            metrics_addr: ready.metrics,
             log,
+            _ready_dir: ready_dir,
         }
     }
 

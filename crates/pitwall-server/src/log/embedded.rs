@@ -1,0 +1,218 @@
+//! The embedded log: the redb store in the data directory.
+//!
+//! It keeps the state a batch leaves (one row per session) and the batch's feed events, in one
+//! fsync'd commit; positions are the feed sequences it numbers itself. Once the commit
+//! returns, the batch is applied at once: this instance is the only writer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use pitwall_core::Record;
+use pitwall_core::command::embedded_offsets;
+use pitwall_core::overlay::Changed;
+use pitwall_store::embedded::{Changes, FeedWindow as StoreWindow};
+use pitwall_store::{EmbeddedStore, StoreError};
+use prost_types::Timestamp;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::{Batch, Context, Log, LogError, LogHealth, Position, StartLogError};
+use crate::apply::{Applied, Applier};
+use crate::feed::{FeedItem, FeedWindow, feed_event};
+
+pub use pitwall_store::EmbeddedOptions as Options;
+
+/// Files smaller than this are not worth a compaction (which holds up writes while it runs).
+const MIN_COMPACTED_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The store opened and locked, not read yet.
+pub struct Opened {
+    store: EmbeddedStore,
+}
+
+impl Opened {
+    pub fn open(data_dir: &Path, options: Options) -> Result<Opened, StoreError> {
+        Ok(Opened {
+            store: EmbeddedStore::open(data_dir, &options)?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Reads every session into the projection (one row each: the state after the last
+    /// commit) and the recent feed into memory.
+    pub fn start(self, context: Context) -> Result<EmbeddedLog, StartLogError> {
+        let Context {
+            applier,
+            feed_window,
+            ..
+        } = context;
+        let store = Arc::new(self.store);
+        {
+            // Nothing reads the projection before startup finishes; the lock is uncontended.
+            let mut projection = applier
+                .projection
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            projection.reserve(store.len()? as usize);
+            store.load(|session| projection.restore(session))?;
+            applier.feed.use_disk(store.clone())?;
+            projection.set_position(applier.feed.head());
+        }
+        let next = store.feed_bounds()?.next;
+        Ok(EmbeddedLog {
+            store,
+            applier,
+            next: AtomicU64::new(next),
+            feed_window,
+            health: watch::channel(LogHealth::Serving).0,
+        })
+    }
+}
+
+pub struct EmbeddedLog {
+    store: Arc<EmbeddedStore>,
+    applier: Applier,
+    /// The position the next record gets. Only the writer thread appends; atomic only so the
+    /// log can be shared.
+    next: AtomicU64,
+    feed_window: FeedWindow,
+    health: watch::Sender<LogHealth>,
+}
+
+impl EmbeddedLog {
+    fn store_window(&self, window: FeedWindow, now: Timestamp) -> StoreWindow {
+        StoreWindow {
+            max_events: window.max_events,
+            oldest: window.oldest(now),
+        }
+    }
+}
+
+impl Log for EmbeddedLog {
+    fn append(&self, batch: Batch) -> Vec<Result<Position, LogError>> {
+        let Batch {
+            records,
+            changes,
+            sessions,
+            at,
+        } = batch;
+        if records.is_empty() {
+            return Vec::new();
+        }
+        let first = self.next.load(Ordering::Acquire);
+        let through = first + records.len() as u64 - 1;
+        let ends_with_event = changes.last().is_some_and(Option::is_some);
+        // Each event is encoded once: the bytes are stored and sent to every watcher.
+        let items: Vec<FeedItem> = (first..)
+            .zip(changes)
+            .filter_map(|(position, change)| {
+                let (kind, session) = change?;
+                Some(FeedItem::encode(&feed_event(position, kind, session, at)))
+            })
+            .collect();
+        let mut rows = Vec::new();
+        let mut purged = Vec::new();
+        for changed in &sessions {
+            match changed {
+                Changed::Live(session) => rows.push(session),
+                Changed::Purged(session) => purged.push(session.sequence),
+            }
+        }
+        let purges = purged.len();
+        let started = Instant::now();
+        let committed = self.store.commit(Changes {
+            sessions: rows,
+            purged,
+            events: items
+                .iter()
+                .map(|item| (item.sequence, item.bytes.clone()))
+                .collect(),
+            window: self.store_window(self.feed_window, at),
+            // A batch ending in records that change nothing has no event to mark its end.
+            next: (!ends_with_event).then_some(through + 1),
+        });
+        let metrics = &self.applier.metrics;
+        metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        let bounds = match committed {
+            Ok(bounds) => bounds,
+            Err(e) => {
+                error!(error = %e, records = records.len(), "commit failed; the batch is refused");
+                let failed = LogError::Unavailable(format!("storage unavailable: {e}"));
+                return vec![Err(failed); records.len()];
+            }
+        };
+        self.next.store(through + 1, Ordering::Release);
+        let positioned: Vec<(Position, Record)> = (first..).zip(records).collect();
+        self.applier.apply(Applied {
+            records: &positioned,
+            through,
+            at,
+            events: Some(items),
+            first_kept: Some(bounds.first_kept),
+        });
+        if purges > 0 {
+            info!(sessions = purges, "completed sessions purged (retention)");
+            self.compact_if_sparse();
+        }
+        (first..=through).map(Ok).collect()
+    }
+
+    fn offsets(&self, data_source: &str) -> Result<BTreeMap<String, i64>, LogError> {
+        Ok(embedded_offsets(data_source))
+    }
+
+    fn streams(&self, _data_source: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn trim(&self, window: FeedWindow, now: Timestamp) {
+        let committed = self.store.commit(Changes {
+            window: self.store_window(window, now),
+            ..Changes::default()
+        });
+        match committed {
+            Ok(bounds) => self.applier.apply(Applied {
+                records: &[],
+                through: self.next.load(Ordering::Acquire) - 1,
+                at: now,
+                events: Some(Vec::new()),
+                first_kept: Some(bounds.first_kept),
+            }),
+            Err(e) => warn!(error = %e, "trimming the feed failed; it is retried later"),
+        }
+    }
+
+    fn health(&self) -> watch::Receiver<LogHealth> {
+        self.health.subscribe()
+    }
+
+    fn close(&self) {
+        info!(path = %self.store.path().display(), "store closed");
+    }
+}
+
+impl EmbeddedLog {
+    /// Shrinks the file after retention removed sessions, when less than half of it is used
+    /// (redb does not shrink files by itself).
+    fn compact_if_sparse(&self) {
+        let started = Instant::now();
+        match self.store.compact_if_sparse(MIN_COMPACTED_FILE_BYTES) {
+            Ok(Some(compacted)) => info!(
+                before_bytes = compacted.before,
+                after_bytes = compacted.after,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "store file compacted after retention"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "compacting the store file failed; it stays as large"),
+        }
+    }
+}
