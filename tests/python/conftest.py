@@ -7,13 +7,15 @@ The binary is `$PITWALL_BIN` if set, else `<repo>/target/debug/pitwall` (built b
 
 import importlib
 import importlib.resources
+import json
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -32,7 +34,7 @@ STOP_TIMEOUT_S = 30
 WAIT_S = 10  # for stream metadata and messages
 RPC_TIMEOUT_S = 10
 ERROR_KEY = "pitwall-error"
-READY_RE = re.compile(r"pitwall ready.*grpc=127\.0\.0\.1:(\d+) metrics=127\.0\.0\.1:(\d+)")
+READY_POLL_S = 0.02  # the ready file is the signal; there is nothing to block on
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -82,11 +84,14 @@ def feed_api(stubs):
 
 
 class Server:
-    """`pitwall serve` as a subprocess, its stderr read by a background thread."""
+    """`pitwall serve` as a subprocess, its stderr read by a background thread; ready once it
+    has written its --ready-file."""
 
     def __init__(self, binary, data_dir, extra_args=()):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PITWALL_")}
         env["PITWALL_LOG"] = "info"
+        self.ready_dir = tempfile.TemporaryDirectory(prefix="pitwall-ready-")
+        self.ready_file = Path(self.ready_dir.name) / "ready.json"
         self.proc = subprocess.Popen(
             [
                 str(binary),
@@ -97,6 +102,8 @@ class Server:
                 "127.0.0.1:0",
                 "--data-dir",
                 str(data_dir),
+                "--ready-file",
+                str(self.ready_file),
                 *extra_args,
             ],
             stdin=subprocess.DEVNULL,
@@ -107,34 +114,34 @@ class Server:
         )
         self.lines = []
         self.grpc_port = None
-        self.ready = threading.Event()
         self.reader = threading.Thread(target=self._read_stderr, daemon=True)
         self.reader.start()
 
     def _read_stderr(self):
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
-            match = READY_RE.search(line)
-            if match and not self.ready.is_set():
-                self.grpc_port = int(match.group(1))
-                self.ready.set()
-        self.ready.set()  # stderr closed: the process ended (or closed it)
 
     def log(self):
         return "\n".join(self.lines[-50:])
 
     def wait_ready(self):
-        if self.ready.wait(READY_TIMEOUT_S) and self.grpc_port is not None:
-            return
-        if self.proc.poll() is None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                ready = json.loads(self.ready_file.read_text())
+            except FileNotFoundError:
+                ready = None
+            if ready is not None:
+                self.grpc_port = int(ready["grpc"].rsplit(":", 1)[1])
+                return
+            if self.proc.poll() is not None:
+                why = f"exited with code {self.proc.returncode} before it was ready"
+                break
+            time.sleep(READY_POLL_S)
+        else:
             self.proc.kill()
             self.proc.wait()
-            why = (
-                f"did not log a 'pitwall ready ... grpc=127.0.0.1:PORT' line "
-                f"within {READY_TIMEOUT_S} s"
-            )
-        else:
-            why = f"exited with code {self.proc.returncode} before logging 'pitwall ready'"
+            why = f"did not write its ready file within {READY_TIMEOUT_S} s"
         self.reader.join(5)
         pytest.fail(f"pitwall {why}; stderr:\n{self.log()}")
 

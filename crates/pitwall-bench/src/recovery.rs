@@ -70,9 +70,7 @@ pub async fn run(server: &ServerArgs, args: &RecoveryArgs) -> anyhow::Result<Rec
 
     let restarted = PitwallProcess::spawn(&binary, &data_dir, &server.server_args).await?;
     let rss_restarted = resident_bytes(restarted.pid)?;
-    let sessions_at_ready = restarted
-        .sessions_at_ready()
-        .with_context(|| format!("no sessions= in the ready line: {}", restarted.ready_line))?;
+    let sessions_at_ready = restarted.ready.sessions;
     let sample_failures = check_sample(&restarted.grpc_url, &keys).await?;
     let ready = restarted.ready_after;
     restarted.stop().await?;

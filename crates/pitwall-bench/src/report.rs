@@ -90,7 +90,7 @@ pub struct RecoveryResult {
     pub store_mib: f64,
     /// SIGTERM until exit (0) of the filled server.
     pub stop_seconds: f64,
-    /// Spawn until the `pitwall ready` line on the filled store.
+    /// Spawn until ready (the ready file) on the filled store.
     pub ready_seconds: f64,
     /// Spawn until ready on an empty store, for comparison.
     pub empty_ready_seconds: f64,

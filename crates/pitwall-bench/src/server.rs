@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 
 use crate::process;
 
-/// What `pitwall serve` logs once it is serving; the line names the bound ports.
-const READY_MARKER: &str = "pitwall ready";
+/// How often the ready file is looked for: it is the signal, there is nothing to block on.
+const READY_POLL: Duration = Duration::from_millis(5);
 /// Replaying a large store in a debug build is slow; past this the server is taken as stuck.
 const READY_PATIENCE: Duration = Duration::from_secs(600);
 /// A graceful stop finishes in-flight writes and closes the store; past this it is a failure.
@@ -132,20 +132,35 @@ pub struct PitwallProcess {
     child: Child,
     pub pid: u32,
     pub grpc_url: String,
-    /// From spawn until the ready line was read.
+    /// From spawn until the ready file appeared.
     pub ready_after: Duration,
-    pub ready_line: String,
+    /// What the ready file said.
+    pub ready: Ready,
     log_tail: Arc<Mutex<VecDeque<String>>>,
     drain: JoinHandle<()>,
+    _ready_dir: tempfile::TempDir,
+}
+
+/// The `--ready-file` a server writes once it serves.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Ready {
+    pub grpc: String,
+    /// Sessions read from the store at startup.
+    pub sessions: u64,
 }
 
 impl PitwallProcess {
-    /// Spawns `pitwall serve` on loopback ephemeral ports and waits for its ready line.
+    /// Spawns `pitwall serve` on loopback ephemeral ports and waits for its ready file.
     pub async fn spawn(
         binary: &Path,
         data_dir: &Path,
         extra_args: &[String],
     ) -> anyhow::Result<PitwallProcess> {
+        let ready_dir = tempfile::Builder::new()
+            .prefix("pitwall-bench-ready-")
+            .tempdir()
+            .context("cannot create a directory for the ready file")?;
+        let ready_file = ready_dir.path().join("ready.json");
         let mut command = Command::new(binary);
         command
             .args([
@@ -157,12 +172,14 @@ impl PitwallProcess {
             ])
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--ready-file")
+            .arg(&ready_file)
             .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // The ready line is parsed as text, and the flags above must not be overridden.
+        // The flags above must not be overridden.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("PITWALL_") {
                 command.env_remove(name);
@@ -176,31 +193,6 @@ impl PitwallProcess {
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let mut lines = BufReader::new(stderr).lines();
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let ready = tokio::time::timeout(READY_PATIENCE, async {
-            while let Some(line) = lines.next_line().await? {
-                remember(&log_tail, &line);
-                if line.contains(READY_MARKER) {
-                    return Ok(Some(line));
-                }
-            }
-            Ok::<_, std::io::Error>(None)
-        })
-        .await;
-        let ready_after = spawned.elapsed();
-        let ready_line = match ready {
-            Ok(Ok(Some(line))) => line,
-            Ok(Ok(None)) => bail!(
-                "pitwall exited before it was ready:\n{}",
-                tail_text(&log_tail)
-            ),
-            Ok(Err(e)) => bail!("cannot read pitwall's log: {e}"),
-            Err(_) => bail!(
-                "pitwall was not ready within {READY_PATIENCE:?}:\n{}",
-                tail_text(&log_tail)
-            ),
-        };
-        let grpc = field(&ready_line, "grpc=")
-            .with_context(|| format!("no grpc= address in the ready line: {ready_line}"))?;
         // Keep reading: a full pipe would block the server's logging, and so the server.
         let drain_tail = log_tail.clone();
         let drain = tokio::spawn(async move {
@@ -208,20 +200,44 @@ impl PitwallProcess {
                 remember(&drain_tail, &line);
             }
         });
+        let ready = tokio::time::timeout(READY_PATIENCE, async {
+            loop {
+                // Written whole under another name and renamed: a file that exists is complete.
+                if let Ok(text) = std::fs::read_to_string(&ready_file) {
+                    return Ok::<_, std::io::Error>(Some(text));
+                }
+                if child.try_wait()?.is_some() {
+                    return Ok(None);
+                }
+                tokio::time::sleep(READY_POLL).await;
+            }
+        })
+        .await;
+        let ready_after = spawned.elapsed();
+        let text = match ready {
+            Ok(Ok(Some(text))) => text,
+            Ok(Ok(None)) => bail!(
+                "pitwall exited before it was ready:\n{}",
+                tail_text(&log_tail)
+            ),
+            Ok(Err(e)) => bail!("cannot watch the pitwall process: {e}"),
+            Err(_) => bail!(
+                "pitwall was not ready within {READY_PATIENCE:?}:\n{}",
+                tail_text(&log_tail)
+            ),
+        };
+        let ready: Ready = serde_json::from_str(&text)
+            .with_context(|| format!("the ready file is not what pitwall writes: {text}"))?;
         Ok(PitwallProcess {
             child,
             pid,
-            grpc_url: format!("http://{grpc}"),
+            grpc_url: format!("http://{}", ready.grpc),
             ready_after,
-            ready_line,
+            ready,
             log_tail,
             drain,
+            _ready_dir: ready_dir,
         })
-    }
-
-    /// The `sessions=` count of the ready line: sessions read from the store.
-    pub fn sessions_at_ready(&self) -> Option<u64> {
-        field(&self.ready_line, "sessions=").and_then(|n| n.parse().ok())
     }
 
     /// SIGTERM, then waits for exit; fails unless the server exits 0 in time. Returns how long
@@ -257,24 +273,4 @@ fn remember(tail: &Mutex<VecDeque<String>>, line: &str) {
 fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
     let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
     tail.iter().cloned().collect::<Vec<_>>().join("\n")
-}
-
-/// The value after `name` in a log line, up to the next space.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    let start = line.find(name)? + name.len();
-    line[start..].split_whitespace().next()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fields_are_read_from_the_ready_line() {
-        let line = "2026-01-01T00:00:00Z  INFO pitwall_server::server: pitwall ready \
-                    grpc=127.0.0.1:4000 metrics=127.0.0.1:4001 data_dir=/x sessions=12 startup_ms=3";
-        assert_eq!(field(line, "grpc="), Some("127.0.0.1:4000"));
-        assert_eq!(field(line, "sessions="), Some("12"));
-        assert_eq!(field(line, "nothing="), None);
-    }
 }

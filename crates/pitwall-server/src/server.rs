@@ -437,9 +437,11 @@ impl Launched {
             "open-beyond-loopback"
         };
         if let Some(path) = &self.config.ready_file {
-            write_ready_file(path, self.addrs).map_err(|source| StartError::ReadyFile {
-                path: path.clone(),
-                source,
+            write_ready_file(path, self.addrs, sessions).map_err(|source| {
+                StartError::ReadyFile {
+                    path: path.clone(),
+                    source,
+                }
             })?;
         }
         info!(
@@ -559,13 +561,14 @@ async fn follow_log_health(
 
 /// Writes the addresses once the server is ready, for scripts and tests that start it: written
 /// whole under another name, then renamed, so a reader never sees half of it.
-fn write_ready_file(path: &Path, addrs: Addrs) -> std::io::Result<()> {
-    let text = format!(
-        "{{\"grpc\":\"{}\",\"metrics\":\"{}\",\"pid\":{}}}\n",
-        addrs.grpc,
-        addrs.metrics,
-        std::process::id()
-    );
+fn write_ready_file(path: &Path, addrs: Addrs, sessions: usize) -> std::io::Result<()> {
+    let ready = serde_json::json!({
+        "grpc": addrs.grpc.to_string(),
+        "metrics": addrs.metrics.to_string(),
+        "pid": std::process::id(),
+        "sessions": sessions,
+    });
+    let text = format!("{ready}\n");
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     std::fs::write(&partial, text)?;

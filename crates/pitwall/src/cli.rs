@@ -283,9 +283,9 @@ pub struct ServeArgs {
     /// Pitwall.feed.max_age from --config].
     #[arg(long, env = "PITWALL_FEED_MAX_AGE", value_parser = parse_setting)]
     pub feed_max_age: Option<DurationSetting>,
-    /// Once ready, write the gRPC and metrics addresses and the process id here, as JSON
-    /// (`{"grpc":"127.0.0.1:13579","metrics":"127.0.0.1:2468","pid":1234}`); removed when
-    /// shutdown begins. For scripts and tests that start the server.
+    /// Once ready, write the gRPC and metrics addresses, the process id and the sessions read
+    /// here, as JSON (`{"grpc":"127.0.0.1:13579","metrics":"127.0.0.1:2468","pid":1234,
+    /// "sessions":0}`); removed when shutdown begins. For scripts and tests that start it.
     #[arg(long, env = "PITWALL_READY_FILE")]
     pub ready_file: Option<PathBuf>,
     #[command(flatten)]
