@@ -33,6 +33,6 @@ pub use command::{Command, Decision};
 pub use details::Details;
 pub use projection::{Event, EventKind, Projection, SessionCounts};
 pub use record::Record;
-pub use rejection::Rejection;
+pub use rejection::{Rejection, quote};
 pub use session::Session;
 pub use validate::Limits;

@@ -237,7 +237,8 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
         config.integrate_session_management,
         shutdown.clone(),
         keys,
-    );
+    )
+    .with_max_message_bytes(config.max_message_bytes);
     let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

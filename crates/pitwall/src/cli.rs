@@ -315,4 +315,7 @@ pub struct LimitArgs {
     /// Encoded size of a whole session.
     #[arg(long, env = "PITWALL_MAX_SESSION_BYTES", default_value_t = 1024 * 1024)]
     pub max_session_bytes: usize,
+    /// How far ahead of the server's clock a creation_time may lie (e.g. 5m; off).
+    #[arg(long, env = "PITWALL_MAX_CREATION_TIME_SKEW", value_parser = parse_setting, default_value = "5m")]
+    pub max_creation_time_skew: DurationSetting,
 }

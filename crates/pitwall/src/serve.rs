@@ -80,6 +80,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             type_bytes: args.limits.max_type_bytes,
             identifier_bytes: args.limits.max_identifier_bytes,
             session_bytes: args.limits.max_session_bytes,
+            creation_time_skew: args.limits.max_creation_time_skew.0,
         },
         max_message_bytes: args.max_message_bytes,
         subscriber_queue: args.subscriber_queue,
