@@ -72,6 +72,8 @@ pub struct Config {
     pub retention: Option<Duration>,
     /// How much of the session feed is kept for watchers to resume from.
     pub feed_window: FeedWindow,
+    /// Start even when stored rows fail their checksum, leaving those out (each is logged).
+    pub skip_damaged_rows: bool,
 }
 
 /// Auto-end rules: one policy for every data source, and per data source changes to it.
@@ -146,6 +148,7 @@ impl Default for Config {
             auto_end: AutoEndConfig::default(),
             retention: None,
             feed_window: FeedWindow::default(),
+            skip_damaged_rows: false,
         }
     }
 }

@@ -171,6 +171,7 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let data_dir = config.data_dir.clone();
     let store_options = EmbeddedOptions {
         cache_bytes: config.store_cache_bytes,
+        skip_damaged_rows: config.skip_damaged_rows,
     };
     let store = match &config.store {
         StoreConfig::Embedded => Some(

@@ -39,6 +39,32 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// See and change sessions on a running server.
     Session(Box<SessionArgs>),
+    /// Check or repair the embedded store of a stopped server.
+    Store(Box<StoreArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    pub command: StoreCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Verify every page (redb's integrity check) and every row's checksum, changing nothing.
+    /// Exits 0 when all is well, 1 when something is damaged.
+    Check {
+        /// Directory of the embedded store.
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        data_dir: PathBuf,
+    },
+    /// Repair what redb can, then remove the rows whose checksum fails, saying which. Copy the
+    /// store file first if you may want those rows back.
+    Repair {
+        /// Directory of the embedded store.
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +309,9 @@ pub struct ServeArgs {
     /// Pitwall.feed.max_age from --config].
     #[arg(long, env = "PITWALL_FEED_MAX_AGE", value_parser = parse_setting)]
     pub feed_max_age: Option<DurationSetting>,
+    /// Start even if stored rows fail their checksum, leaving them out (each is logged).
+    #[arg(long, env = "PITWALL_SKIP_DAMAGED_ROWS")]
+    pub skip_damaged_rows: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

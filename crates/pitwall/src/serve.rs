@@ -102,6 +102,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         auto_end: defaults.auto_end.clone(),
         retention: defaults.retention,
         feed_window: defaults.feed_window,
+        skip_damaged_rows: args.skip_damaged_rows,
     };
     let app = match &args.config {
         Some(path) => Some((path, AppConfig::load(path)?)),

@@ -351,6 +351,8 @@ pub struct ServerProcess {
     pub metrics_addr: String,
     /// Lines of standard error after the ready line, as they arrive.
     pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Lines of standard error before the ready line.
+    pub startup: Vec<String>,
 }
 
 pub fn binary() -> PathBuf {
@@ -365,6 +367,17 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`]; on Kafka, on the given topic (to run several instances).
     pub async fn start_on_topic(data_dir: &Path, topic: &str, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_wrapped(&[], data_dir, topic, extra).await
+    }
+
+    /// Like [`ServerProcess::start`], run by `wrapper` (a command that runs the rest, such as
+    /// `prlimit --nofile=200`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        topic: &str,
+        extra: &[&str],
+    ) -> ServerProcess {
         let mut store_args = Vec::new();
         if let Some(broker) = kafka_broker() {
             store_args = vec![
@@ -376,14 +389,20 @@ impl ServerProcess {
                 topic.to_owned(),
             ];
         }
-        let mut child = Command::new(binary())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        command.args(["serve", "--metrics-listen", "127.0.0.1:0"]);
+        // `extra` may name a fixed port (to restart on the same one).
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(&store_args)
@@ -397,13 +416,15 @@ impl ServerProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut startup = Vec::new();
         let ready = tokio::time::timeout(PATIENCE, async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if line.contains("pitwall ready") {
                     return line;
                 }
+                startup.push(line);
             }
-            panic!("pitwall exited before it was ready");
+            panic!("pitwall exited before it was ready: {startup:?}");
         })
         .await
         .expect("pitwall did not report ready in time");
@@ -418,6 +439,7 @@ impl ServerProcess {
             grpc_addr: field(&ready, "grpc="),
             metrics_addr: field(&ready, "metrics="),
             log,
+            startup,
         }
     }
 
