@@ -11,6 +11,7 @@ use pitwall_core::Limits;
 use pitwall_core::lifecycle::AutoEndPolicy;
 pub use pitwall_store::kafka::StreamLayout;
 
+pub use crate::connections::ConnectionLimits;
 pub use crate::feed::FeedWindow;
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -74,6 +75,8 @@ pub struct Config {
     pub feed_window: FeedWindow,
     /// Start even when stored rows fail their checksum, leaving those out (each is logged).
     pub skip_damaged_rows: bool,
+    /// Limits on gRPC connections and the streams on each.
+    pub connections: ConnectionLimits,
 }
 
 /// Auto-end rules: one policy for every data source, and per data source changes to it.
@@ -149,6 +152,7 @@ impl Default for Config {
             retention: None,
             feed_window: FeedWindow::default(),
             skip_damaged_rows: false,
+            connections: ConnectionLimits::default(),
         }
     }
 }

@@ -22,7 +22,6 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
@@ -33,10 +32,11 @@ use crate::admin::{self, Readiness};
 use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::config::{Config, StoreConfig};
+use crate::connections::accept_tcp;
 use crate::engine::{Backend, Engine, EngineOptions};
 use crate::feed::Feed;
 use crate::feed_service::FeedService;
-use crate::grpc_status::oversize_as_resource_exhausted;
+use crate::grpc_status::{GrpcContentTypeLayer, oversize_as_resource_exhausted};
 use crate::kafka_backend::KafkaBackend;
 use crate::keys::KeySource;
 use crate::metrics::Metrics;
@@ -253,10 +253,15 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let limits = config.connections;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(
             ServiceBuilder::new()
                 .layer(MapResponseLayer::new(oversize_as_resource_exhausted))
+                .layer(GrpcContentTypeLayer)
                 .layer(GrpcAuthLayer {
                     access: access.clone(),
                 }),
@@ -270,19 +275,22 @@ pub async fn launch(config: Config) -> Result<Launched, StartError> {
     let stop_serving = async move { grpc_shutdown.wait().await };
     let grpc_task = match &tls {
         Some(tls) => {
-            let connections = ReceiverStream::new(tls.accept_grpc(grpc_listener, shutdown.clone()))
-                .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
+            let connections =
+                ReceiverStream::new(tls.accept_grpc(grpc_listener, limits, shutdown.clone()))
+                    .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
         None => {
-            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop_serving))
+            let connections =
+                ReceiverStream::new(accept_tcp(grpc_listener, limits, shutdown.clone()))
+                    .map(Ok::<_, std::io::Error>);
+            tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
     };
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(
             AdminListener {
-                accepted: tls.accept_admin(metrics_listener, shutdown.clone()),
+                accepted: tls.accept_admin(metrics_listener, limits, shutdown.clone()),
                 local_addr: addrs.metrics,
             },
             metrics.clone(),

@@ -312,6 +312,22 @@ pub struct ServeArgs {
     /// Start even if stored rows fail their checksum, leaving them out (each is logged).
     #[arg(long, env = "PITWALL_SKIP_DAMAGED_ROWS")]
     pub skip_damaged_rows: bool,
+    /// gRPC connections served at once (per port); more wait in the accept queue. Keep it
+    /// below the open-file limit.
+    #[arg(long, env = "PITWALL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Streams (calls) open at once on one gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "PITWALL_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Close a connection that sends nothing for this long (e.g. 5m; off).
+    #[arg(long, env = "PITWALL_IDLE_TIMEOUT", value_parser = parse_setting, default_value = "5m")]
+    pub idle_timeout: DurationSetting,
+    /// Ping a connection quiet for this long (e.g. 60s; off).
+    #[arg(long, env = "PITWALL_KEEPALIVE_INTERVAL", value_parser = parse_setting, default_value = "60s")]
+    pub keepalive_interval: DurationSetting,
+    /// Close a connection that does not answer a ping within this long, in seconds.
+    #[arg(long, env = "PITWALL_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20)]
+    pub keepalive_timeout_seconds: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
