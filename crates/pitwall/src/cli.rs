@@ -194,6 +194,10 @@ pub enum SessionCommand {
         /// from now].
         #[arg(long, value_name = "SEQ")]
         from: Option<u64>,
+        /// With --all or --from: how long to keep reconnecting (with back-off) after losing
+        /// the server, resuming from the last sequence; 0 ends the watch with the stream.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        reconnect_seconds: u64,
     },
 }
 

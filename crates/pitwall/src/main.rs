@@ -37,7 +37,9 @@ fn main() -> std::process::ExitCode {
             return match runtime.block_on(session::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("pitwall: {e}");
+                    // The reason may be the server's words: no control characters reach
+                    // the terminal.
+                    eprintln!("pitwall: {}", output::escape(&e.to_string()));
                     std::process::ExitCode::from(e.exit_code())
                 }
             };
