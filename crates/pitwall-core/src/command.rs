@@ -13,7 +13,7 @@ use prost_types::Timestamp;
 
 use crate::lifecycle::{AutoEndPolicy, END_REASON_DETAIL, auto_end_due, retention_expired};
 use crate::record::Record;
-use crate::rejection::Rejection;
+use crate::rejection::{Rejection, quote};
 use crate::session::Session;
 use crate::validate::{Limits, check_associate, check_timestamp, check_utc_offset};
 
@@ -145,7 +145,8 @@ impl Command {
         {
             if current.is_some() {
                 return Err(Rejection::invalid(format!(
-                    "session key '{session_key}' is already in use"
+                    "session key {} is already in use",
+                    quote(&session_key)
                 )));
             }
             return create(session_key, request, ctx);
@@ -263,6 +264,9 @@ fn create(
         request.r#type
     };
     let utc_offset = request.utc_offset.unwrap_or_default();
+    if let Some(creation_time) = request.creation_time {
+        ctx.limits.check_creation_time(creation_time, ctx.now)?;
+    }
     let creation_time = request.creation_time.unwrap_or(ctx.now);
     let info = SessionInfoPacket {
         data_source: request.data_source.clone(),
@@ -517,6 +521,29 @@ mod tests {
             command.decide(None, &ctx),
             Err(Rejection::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn create_refuses_a_creation_time_beyond_the_skew_in_the_servers_future() {
+        let mut p = Projection::default();
+        let at = |seconds| Command::Create {
+            session_key: "k".into(),
+            request: CreateSessionRequest {
+                data_source: "ds".into(),
+                creation_time: Some(Timestamp {
+                    seconds: NOW.seconds + seconds,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        };
+        let outcome = run(&mut p, at(3600));
+        assert!(
+            matches!(&outcome, Err(Rejection::Invalid(m)) if m.contains("ahead of the server's clock")),
+            "{outcome:?}"
+        );
+        assert!(p.is_empty());
+        assert!(run(&mut p, at(60)).is_ok());
     }
 
     #[test]

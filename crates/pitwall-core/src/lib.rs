@@ -41,7 +41,7 @@ pub use details::Details;
 pub use overlay::Overlay;
 pub use projection::{Projection, SessionCounts};
 pub use record::Record;
-pub use rejection::Rejection;
+pub use rejection::{Rejection, quote};
 pub use session::Session;
 pub use transition::{Event, EventKind};
 pub use validate::Limits;

@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 
 use crate::lifecycle::order;
 use crate::projection::Projection;
-use crate::rejection::Rejection;
+use crate::rejection::{Rejection, quote};
 use crate::session::Session;
 
 /// Sessions a page holds when the request names no size, and at most.
@@ -79,8 +79,8 @@ impl Query {
         } else {
             let glob = Glob::new(&filter.identifier_glob).map_err(|e| {
                 Rejection::invalid(format!(
-                    "filter.identifier_glob '{}' is not a valid pattern: {}",
-                    filter.identifier_glob,
+                    "filter.identifier_glob {} is not a valid pattern: {}",
+                    quote(&filter.identifier_glob),
                     e.kind()
                 ))
             })?;
@@ -210,8 +210,9 @@ fn parse_token(page_token: &str) -> Result<Option<u64>, Rejection> {
         .map(Some)
         .ok_or_else(|| {
             Rejection::invalid(format!(
-                "page_token '{page_token}' was not returned by ListSessions; pass \
-                 next_page_token unchanged, or nothing for the first page"
+                "page_token {} was not returned by ListSessions; pass next_page_token \
+                 unchanged, or nothing for the first page",
+                quote(page_token)
             ))
         })
 }

@@ -3,7 +3,7 @@
 
 use prost_types::{Duration, Timestamp};
 
-use crate::rejection::Rejection;
+use crate::rejection::{Rejection, quote};
 
 /// Size and count limits on session content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub struct Limits {
     pub identifier_bytes: usize,
     /// Encoded size of a whole session, so every response fits the message limit.
     pub session_bytes: usize,
+    /// How far ahead of the server's clock a `creation_time` may lie; `None` allows any time.
+    /// A session created in the future cannot be ended by the server's clock until then.
+    pub creation_time_skew: Option<std::time::Duration>,
 }
 
 impl Default for Limits {
@@ -31,6 +34,8 @@ impl Default for Limits {
             type_bytes: 256,
             identifier_bytes: 1024,
             session_bytes: 1024 * 1024,
+            // Covers clocks of logging hosts that drift or are set by hand, and nothing more.
+            creation_time_skew: Some(std::time::Duration::from_secs(5 * 60)),
         }
     }
 }
@@ -42,7 +47,9 @@ const MAX_NANOS: i32 = 999_999_999;
 const MAX_UTC_OFFSET_SECONDS: i64 = 24 * 60 * 60;
 
 impl Limits {
-    /// A data source names Kafka topics: 1 to 249 bytes of `A-Z a-z 0-9 . _ -`.
+    /// A data source names Kafka topics: 1 to 249 bytes of `A-Z a-z 0-9 . _ -`, not `.` or `..`
+    /// (Kafka refuses them), not starting with `__` (Kafka's internal topics) and not ending in
+    /// `_essential` (the essentials topic of another data source).
     pub fn check_data_source(&self, data_source: &str) -> Result<(), Rejection> {
         if data_source.is_empty() {
             return Err(Rejection::invalid(
@@ -61,20 +68,59 @@ impl Limits {
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(Rejection::invalid(format!(
-                "data_source '{}' contains {}; use A-Z a-z 0-9 . _ -",
-                data_source.escape_default(),
+                "data_source {} contains {}; use A-Z a-z 0-9 . _ -",
+                quote(data_source),
                 describe_char(bad)
+            )));
+        }
+        if data_source == "." || data_source == ".." {
+            return Err(Rejection::invalid(format!(
+                "data_source '{data_source}' is not a valid Kafka topic name; choose another name"
+            )));
+        }
+        if data_source.starts_with("__") {
+            return Err(Rejection::invalid(format!(
+                "data_source '{data_source}' starts with '__', which Kafka reserves for its \
+                 internal topics; choose another name"
+            )));
+        }
+        if let Some(main) = data_source.strip_suffix(ESSENTIALS_SUFFIX) {
+            return Err(Rejection::invalid(format!(
+                "data_source '{data_source}' ends in '{ESSENTIALS_SUFFIX}', which names the \
+                 essentials topic of data source '{main}'; choose another name"
             )));
         }
         Ok(())
     }
 
     pub fn check_type(&self, session_type: &str) -> Result<(), Rejection> {
-        check_len("type", session_type, self.type_bytes)
+        check_len("type", session_type, self.type_bytes)?;
+        check_no_control("type", session_type)
     }
 
     pub fn check_identifier(&self, identifier: &str) -> Result<(), Rejection> {
-        check_len("identifier", identifier, self.identifier_bytes)
+        check_len("identifier", identifier, self.identifier_bytes)?;
+        check_no_control("identifier", identifier)
+    }
+
+    /// A `creation_time` no further ahead of `now` (the server's clock) than the allowed skew.
+    pub fn check_creation_time(
+        &self,
+        creation_time: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), Rejection> {
+        let Some(skew) = self.creation_time_skew else {
+            return Ok(());
+        };
+        let latest = crate::lifecycle::add(now, skew);
+        if crate::lifecycle::order(creation_time) > crate::lifecycle::order(latest) {
+            return Err(Rejection::invalid(format!(
+                "creation_time {creation_time} is more than {}s ahead of the server's clock \
+                 ({now}); send the real time, or none for the server's clock",
+                skew.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// One detail entry: key 1 to `detail_key_bytes`, value up to `detail_value_bytes`.
@@ -86,16 +132,17 @@ impl Limits {
         }
         if name.len() > self.detail_key_bytes {
             return Err(Rejection::invalid(format!(
-                "detail key '{}…' is {} bytes; at most {} are allowed",
-                prefix(name),
+                "detail key {} is {} bytes; at most {} are allowed",
+                quote(name),
                 name.len(),
                 self.detail_key_bytes
             )));
         }
+        check_no_control("detail key", name)?;
         if value.len() > self.detail_value_bytes {
             return Err(Rejection::invalid(format!(
-                "detail '{}' has a value of {} bytes; at most {} are allowed",
-                prefix(name),
+                "detail {} has a value of {} bytes; at most {} are allowed",
+                quote(name),
                 value.len(),
                 self.detail_value_bytes
             )));
@@ -141,7 +188,8 @@ pub fn check_associate(session_key: &str, associate: &str) -> Result<(), Rejecti
     }
     if associate == session_key {
         return Err(Rejection::invalid(format!(
-            "session '{session_key}' cannot be its own associate"
+            "session {} cannot be its own associate",
+            quote(session_key)
         )));
     }
     Ok(())
@@ -198,6 +246,23 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// Control characters other than tab: they can clear a terminal or forge a line wherever the
+/// value is printed, and no identifier, type or detail key needs one.
+fn check_no_control(field: &str, value: &str) -> Result<(), Rejection> {
+    match value
+        .char_indices()
+        .find(|(_, c)| c.is_control() && *c != '\t')
+    {
+        None => Ok(()),
+        Some((at, c)) => Err(Rejection::invalid(format!(
+            "{field} {} contains {} at byte {at}; control characters (other than tab) are not \
+             allowed",
+            quote(value),
+            describe_char(c)
+        ))),
+    }
+}
+
 fn describe_char(c: char) -> String {
     match c {
         ' ' => "a space".to_owned(),
@@ -206,14 +271,8 @@ fn describe_char(c: char) -> String {
     }
 }
 
-/// The start of a long name, cut at a character boundary, for messages.
-fn prefix(name: &str) -> &str {
-    let mut end = name.len().min(40);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    &name[..end]
-}
+/// The suffix of a data source's essentials topic.
+const ESSENTIALS_SUFFIX: &str = "_essential";
 
 #[cfg(test)]
 mod tests {
@@ -235,6 +294,94 @@ mod tests {
             err.to_string(),
             "data_source 'a b' contains a space; use A-Z a-z 0-9 . _ -"
         );
+    }
+
+    #[test]
+    fn data_sources_that_kafka_refuses_or_reserves_are_refused() {
+        let limits = Limits::default();
+        for name in [
+            ".",
+            "..",
+            "__consumer_offsets",
+            "__x",
+            "Car1_essential",
+            "_essential",
+        ] {
+            let err = limits.check_data_source(name).unwrap_err().to_string();
+            assert!(err.contains(&format!("data_source '{name}'")), "{err}");
+        }
+        for name in [
+            "...",
+            "_x",
+            "a__b",
+            "Car1_essentials",
+            "essential",
+            "_",
+            "a.b",
+        ] {
+            assert!(limits.check_data_source(name).is_ok(), "{name}");
+        }
+        let err = limits.check_data_source("Car1_essential").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("essentials topic of data source 'Car1'")
+        );
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_identifier_type_and_detail_keys_but_tab_is_allowed() {
+        let limits = Limits::default();
+        for text in [
+            "a\u{1b}[2J",
+            "line\nforged",
+            "nul\0",
+            "del\u{7f}",
+            "csi\u{9b}",
+        ] {
+            let err = limits.check_identifier(text).unwrap_err().to_string();
+            assert!(err.starts_with("identifier '"), "{err}");
+            assert!(err.contains("control character"), "{err}");
+            assert!(!err.contains('\u{1b}') && !err.contains('\n'), "{err:?}");
+            assert!(limits.check_type(text).is_err());
+            assert!(limits.check_detail(text, "v").is_err());
+        }
+        assert!(limits.check_identifier("tab\there").is_ok());
+        assert!(limits.check_type("tab\there").is_ok());
+        assert!(
+            limits
+                .check_detail("tab\there", "value\nwith\u{1b}anything")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_creation_time_may_lie_at_most_the_skew_in_the_servers_future() {
+        let limits = Limits::default();
+        let now = Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        };
+        let at = |seconds| Timestamp {
+            seconds: now.seconds + seconds,
+            nanos: 0,
+        };
+        assert!(limits.check_creation_time(at(-86_400), now).is_ok());
+        assert!(limits.check_creation_time(at(300), now).is_ok());
+        let err = limits.check_creation_time(at(301), now).unwrap_err();
+        assert!(
+            err.to_string().contains("ahead of the server's clock"),
+            "{err}"
+        );
+        let year_2100 = Timestamp {
+            seconds: 4_102_444_800,
+            nanos: 0,
+        };
+        assert!(limits.check_creation_time(year_2100, now).is_err());
+        let anything = Limits {
+            creation_time_skew: None,
+            ..Limits::default()
+        };
+        assert!(anything.check_creation_time(year_2100, now).is_ok());
     }
 
     #[test]

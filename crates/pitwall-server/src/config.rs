@@ -11,6 +11,7 @@ pub use crate::log::{StoreConfig, StreamLayout};
 use pitwall_core::Limits;
 use pitwall_core::lifecycle::AutoEndPolicy;
 
+pub use crate::connections::ConnectionLimits;
 pub use crate::feed::FeedWindow;
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -61,6 +62,10 @@ pub struct Config {
     pub feed_window: FeedWindow,
     /// Where to write the addresses once ready (JSON), for whoever started the server.
     pub ready_file: Option<PathBuf>,
+    /// Start even when stored rows fail their checksum, leaving those out (each is logged).
+    pub skip_damaged_rows: bool,
+    /// Limits on gRPC connections and the streams on each.
+    pub connections: ConnectionLimits,
 }
 
 /// Auto-end rules: one policy for every data source, and per data source changes to it.
@@ -136,6 +141,8 @@ impl Default for Config {
             retention: None,
             feed_window: FeedWindow::default(),
             ready_file: None,
+            skip_damaged_rows: false,
+            connections: ConnectionLimits::default(),
         }
     }
 }

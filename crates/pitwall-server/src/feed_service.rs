@@ -166,7 +166,10 @@ impl SessionFeed for FeedService {
             }
             let root = session_tree(&engine.read(), &request.session_key, request.depth)
                 .ok_or_else(|| {
-                    Status::not_found(format!("session '{}' not found", request.session_key))
+                    Status::not_found(format!(
+                        "session {} not found",
+                        pitwall_core::quote(&request.session_key)
+                    ))
                 })?;
             Ok(GetSessionTreeResponse { root: Some(root) })
         });

@@ -16,6 +16,8 @@
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
 //! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
 //! - [`shutdown`]: the shutdown signal every task watches.
+//! - [`connections`]: accepting within limits (connection cap, bounded TLS handshakes, idle
+//!   timeout, back-off when out of file descriptors).
 //! - [`tls`]: certificate files and TLS termination for both ports; [`auth`]: bearer tokens,
 //!   roles, and the rule of every RPC and admin path.
 //!
@@ -28,6 +30,7 @@ pub mod apply;
 pub mod auth;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod engine;
 pub mod fanout;
 pub mod feed;

@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
@@ -36,10 +35,11 @@ use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::connections::accept_tcp;
 use crate::engine::{Engine, EngineOptions};
 use crate::feed::Feed;
 use crate::feed_service::FeedService;
-use crate::grpc_status::oversize_as_resource_exhausted;
+use crate::grpc_status::{GrpcContentTypeLayer, oversize_as_resource_exhausted};
 use crate::keys::KeySource;
 use crate::log::{self, LogHealth, Opened, StartLogError};
 use crate::metrics::Metrics;
@@ -180,6 +180,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let (store, data_dir) = (config.store.clone(), config.data_dir.clone());
     let store_options = log::embedded::Options {
         cache_bytes: config.store_cache_bytes,
+        skip_damaged_rows: config.skip_damaged_rows,
     };
     let opened =
         tokio::task::spawn_blocking(move || log::open(&store, &data_dir, store_options)).await??;
@@ -242,7 +243,8 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         config.integrate_session_management,
         shutdown.clone(),
         keys,
-    );
+    )
+    .with_max_message_bytes(config.max_message_bytes);
     let sessions = SessionManagementServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -256,10 +258,15 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let limits = config.connections;
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(
             ServiceBuilder::new()
                 .layer(MapResponseLayer::new(oversize_as_resource_exhausted))
+                .layer(GrpcContentTypeLayer)
                 .layer(GrpcAuthLayer {
                     access: access.clone(),
                 }),
@@ -273,19 +280,22 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let stop_serving = async move { grpc_shutdown.wait().await };
     let grpc_task = match &tls {
         Some(tls) => {
-            let connections = ReceiverStream::new(tls.accept_grpc(grpc_listener, shutdown.clone()))
-                .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
+            let connections =
+                ReceiverStream::new(tls.accept_grpc(grpc_listener, limits, shutdown.clone()))
+                    .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
         None => {
-            let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop_serving))
+            let connections =
+                ReceiverStream::new(accept_tcp(grpc_listener, limits, shutdown.clone()))
+                    .map(Ok::<_, std::io::Error>);
+            tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
     };
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(
             AdminListener {
-                accepted: tls.accept_admin(metrics_listener, shutdown.clone()),
+                accepted: tls.accept_admin(metrics_listener, limits, shutdown.clone()),
                 local_addr: addrs.metrics,
             },
             metrics.clone(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use pitwall_core::{Command, Decision, Limits, Record, Rejection, Session};
+use pitwall_core::{Command, Decision, Limits, Record, Rejection, Session, quote};
 use pitwall_proto::api::session_management_service_server::SessionManagementService;
 use pitwall_proto::api::*;
 use tonic::metadata::MetadataValue;
@@ -34,6 +34,8 @@ pub struct SessionService {
     enabled: bool,
     shutdown: Shutdown,
     keys: KeySource,
+    /// Largest response: a `GetCurrentSessions` answer beyond it is refused, not cut.
+    max_message_bytes: usize,
 }
 
 /// Why a request did not succeed.
@@ -76,7 +78,14 @@ impl SessionService {
             enabled,
             shutdown,
             keys,
+            max_message_bytes: usize::MAX,
         }
+    }
+
+    /// The largest message the server sends (`--max-message-bytes`).
+    pub fn with_max_message_bytes(mut self, max_message_bytes: usize) -> SessionService {
+        self.max_message_bytes = max_message_bytes;
+        self
     }
 
     fn check_enabled(&self, session_key: &str) -> Result<(), Failure> {
@@ -122,7 +131,7 @@ impl SessionService {
             }) => {
                 self.metrics
                     .observe_rpc(method, rejection.class(), started.elapsed());
-                warn!(rpc = method, session_key = %session_key, reason = %rejection, "request refused");
+                warn!(rpc = method, session_key = %quote(&session_key), reason = %rejection, "request refused");
                 let mut response = Response::new(T::default());
                 response
                     .metadata_mut()
@@ -216,6 +225,15 @@ impl SessionService {
                 .observe_rpc(method, "disabled", started.elapsed());
             return Ok(Response::new(Box::pin(silent)));
         }
+        // A stream has no `success` field: the reason travels in its status.
+        if let Err(rejection) = self.limits.check_data_source(&data_source) {
+            return answer_status(
+                &self.metrics,
+                method,
+                started,
+                Err(Status::invalid_argument(rejection.to_string())),
+            );
+        }
         let subscription = self.hub.subscribe(kind, &data_source);
         let stream = subscription.map(move |item| match item {
             Ok(session_key) => Ok(make(session_key.to_string(), data_source.clone())),
@@ -256,7 +274,7 @@ impl SessionManagementService for SessionService {
             };
             if !requested_data_source.is_empty() && requested_data_source != packet.data_source {
                 info!(
-                    requested = %requested_data_source,
+                    requested = %quote(&requested_data_source),
                     session = %packet.data_source,
                     "EndSession named another data source than the session's; the session's is used"
                 );
@@ -276,13 +294,29 @@ impl SessionManagementService for SessionService {
         let started = Instant::now();
         let data_source = request.into_inner().data_source;
         let result = self.check_enabled("").and_then(|()| {
+            self.limits
+                .check_data_source(&data_source)
+                .map_err(|rejection| Failure::refused("", rejection))?;
+            let projection = self.engine()?.read();
+            // Measured before anything is copied: past the limit the answer could only fail
+            // in the encoder, which tonic reports as OUT_OF_RANGE and nobody logs.
+            let (count, bytes) = projection
+                .keys_of(&data_source)
+                .fold((0usize, SUCCESS_FIELD_BYTES), |(count, bytes), key| {
+                    (count + 1, bytes + repeated_string_bytes(key))
+                });
+            if bytes > self.max_message_bytes {
+                return Err(Failure::Error(Status::resource_exhausted(format!(
+                    "GetCurrentSessions for data_source '{data_source}' would answer {count} \
+                     session keys in {bytes} bytes, over the message limit of {} bytes; list \
+                     them in pages with pitwall.v1.SessionFeed/ListSessions (filter.data_sources \
+                     = ['{data_source}']), or remove completed sessions with retention \
+                     (--retention-completed-for)",
+                    self.max_message_bytes
+                ))));
+            }
             Ok(GetCurrentSessionsResponse {
-                session_keys: self
-                    .engine()?
-                    .read()
-                    .keys_of(&data_source)
-                    .cloned()
-                    .collect(),
+                session_keys: projection.keys_of(&data_source).cloned().collect(),
                 success: true,
             })
         });
@@ -443,6 +477,18 @@ fn status_label(code: Code) -> &'static str {
     }
 }
 
+/// `success = true` in a response: tag and value.
+const SUCCESS_FIELD_BYTES: usize = 2;
+
+/// Encoded size of one entry of a repeated string field numbered below 16.
+fn repeated_string_bytes(value: &str) -> usize {
+    1 + prost::encoding::encoded_len_varint(value.len() as u64) + value.len()
+}
+
+/// Longest `pitwall-error` value. Reasons quote client values cut short already; this bounds
+/// what escaping makes of them, well within the 8 KiB of metadata every client accepts.
+const MAX_REASON_BYTES: usize = 2048;
+
 /// Metadata values must be visible ASCII: anything else is written as a Rust escape.
 fn ascii_metadata(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
     let mut ascii = String::with_capacity(text.len());
@@ -452,6 +498,11 @@ fn ascii_metadata(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
         } else {
             ascii.extend(c.escape_default());
         }
+        if ascii.len() > MAX_REASON_BYTES {
+            ascii.truncate(MAX_REASON_BYTES - 3);
+            ascii.push_str("...");
+            break;
+        }
     }
     MetadataValue::try_from(ascii).unwrap_or_else(|_| MetadataValue::from_static("refused"))
 }
@@ -459,6 +510,13 @@ fn ascii_metadata(text: &str) -> MetadataValue<tonic::metadata::Ascii> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_in_metadata_is_bounded_whatever_it_quotes() {
+        let value = ascii_metadata(&"é".repeat(10_000));
+        assert_eq!(value.len(), MAX_REASON_BYTES);
+        assert!(value.to_str().unwrap().ends_with("..."));
+    }
 
     #[test]
     fn reasons_are_made_ascii_for_metadata() {

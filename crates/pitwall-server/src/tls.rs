@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -19,14 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::debug;
 
+use crate::connections::{Connection, ConnectionLimits, accept_tls};
 use crate::shutdown::Shutdown;
-
-/// A client has this long to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshaken connections waiting to be served.
-const ACCEPTED_QUEUE: usize = 64;
 
 /// The certificate files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,51 +113,29 @@ impl Tls {
     }
 
     /// Connections of the gRPC port, handshaken.
-    pub fn accept_grpc(&self, listener: TcpListener, shutdown: Shutdown) -> Accepted {
-        accept(listener, self.grpc.clone(), shutdown)
+    pub fn accept_grpc(
+        &self,
+        listener: TcpListener,
+        limits: ConnectionLimits,
+        shutdown: Shutdown,
+    ) -> Accepted {
+        accept_tls(listener, self.grpc.clone(), limits, shutdown)
     }
 
     /// Connections of the admin port, handshaken.
-    pub fn accept_admin(&self, listener: TcpListener, shutdown: Shutdown) -> Accepted {
-        accept(listener, self.admin.clone(), shutdown)
+    pub fn accept_admin(
+        &self,
+        listener: TcpListener,
+        limits: ConnectionLimits,
+        shutdown: Shutdown,
+    ) -> Accepted {
+        accept_tls(listener, self.admin.clone(), limits, shutdown)
     }
 }
 
-/// Handshaken TLS connections, as they complete.
-pub type Accepted = mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>;
-
-/// Accepts on `listener` until shutdown; each handshake runs in its own task so a slow or
-/// failing client never holds up the others.
-fn accept(listener: TcpListener, acceptor: TlsAcceptor, shutdown: Shutdown) -> Accepted {
-    let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        continue;
-                    }
-                },
-                () = shutdown.wait() => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = sender.send((tls, peer)).await;
-                    }
-                    Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    receiver
-}
+/// Handshaken TLS connections, as they complete (see [`accept_tls`]: bounded handshakes, a
+/// connection cap, back-off when out of file descriptors).
+pub type Accepted = mpsc::Receiver<(Connection<TlsStream<TcpStream>>, SocketAddr)>;
 
 /// The admin port's TLS connections as an axum listener.
 pub struct AdminListener {
@@ -172,7 +144,7 @@ pub struct AdminListener {
 }
 
 impl axum::serve::Listener for AdminListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Connection<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -12,9 +12,16 @@
 //! `pitwall.v1.SessionEvent` keyed by its sequence, trimmed from the front to a window of count
 //! and age, and the first sequence still kept. A batch's sessions, removals and events are one
 //! transaction, so the feed never disagrees with the sessions after a crash.
+//!
+//! Every row carries a CRC32C checksum (see `rows`), verified when it is read: all of them at
+//! startup ([`EmbeddedStore::load`]), feed events again whenever a watcher replays them. A file
+//! that is empty or that redb cannot read is refused, never initialised over: its sessions would
+//! be gone without a word.
 
 use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
+
+use tracing::warn;
 
 use pitwall_core::Session;
 use pitwall_core::lifecycle::order;
@@ -28,17 +35,21 @@ use redb::{
 };
 use thiserror::Error;
 
+use crate::guard::guarded;
+use crate::rows::{DamagedRow, frame_into, read_event, read_session};
+
 /// Creation sequence → encoded [`Session`].
-const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions_by_sequence");
+pub(crate) const SESSIONS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("sessions_by_sequence");
 
 /// Feed sequence → encoded `pitwall.v1.SessionEvent`.
-const FEED_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("feed_events");
+pub(crate) const FEED_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("feed_events");
 
 /// Small facts about the feed: [`FIRST_KEPT`] and [`NEXT`].
-const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("feed_meta");
+pub(crate) const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("feed_meta");
 
 /// The oldest sequence still kept (everything before it was trimmed).
-const FIRST_KEPT: &str = "first_kept";
+pub(crate) const FIRST_KEPT: &str = "first_kept";
 
 /// The next sequence, when the last ones numbered records that changed nothing (and so have no
 /// event to say how far numbering went).
@@ -71,11 +82,35 @@ pub enum StoreError {
         path: PathBuf,
         source: DatabaseError,
     },
-    #[error("session number {sequence} in {path} cannot be decoded: {source}")]
-    Corrupt {
+    #[error(
+        "store file {path} is empty (0 bytes): the sessions it held are gone, and Pitwall does \
+         not start on it so that nothing is written over it. Restore it from a backup, or move \
+         it aside (or delete it) to start with an empty store"
+    )]
+    Empty { path: PathBuf },
+    #[error(
+        "store file {path} is damaged: {detail}. Restore it from a backup, or move it aside to \
+         start with an empty store; `pitwall store check` reports what is damaged and `pitwall \
+         store repair` repairs what it can"
+    )]
+    Damaged { path: PathBuf, detail: String },
+    #[error(
+        "store file {path} has {} damaged row(s): {}. Restore the file from a backup, start with \
+         --skip-damaged-rows to leave these rows out (each is logged), or run `pitwall store \
+         repair` to remove them",
+        rows.len(),
+        list_rows(rows)
+    )]
+    DamagedRows {
         path: PathBuf,
-        sequence: u64,
-        source: prost::DecodeError,
+        rows: Vec<DamagedRow>,
+    },
+    #[error("there is no store file {path}; nothing to check")]
+    Missing { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("storage error: {0}")]
     Storage(#[from] redb::Error),
@@ -86,6 +121,21 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// The first damaged rows, for a message that stays readable however many there are.
+fn list_rows(rows: &[DamagedRow]) -> String {
+    const SHOWN: usize = 10;
+    let mut text = rows
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if rows.len() > SHOWN {
+        text.push_str(&format!("; and {} more", rows.len() - SHOWN));
+    }
+    text
 }
 
 macro_rules! storage_error_from {
@@ -110,12 +160,16 @@ pub struct EmbeddedOptions {
     /// Page cache. Startup reads every row once, so a large cache only holds pages that are not
     /// read again; kept small so resident memory is the sessions themselves.
     pub cache_bytes: usize,
+    /// Rows whose checksum fails are left out, each with a warning, instead of stopping
+    /// startup (`--skip-damaged-rows`): the operator's explicit choice to lose them.
+    pub skip_damaged_rows: bool,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             cache_bytes: 64 * 1024 * 1024,
+            skip_damaged_rows: false,
         }
     }
 }
@@ -164,6 +218,7 @@ pub struct EmbeddedStore {
     /// compact the file, which needs no transaction open.
     db: RwLock<Database>,
     path: PathBuf,
+    skip_damaged_rows: bool,
 }
 
 /// The database file's size before and after a compaction.
@@ -174,81 +229,146 @@ pub struct Compacted {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store in `data_dir`. Fails with [`StoreError::InUse`] if another
-    /// process holds it.
+    /// Opens the store in `data_dir`, creating it if there is no store file. Fails with
+    /// [`StoreError::InUse`] if another process holds it, and with [`StoreError::Empty`] or
+    /// [`StoreError::Damaged`] on a file that cannot be a store: never creates one over it.
     pub fn open(data_dir: &Path, options: &EmbeddedOptions) -> Result<EmbeddedStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
             path: data_dir.to_owned(),
             source,
         })?;
         let path = data_dir.join(DATABASE_FILE);
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|source| match source {
-                DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(data_dir.to_owned()),
-                source => StoreError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
-        let txn = db.begin_write()?;
-        txn.open_table(SESSIONS)?;
-        txn.open_table(FEED_EVENTS)?;
-        txn.open_table(FEED_META)?;
-        txn.commit()?;
+        let db = guarded(&path, || {
+            let mut builder = Database::builder();
+            builder.set_cache_size(options.cache_bytes);
+            let db = match std::fs::metadata(&path) {
+                Ok(metadata) if metadata.len() == 0 => {
+                    return Err(StoreError::Empty { path: path.clone() });
+                }
+                Ok(_) => builder
+                    .open(&path)
+                    .map_err(|e| open_error(data_dir, &path, e))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    create_new(data_dir, &path, &builder)?
+                }
+                Err(source) => {
+                    return Err(StoreError::Read {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            };
+            let txn = db.begin_write()?;
+            txn.open_table(SESSIONS)?;
+            txn.open_table(FEED_EVENTS)?;
+            txn.open_table(FEED_META)?;
+            txn.commit()?;
+            Ok(db)
+        })
+        .map_err(|e| damaged_if_corrupted(&path, e))?;
         Ok(EmbeddedStore {
             db: RwLock::new(db),
             path,
+            skip_damaged_rows: options.skip_damaged_rows,
         })
     }
 
     /// How many sessions are stored.
     pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.db().begin_read()?;
-        Ok(txn.open_table(SESSIONS)?.len()?)
+        guarded(&self.path, || {
+            let txn = self.db().begin_read()?;
+            Ok(txn.open_table(SESSIONS)?.len()?)
+        })
+        .map_err(|e| damaged_if_corrupted(&self.path, e))
     }
 
     pub fn is_empty(&self) -> Result<bool, StoreError> {
         Ok(self.len()? == 0)
     }
 
-    /// Hands every stored session to `restore`, in creation order, without holding them all.
+    /// Hands every stored session to `restore`, in creation order, without holding them all,
+    /// after verifying its checksum; then verifies the kept feed events. Damaged rows stop it
+    /// with [`StoreError::DamagedRows`], or are left out with a warning each when the store was
+    /// opened with `skip_damaged_rows`.
     pub fn load(&self, mut restore: impl FnMut(Session)) -> Result<u64, StoreError> {
-        let txn = self.db().begin_read()?;
-        let table = txn.open_table(SESSIONS)?;
-        let mut count = 0;
-        for row in table.iter()? {
-            let (sequence, value) = row?;
-            let session = Session::decode(value.value()).map_err(|source| StoreError::Corrupt {
-                path: self.path.clone(),
-                sequence: sequence.value(),
-                source,
-            })?;
-            restore(session);
-            count += 1;
+        guarded(&self.path, || {
+            let txn = self.db().begin_read()?;
+            let table = txn.open_table(SESSIONS)?;
+            let mut count = 0;
+            let mut damaged = Vec::new();
+            for row in table.iter()? {
+                let (sequence, value) = row?;
+                match read_session(value.value()) {
+                    Ok(session) => {
+                        restore(session);
+                        count += 1;
+                    }
+                    Err((key, damage)) => damaged.push(DamagedRow::Session {
+                        sequence: sequence.value(),
+                        key,
+                        damage,
+                    }),
+                }
+            }
+            let events = txn.open_table(FEED_EVENTS)?;
+            for row in events.iter()? {
+                let (sequence, value) = row?;
+                if let Err(damage) = read_event(value.value()) {
+                    damaged.push(DamagedRow::FeedEvent {
+                        sequence: sequence.value(),
+                        damage,
+                    });
+                }
+            }
+            self.damaged(damaged)?;
+            Ok(count)
+        })
+        .map_err(|e| damaged_if_corrupted(&self.path, e))
+    }
+
+    /// Refuses damaged rows, or (skipping) says which ones are left out.
+    fn damaged(&self, rows: Vec<DamagedRow>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
         }
-        Ok(count)
+        if !self.skip_damaged_rows {
+            return Err(StoreError::DamagedRows {
+                path: self.path.clone(),
+                rows,
+            });
+        }
+        for row in &rows {
+            warn!(path = %self.path.display(), row = %row, "damaged row left out (--skip-damaged-rows)");
+        }
+        Ok(())
     }
 
     /// Writes the changes in one transaction and returns once it is durable on disk (fsync'd),
     /// with the feed's extent after it.
     pub fn commit(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
+        guarded(&self.path, || self.commit_unguarded(changes))
+    }
+
+    fn commit_unguarded(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
         let mut txn = self.db().begin_write()?;
         // Makes recovery after a crash read the allocator state instead of walking every page,
         // so restart time after `kill -9` stays flat as the store grows.
         txn.set_quick_repair(true);
         let bounds = {
+            // One buffer for every row of the batch.
+            let mut row = Vec::new();
             let mut sessions = txn.open_table(SESSIONS)?;
             for session in changes.sessions {
-                sessions.insert(session.sequence, session.encode().as_slice())?;
+                frame_into(&mut row, &session.encode());
+                sessions.insert(session.sequence, row.as_slice())?;
             }
             for sequence in changes.purged {
                 sessions.remove(sequence)?;
             }
             let mut events = txn.open_table(FEED_EVENTS)?;
             for (sequence, event) in &changes.events {
-                events.insert(*sequence, event.as_ref())?;
+                frame_into(&mut row, event);
+                events.insert(*sequence, row.as_slice())?;
             }
             let mut meta = txn.open_table(FEED_META)?;
             let before = bounds_of(&events, &meta)?;
@@ -274,24 +394,36 @@ impl EmbeddedStore {
 
     /// The feed's extent as stored.
     pub fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
-        let txn = self.db().begin_read()?;
-        bounds_of(&txn.open_table(FEED_EVENTS)?, &txn.open_table(FEED_META)?)
+        guarded(&self.path, || {
+            let txn = self.db().begin_read()?;
+            bounds_of(&txn.open_table(FEED_EVENTS)?, &txn.open_table(FEED_META)?)
+        })
     }
 
-    /// Up to `limit` stored events after sequence `after`, in order.
+    /// Up to `limit` stored events after sequence `after`, in order, as encoded
+    /// `SessionEvent`s. A damaged one is an error, or left out with a warning when the store was
+    /// opened with `skip_damaged_rows`.
     pub fn events_after(
         &self,
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.db().begin_read()?;
-        let table = txn.open_table(FEED_EVENTS)?;
-        let mut events = Vec::new();
-        for row in table.range(after.saturating_add(1)..)?.take(limit) {
-            let (sequence, event) = row?;
-            events.push((sequence.value(), event.value().to_vec()));
-        }
-        Ok(events)
+        guarded(&self.path, || {
+            let txn = self.db().begin_read()?;
+            let table = txn.open_table(FEED_EVENTS)?;
+            let mut events = Vec::new();
+            for row in table.range(after.saturating_add(1)..)?.take(limit) {
+                let (sequence, event) = row?;
+                match read_event(event.value()) {
+                    Ok(payload) => events.push((sequence.value(), payload.to_vec())),
+                    Err(damage) => self.damaged(vec![DamagedRow::FeedEvent {
+                        sequence: sequence.value(),
+                        damage,
+                    }])?,
+                }
+            }
+            Ok(events)
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -302,6 +434,10 @@ impl EmbeddedStore {
     /// `min_file_bytes` (after retention removed many sessions). Transactions wait while it
     /// runs, so the caller does it rarely: only after removals.
     pub fn compact_if_sparse(&self, min_file_bytes: u64) -> Result<Option<Compacted>, StoreError> {
+        guarded(&self.path, || self.compact_unguarded(min_file_bytes))
+    }
+
+    fn compact_unguarded(&self, min_file_bytes: u64) -> Result<Option<Compacted>, StoreError> {
         let before = self.file_bytes()?;
         if before < min_file_bytes {
             return Ok(None);
@@ -345,6 +481,81 @@ impl EmbeddedStore {
     }
 }
 
+/// A store file made whole before it gets its name: a crash while it is being made leaves no
+/// `pitwall.redb` (a 0-byte one would be refused at the next start as a lost store).
+fn create_new(
+    data_dir: &Path,
+    path: &Path,
+    builder: &redb::Builder,
+) -> Result<Database, StoreError> {
+    let fresh = data_dir.join(format!("{DATABASE_FILE}.new"));
+    let db = match builder.create(&fresh) {
+        Ok(db) => db,
+        Err(DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(StoreError::InUse(data_dir.to_owned()));
+        }
+        // Left over from a start that stopped half-way, and held by nobody (it is not locked).
+        Err(_) => {
+            std::fs::remove_file(&fresh).map_err(|source| StoreError::Read {
+                path: fresh.clone(),
+                source,
+            })?;
+            builder
+                .create(&fresh)
+                .map_err(|e| open_error(data_dir, &fresh, e))?
+        }
+    };
+    let txn = db.begin_write()?;
+    txn.open_table(SESSIONS)?;
+    txn.open_table(FEED_EVENTS)?;
+    txn.open_table(FEED_META)?;
+    txn.commit()?;
+    // A link, not a rename: it fails if another process made the store meanwhile, instead of
+    // replacing it.
+    match std::fs::hard_link(&fresh, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StoreError::InUse(data_dir.to_owned()));
+        }
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let _ = std::fs::remove_file(&fresh);
+    if let Ok(dir) = std::fs::File::open(data_dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(db)
+}
+
+fn open_error(data_dir: &Path, path: &Path, error: DatabaseError) -> StoreError {
+    match error {
+        DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(data_dir.to_owned()),
+        DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => StoreError::Damaged {
+            path: path.to_owned(),
+            detail,
+        },
+        source => StoreError::Open {
+            path: path.to_owned(),
+            source,
+        },
+    }
+}
+
+/// redb's own word that the file is not what it wrote, as [`StoreError::Damaged`].
+fn damaged_if_corrupted(path: &Path, error: StoreError) -> StoreError {
+    match error {
+        StoreError::Storage(redb::Error::Corrupted(detail)) => StoreError::Damaged {
+            path: path.to_owned(),
+            detail,
+        },
+        other => other,
+    }
+}
+
 /// Stored events are `first_kept..next`; an empty feed starts at 1 (0 means "from now").
 fn bounds_of(
     events: &impl ReadableTable<u64, &'static [u8]>,
@@ -379,8 +590,9 @@ fn trim(events: &mut redb::Table<u64, &[u8]>, window: FeedWindow) -> Result<(), 
     if let Some(oldest) = window.oldest {
         for row in events.range(cut..limit)? {
             let (sequence, event) = row?;
-            let recorded = SessionEvent::decode(event.value())
+            let recorded = read_event(event.value())
                 .ok()
+                .and_then(|payload| SessionEvent::decode(payload).ok())
                 .and_then(|e| e.time);
             if recorded.is_some_and(|time| order(time) >= order(oldest)) {
                 break;

@@ -4,6 +4,9 @@
 //!   commit holds a batch of records' results and is fsync'd before it returns, so callers can
 //!   acknowledge as soon as it does.
 //!
+//! - [`integrity`]: `pitwall store check` and `repair`; rows carry CRC32C checksums, and redb's
+//!   panics on damaged files are caught at this crate's boundary and reported as errors.
+//!
 //! - [`kafka`]: the reference's `SessionInfo` topic as the log: produce with `acks=all`, follow
 //!   from the beginning, topic management, watermarks of a data source's topics.
 //!
@@ -11,6 +14,10 @@
 //! this crate knows nothing of gRPC, notifications or clocks.
 
 pub mod embedded;
+mod guard;
+pub mod integrity;
 pub mod kafka;
+mod rows;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore, StoreError};
+pub use rows::{DamagedRow, RowDamage};

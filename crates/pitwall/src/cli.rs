@@ -39,6 +39,32 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// See and change sessions on a running server.
     Session(Box<SessionArgs>),
+    /// Check or repair the embedded store of a stopped server.
+    Store(Box<StoreArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    #[command(subcommand)]
+    pub command: StoreCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Verify every page (redb's integrity check) and every row's checksum, changing nothing.
+    /// Exits 0 when all is well, 1 when something is damaged.
+    Check {
+        /// Directory of the embedded store.
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        data_dir: PathBuf,
+    },
+    /// Repair what redb can, then remove the rows whose checksum fails, saying which. Copy the
+    /// store file first if you may want those rows back.
+    Repair {
+        /// Directory of the embedded store.
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +194,10 @@ pub enum SessionCommand {
         /// from now].
         #[arg(long, value_name = "SEQ")]
         from: Option<u64>,
+        /// With --all or --from: how long to keep reconnecting (with back-off) after losing
+        /// the server, resuming from the last sequence; 0 ends the watch with the stream.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        reconnect_seconds: u64,
     },
 }
 
@@ -288,6 +318,25 @@ pub struct ServeArgs {
     /// "sessions":0}`); removed when shutdown begins. For scripts and tests that start it.
     #[arg(long, env = "PITWALL_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Start even if stored rows fail their checksum, leaving them out (each is logged).
+    #[arg(long, env = "PITWALL_SKIP_DAMAGED_ROWS")]
+    pub skip_damaged_rows: bool,
+    /// gRPC connections served at once (per port); more wait in the accept queue. Keep it
+    /// below the open-file limit.
+    #[arg(long, env = "PITWALL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Streams (calls) open at once on one gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "PITWALL_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Close a connection that sends nothing for this long (e.g. 5m; off).
+    #[arg(long, env = "PITWALL_IDLE_TIMEOUT", value_parser = parse_setting, default_value = "5m")]
+    pub idle_timeout: DurationSetting,
+    /// Ping a connection quiet for this long (e.g. 60s; off).
+    #[arg(long, env = "PITWALL_KEEPALIVE_INTERVAL", value_parser = parse_setting, default_value = "60s")]
+    pub keepalive_interval: DurationSetting,
+    /// Close a connection that does not answer a ping within this long, in seconds.
+    #[arg(long, env = "PITWALL_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20)]
+    pub keepalive_timeout_seconds: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -320,4 +369,7 @@ pub struct LimitArgs {
     /// Encoded size of a whole session.
     #[arg(long, env = "PITWALL_MAX_SESSION_BYTES", default_value_t = 1024 * 1024)]
     pub max_session_bytes: usize,
+    /// How far ahead of the server's clock a creation_time may lie (e.g. 5m; off).
+    #[arg(long, env = "PITWALL_MAX_CREATION_TIME_SKEW", value_parser = parse_setting, default_value = "5m")]
+    pub max_creation_time_skew: DurationSetting,
 }

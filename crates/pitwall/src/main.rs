@@ -4,6 +4,7 @@
 //! - [`serve`]: `pitwall serve`, the server process: config, signals, exit code.
 //! - [`session`]: `pitwall session …`, the client commands; [`output`] prints their results,
 //!   [`values`] reads and prints details, offsets and times.
+//! - [`store`]: `pitwall store check|repair`, on the embedded store of a stopped server.
 //! - [`logging`]: the `tracing` subscriber (level and format).
 
 mod cli;
@@ -11,6 +12,7 @@ mod logging;
 mod output;
 mod serve;
 mod session;
+mod store;
 mod values;
 
 use clap::Parser;
@@ -30,11 +32,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = match cli.command() {
         cli::Command::Serve(args) => runtime.block_on(serve::run(*args)),
+        cli::Command::Store(args) => return store::run(*args),
         cli::Command::Session(args) => {
             return match runtime.block_on(session::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("pitwall: {e}");
+                    // The reason may be the server's words: no control characters reach
+                    // the terminal.
+                    eprintln!("pitwall: {}", output::escape(&e.to_string()));
                     std::process::ExitCode::from(e.exit_code())
                 }
             };

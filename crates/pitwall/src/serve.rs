@@ -6,7 +6,7 @@ use pitwall_server::config::Config;
 use std::path::PathBuf;
 
 use pitwall_server::auth::Access;
-use pitwall_server::config::StoreConfig;
+use pitwall_server::config::{ConnectionLimits, StoreConfig};
 use pitwall_server::tls::TlsFiles;
 use pitwall_server::{AppConfig, Limits};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -80,6 +80,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             type_bytes: args.limits.max_type_bytes,
             identifier_bytes: args.limits.max_identifier_bytes,
             session_bytes: args.limits.max_session_bytes,
+            creation_time_skew: args.limits.max_creation_time_skew.0,
         },
         max_message_bytes: args.max_message_bytes,
         subscriber_queue: args.subscriber_queue,
@@ -102,6 +103,15 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
         retention: defaults.retention,
         feed_window: defaults.feed_window,
         ready_file: args.ready_file.clone(),
+        skip_damaged_rows: args.skip_damaged_rows,
+        connections: ConnectionLimits {
+            max_connections: args.max_connections,
+            max_concurrent_streams: args.max_concurrent_streams,
+            idle_timeout: args.idle_timeout.0,
+            keepalive_interval: args.keepalive_interval.0,
+            keepalive_timeout: std::time::Duration::from_secs(args.keepalive_timeout_seconds),
+            ..defaults.connections
+        },
     };
     let app = match &args.config {
         Some(path) => Some((path, AppConfig::load(path)?)),

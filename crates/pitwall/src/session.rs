@@ -215,9 +215,15 @@ pub async fn run(args: SessionArgs) -> Result<(), ClientError> {
             data_source,
             all,
             from,
+            reconnect_seconds,
         } => match data_source {
             Some(data_source) if !all && from.is_none() => session.watch(&data_source).await,
-            data_source => session.watch_feed(data_source, from.unwrap_or(0)).await,
+            data_source => {
+                let reconnect_for = Duration::from_secs(reconnect_seconds);
+                session
+                    .watch_feed(data_source, from.unwrap_or(0), reconnect_for)
+                    .await
+            }
         },
     }
 }

@@ -217,6 +217,39 @@ async fn a_refused_request_prints_the_servers_reason_and_exits_1() {
 }
 
 #[tokio::test]
+async fn control_characters_from_the_server_are_printed_escaped() {
+    let server = TestServer::start().await;
+    // Detail values may hold anything, so a session can carry terminal escapes to a printer.
+    let value = "red\u{1b}[2J\nforged  line\u{9b}";
+    let key = created(
+        &server,
+        &["--data-source", "ds", "--detail", &format!("notes={value}")],
+    )
+    .await;
+    let table = pitwall(&server, &["get", &key]).await;
+    let text = stdout(&table);
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "{text:?}"
+    );
+    let notes: Vec<&str> = text.lines().filter(|l| l.contains("notes")).collect();
+    assert_eq!(notes.len(), 1, "{text}");
+    assert!(
+        notes[0].ends_with(r"  red\u{1b}[2J\nforged  line\u{9b}"),
+        "{text}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("forged")), "{text}");
+
+    let as_json = pitwall(&server, &["--output", "json", "get", &key]).await;
+    assert!(
+        !stdout(&as_json)
+            .chars()
+            .any(|c| c.is_control() && c != '\n')
+    );
+    assert_eq!(json(&as_json)["details"]["notes"], value);
+}
+
+#[tokio::test]
 async fn bad_detail_syntax_is_a_usage_error() {
     let server = TestServer::start().await;
     let output = pitwall(
@@ -766,14 +799,13 @@ struct FeedWatch {
 
 /// Starts `pitwall session --output FORMAT watch ARGS…` and waits until it has subscribed.
 async fn feed_watch(server: &TestServer, format: &str, args: &[&str]) -> FeedWatch {
+    feed_watch_at(&server.grpc_url(), format, args).await
+}
+
+/// [`feed_watch`] on the server at `url`.
+async fn feed_watch_at(url: &str, format: &str, args: &[&str]) -> FeedWatch {
     let mut child = Command::new(binary())
-        .args([
-            "session",
-            "--server",
-            &server.grpc_url(),
-            "--output",
-            format,
-        ])
+        .args(["session", "--server", url, "--output", format])
         .arg("watch")
         .args(args)
         .stdout(Stdio::piped())
@@ -996,7 +1028,8 @@ async fn watch_needs_a_data_source_or_all_but_not_both() {
 #[tokio::test]
 async fn watch_all_ends_cleanly_when_the_server_shuts_down() {
     let mut server = TestServer::start().await;
-    let mut watch = feed_watch(&server, "table", &["--all"]).await;
+    // Without reconnecting: the end of the stream is the end of the watch.
+    let mut watch = feed_watch(&server, "table", &["--all", "--reconnect-seconds", "0"]).await;
     server.stop().await;
     assert_eq!(
         timeout(PATIENCE, watch.lines.next_line())
@@ -1140,4 +1173,87 @@ async fn watch_shows_sessions_purged_by_retention() {
         [expect("STARTED"), expect("ENDED"), expect("PURGED")]
     );
     watch.interrupt().await;
+}
+
+#[tokio::test]
+async fn watch_all_resumes_across_server_restarts_printing_every_change_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ServerProcess::start(dir.path(), &[]).await;
+    let url = first.grpc_url();
+    let port = first.grpc_addr.clone();
+    let mut watch = feed_watch_at(&url, "table", &["--all"]).await;
+    let mut client = connect(&url).await;
+    let mut keys = vec![
+        create(&mut client, "Car1").await,
+        create(&mut client, "Car2").await,
+    ];
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(watch.event().await);
+    }
+
+    // Graceful: SIGTERM, then the same data directory and port.
+    let mut first = first;
+    first.signal("TERM");
+    assert_eq!(
+        timeout(PATIENCE, first.child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    let mut second = ServerProcess::start(dir.path(), &["--listen", &port]).await;
+    let mut client = connect(&url).await;
+    keys.push(create(&mut client, "Car1").await);
+    keys.push(create(&mut client, "Car3").await);
+    for _ in 0..2 {
+        seen.push(watch.event().await);
+    }
+
+    // Abrupt: kill -9.
+    second.signal("KILL");
+    timeout(PATIENCE, second.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let third = ServerProcess::start(dir.path(), &["--listen", &port]).await;
+    let mut client = connect(&third.grpc_url()).await;
+    keys.push(create(&mut client, "Car2").await);
+    seen.push(watch.event().await);
+
+    let printed: Vec<String> = seen.iter().map(|e| e.2.clone()).collect();
+    assert_eq!(printed, keys);
+    assert!(seen.iter().all(|e| e.1 == "STARTED"), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "{seen:?}");
+
+    let mut notices = Vec::new();
+    while notices.len() < 2 {
+        let line = timeout(PATIENCE, watch.errors.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the watch ended");
+        if line.contains("resuming after sequence") {
+            notices.push(line);
+        }
+    }
+    assert!(notices[0].contains("ended the watch"), "{notices:?}");
+    assert!(notices[1].contains("lost the connection"), "{notices:?}");
+    let mut lines = watch.lines;
+    let pid = watch.child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = timeout(PATIENCE, watch.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Nothing printed twice after the last change.
+    assert_eq!(
+        timeout(PATIENCE, lines.next_line()).await.unwrap().unwrap(),
+        None
+    );
 }

@@ -123,15 +123,32 @@ async fn state(
     client: &mut Client,
 ) -> BTreeMap<String, (Vec<String>, Vec<GetSessionInfoResponse>)> {
     let mut state = BTreeMap::new();
-    for data_source in DATA_SOURCES {
+    // GetCurrentSessions refuses the invalid name, which can hold no session anyway.
+    for data_source in &DATA_SOURCES[..2] {
         let keys = list(client, data_source).await;
         let mut infos = Vec::new();
         for key in &keys {
             infos.push(info(client, key).await);
         }
-        state.insert(data_source.to_owned(), (keys, infos));
+        state.insert((*data_source).to_owned(), (keys, infos));
     }
     state
+}
+
+/// The data sources of every session (pitwall.v1 ListSessions over all of them).
+async fn data_sources_in_use(server: &TestServer) -> std::collections::BTreeSet<String> {
+    let page = server
+        .feed()
+        .await
+        .list_sessions(pitwall_proto::feed::ListSessionsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.next_page_token.is_empty());
+    page.sessions.into_iter().map(|s| s.data_source).collect()
 }
 
 proptest! {
@@ -140,17 +157,18 @@ proptest! {
     #[test]
     fn live_state_equals_state_after_restart(ops in prop::collection::vec(op(), 1..40)) {
         let runtime = tokio::runtime::Runtime::new().unwrap();
-        let (live, restored) = runtime.block_on(async {
+        let (live, restored, used) = runtime.block_on(async {
             let server = TestServer::start().await;
             let mut client = server.client().await;
             apply(&mut client, ops).await;
             let live = state(&mut client).await;
+            let used = data_sources_in_use(&server).await;
             let server = server.restart().await;
             let mut client = server.client().await;
             let restored = state(&mut client).await;
-            (live, restored)
+            (live, restored, used)
         });
-        prop_assert!(live["not valid"].0.is_empty());
+        prop_assert!(!used.contains("not valid"));
         prop_assert_eq!(live, restored);
     }
 }

@@ -240,8 +240,8 @@ async fn invalid_creates_are_refused_with_a_reason_and_change_nothing() {
             },
         ),
     ];
+    let mut feed = server.feed().await;
     for (expected, request) in cases {
-        let data_source = request.data_source.clone();
         let response = client.create_session(request).await.unwrap();
         let why = reason(&response).unwrap_or_default();
         let body = response.into_inner();
@@ -251,7 +251,13 @@ async fn invalid_creates_are_refused_with_a_reason_and_change_nothing() {
             why.contains(expected),
             "reason '{why}' should mention '{expected}'"
         );
-        assert!(list(&mut client, &data_source).await.is_empty());
+        // No session in any data source (a refused name cannot be listed by itself).
+        let everything = feed
+            .list_sessions(pitwall_proto::feed::ListSessionsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(everything.sessions.is_empty(), "{expected}");
     }
     assert!(list(&mut client, "ds").await.is_empty());
 }
@@ -459,12 +465,19 @@ async fn listing_is_exact_match_in_creation_order_with_completed_sessions() {
 }
 
 #[tokio::test]
-async fn listing_an_unusable_data_source_succeeds_empty() {
+async fn listing_an_unusable_data_source_is_refused_with_the_reason() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     create(&mut client, "ds").await;
     for data_source in ["", "not a valid source", "*"] {
-        assert!(list(&mut client, data_source).await.is_empty());
+        let response = client
+            .get_current_sessions(GetCurrentSessionsRequest {
+                data_source: data_source.into(),
+            })
+            .await
+            .unwrap();
+        assert!(reason(&response).unwrap().contains("data_source"));
+        assert_eq!(response.into_inner(), GetCurrentSessionsResponse::default());
     }
 }
 
@@ -891,5 +904,302 @@ async fn metrics_count_sessions_per_data_source_and_rpcs_by_outcome() {
             r#"pitwall_rpc_duration_seconds_count{method="EndSession",outcome="success"}"#
         ),
         Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_huge_session_key_is_refused_with_a_short_reason_on_every_rpc_that_looks_it_up() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // Over the 16 KiB of metadata a client accepts, were it echoed whole.
+    let key = "k".repeat(17 * 1024);
+    let info = client
+        .get_session_info(GetSessionInfoRequest {
+            session_key: key.clone(),
+        })
+        .await
+        .unwrap();
+    let end = client
+        .end_session(EndSessionRequest {
+            session_key: key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let identifier = client
+        .update_session_identifier(UpdateSessionIdentifierRequest {
+            session_key: key.clone(),
+            identifier: "FP1".into(),
+        })
+        .await
+        .unwrap();
+    let details = client
+        .update_session_details(UpdateSessionDetailsRequest {
+            session_key: key.clone(),
+            details: [("lap".to_owned(), "1".to_owned())].into(),
+        })
+        .await
+        .unwrap();
+    let associate = client
+        .add_associate_session(AddAssociateSessionRequest {
+            session_key: key.clone(),
+            associate_session_key: "other".into(),
+        })
+        .await
+        .unwrap();
+    let answers = [
+        (reason(&info), info.into_inner().success),
+        (reason(&end), end.into_inner().success),
+        (reason(&identifier), identifier.into_inner().success),
+        (reason(&details), details.into_inner().success),
+        (reason(&associate), associate.into_inner().success),
+    ];
+    for (reason, success) in answers {
+        let reason = reason.expect("a refusal carries its reason");
+        assert!(!success);
+        assert!(reason.len() < 400, "{} bytes: {reason}", reason.len());
+        assert!(reason.starts_with("session 'kkkk"), "{reason}");
+        assert!(reason.ends_with("(17408 bytes) not found"), "{reason}");
+    }
+}
+
+#[tokio::test]
+async fn get_current_sessions_past_the_message_limit_is_resource_exhausted_and_list_sessions_pages_them_all()
+ {
+    // Room for about a hundred keys, so few sessions get there.
+    let server = TestServer::start_with(|c| c.max_message_bytes = 4096).await;
+    let mut client = server.client().await;
+    let mut keys = Vec::new();
+    for i in 0..120 {
+        let key = create(&mut client, "Crowded").await;
+        if i % 3 == 0 {
+            assert!(end(&mut client, &key).await.success);
+        }
+        keys.push(key);
+    }
+    let small = create(&mut client, "Quiet").await;
+
+    let status = client
+        .get_current_sessions(GetCurrentSessionsRequest {
+            data_source: "Crowded".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    for hint in [
+        "120 session keys",
+        "ListSessions",
+        "retention",
+        "4096 bytes",
+    ] {
+        assert!(status.message().contains(hint), "{}", status.message());
+    }
+    assert_eq!(list(&mut client, "Quiet").await, vec![small]);
+    let metrics = server.metrics().await;
+    let count = |outcome: &str| {
+        metric_value(
+            &metrics,
+            &format!(
+                r#"pitwall_rpc_requests_total{{method="GetCurrentSessions",outcome="{outcome}"}}"#
+            ),
+        )
+    };
+    assert_eq!(count("resource_exhausted"), Some(1.0));
+    assert_eq!(count("success"), Some(1.0));
+
+    // The way out the message names covers the same sessions, ended ones included, in order.
+    let mut feed = server.feed().await;
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = feed
+            .list_sessions(pitwall_proto::feed::ListSessionsRequest {
+                filter: Some(pitwall_proto::feed::SessionFilter {
+                    data_sources: vec!["Crowded".into()],
+                    ..Default::default()
+                }),
+                page_size: 0,
+                page_token: page_token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.sessions.into_iter().map(|s| s.session_key));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(listed, keys);
+}
+
+#[tokio::test]
+async fn data_sources_kafka_refuses_or_reserves_are_refused_with_the_same_reason_wherever_named() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut feed = server.feed().await;
+    for name in [".", "..", "__consumer_offsets", "Car1_essential"] {
+        let created = client
+            .create_session(CreateSessionRequest {
+                data_source: name.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let why = reason(&created).unwrap_or_else(|| panic!("{name} was accepted"));
+        assert!(!created.into_inner().success);
+        assert!(why.starts_with(&format!("data_source '{name}'")), "{why}");
+
+        let listed = client
+            .get_current_sessions(GetCurrentSessionsRequest {
+                data_source: name.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(reason(&listed).as_deref(), Some(why.as_str()));
+        assert!(!listed.into_inner().success);
+
+        let starts = client
+            .get_session_start_notification(GetSessionStartNotificationRequest {
+                data_source: name.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (starts.code(), starts.message()),
+            (Code::InvalidArgument, why.as_str())
+        );
+        let stops = client
+            .get_session_stop_notification(GetSessionStopNotificationRequest {
+                data_source: name.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (stops.code(), stops.message()),
+            (Code::InvalidArgument, why.as_str())
+        );
+
+        let listing = feed
+            .list_sessions(pitwall_proto::feed::ListSessionsRequest {
+                filter: Some(pitwall_proto::feed::SessionFilter {
+                    data_sources: vec![name.into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(listing.message(), why);
+    }
+    // The empty data source names nothing a session can have.
+    let status = client
+        .get_session_start_notification(GetSessionStartNotificationRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("data_source is empty"));
+}
+
+#[tokio::test]
+async fn control_characters_are_refused_in_identifier_type_and_detail_keys() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let requests = [
+        CreateSessionRequest {
+            identifier: "FP1\u{1b}[2J".into(),
+            ..Default::default()
+        },
+        CreateSessionRequest {
+            r#type: "Race\nforged line".into(),
+            ..Default::default()
+        },
+        CreateSessionRequest {
+            details: [("lap\u{7}".to_owned(), "1".to_owned())].into(),
+            ..Default::default()
+        },
+    ];
+    for request in requests {
+        let response = client
+            .create_session(CreateSessionRequest {
+                data_source: "ds".into(),
+                ..request.clone()
+            })
+            .await
+            .unwrap();
+        let why = reason(&response).unwrap_or_else(|| panic!("{request:?} was accepted"));
+        assert!(why.contains("control character"), "{why}");
+        assert!(why.is_ascii() && !why.contains('\u{1b}'), "{why:?}");
+    }
+    // Tab is allowed, and values may hold anything.
+    let response = client
+        .create_session(CreateSessionRequest {
+            data_source: "ds".into(),
+            identifier: "FP1\tdry".into(),
+            details: [("notes".to_owned(), "line 1\nline 2\u{1b}".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.success);
+    let key = response.session_key;
+    let renamed = client
+        .update_session_identifier(UpdateSessionIdentifierRequest {
+            session_key: key.clone(),
+            identifier: "FP2\r".into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&renamed).unwrap().contains("control character"));
+    let detailed = client
+        .update_session_details(UpdateSessionDetailsRequest {
+            session_key: key.clone(),
+            details: [("\u{9b}31m".to_owned(), "red".to_owned())].into(),
+        })
+        .await
+        .unwrap();
+    assert!(reason(&detailed).unwrap().contains("control character"));
+    assert_eq!(info(&mut client, &key).await.identifier, "FP1\tdry");
+}
+
+#[tokio::test]
+async fn a_creation_time_beyond_the_allowed_skew_into_the_future_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let create_at = |seconds: i64| CreateSessionRequest {
+        data_source: "ds".into(),
+        creation_time: Some(Timestamp { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    // 2100-01-01: accepted, such a session could never be ended by the server's clock.
+    let year_2100 = client
+        .create_session(create_at(4_102_444_800))
+        .await
+        .unwrap();
+    let why = reason(&year_2100).expect("a creation time in 2100 was accepted");
+    assert!(why.contains("ahead of the server's clock"), "{why}");
+    assert!(list(&mut client, "ds").await.is_empty());
+    // Within the skew (5 minutes by default) is fine.
+    let soon = client
+        .create_session(create_at(now + 60))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(soon.success);
+
+    let anything = TestServer::start_with(|c| c.limits.creation_time_skew = None).await;
+    let mut client = anything.client().await;
+    assert!(
+        client
+            .create_session(create_at(4_102_444_800))
+            .await
+            .unwrap()
+            .into_inner()
+            .success
     );
 }

@@ -215,7 +215,9 @@ async fn a_client_with_the_ca_connects_over_tls_and_one_without_fails() {
         );
     assert!(
         client
-            .get_current_sessions(pitwall_proto::api::GetCurrentSessionsRequest::default())
+            .get_current_sessions(pitwall_proto::api::GetCurrentSessionsRequest {
+                data_source: "ds".into()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -262,7 +264,9 @@ async fn mutual_tls_refuses_a_client_without_a_certificate() {
     let base = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(pki.ca_pem()))
         .domain_name("localhost");
-    let request = pitwall_proto::api::GetCurrentSessionsRequest::default();
+    let request = pitwall_proto::api::GetCurrentSessionsRequest {
+        data_source: "ds".into(),
+    };
 
     let anonymous = match tls_channel(&url, base.clone()).await {
         Err(_) => true,

@@ -10,7 +10,7 @@ use pitwall_proto::feed::{
 use serde_json::{Value, json};
 use tonic::{Code, Status, Streaming};
 
-use super::{ClientError, Session};
+use super::{ClientError, Session, root_cause};
 use crate::cli::Output;
 use crate::output;
 use crate::values::{format_time, format_utc_offset};
@@ -124,11 +124,16 @@ impl Session {
     }
 
     /// Every change of one data source (or of all when `data_source` is `None`) after
-    /// `from` (0: from now), until Ctrl-C or the server closes the stream.
+    /// `from` (0: from now), until Ctrl-C. When the server cuts the watch off, ends it (it is
+    /// stopping) or the connection is lost (it was killed), the watch reconnects with back-off
+    /// for up to `reconnect_for` and resumes after the last sequence it saw: nothing is printed
+    /// twice or missed. It ends with an error only for a real one (a refused request, history
+    /// no longer kept, a server gone for longer than `reconnect_for` after a lost connection).
     pub(super) async fn watch_feed(
         &self,
         data_source: Option<String>,
         from: u64,
+        reconnect_for: Duration,
     ) -> Result<(), ClientError> {
         let data_source = data_source.unwrap_or_default();
         let mut stream = self.open_watch(&data_source, from).await?;
@@ -155,8 +160,7 @@ impl Session {
                 message = stream.message() => message,
                 _ = &mut ctrl_c => return Ok(()),
             };
-            match message {
-                Ok(None) => return Ok(()),
+            let interruption = match message {
                 Ok(Some(WatchResponse {
                     events, sequence, ..
                 })) => {
@@ -169,30 +173,100 @@ impl Session {
                         resume = resume.max(event.sequence);
                     }
                     resume = resume.max(sequence);
+                    continue;
                 }
+                Ok(None) => Interruption::Ended,
                 Err(status) if status.code() == Code::ResourceExhausted => {
-                    if received {
-                        backoff = RESUME_BACKOFF.0;
-                    } else {
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = &mut ctrl_c => return Ok(()),
-                        }
-                        backoff = (backoff * 2).min(RESUME_BACKOFF.1);
+                    Interruption::CutOff(status)
+                }
+                Err(status) if is_lost(&status) => Interruption::Lost(status),
+                Err(status) => return Err(self.feed_failure(status)),
+            };
+            if matches!(interruption, Interruption::Ended) && reconnect_for.is_zero() {
+                return Ok(());
+            }
+            if received {
+                backoff = RESUME_BACKOFF.0;
+            }
+            let what = match &interruption {
+                Interruption::CutOff(status) => format!(
+                    "the server cut this watch off ({})",
+                    output::escape(status.message())
+                ),
+                Interruption::Ended => "the server ended the watch (is it restarting?)".to_owned(),
+                Interruption::Lost(status) => format!(
+                    "lost the connection to the server ({})",
+                    output::escape(&root_cause(status))
+                ),
+            };
+            if resume == 0 {
+                eprintln!(
+                    "pitwall: {what} before it reported a sequence; following from now, changes meanwhile may be missed"
+                );
+            } else {
+                eprintln!("pitwall: {what}; resuming after sequence {resume}");
+            }
+            let reopened = tokio::select! {
+                reopened = self.reopen_watch(&data_source, resume, &mut backoff, reconnect_for) => reopened,
+                _ = &mut ctrl_c => return Ok(()),
+            };
+            stream = match reopened {
+                Ok(stream) => stream,
+                // Stopped and did not come back: the watch is over, but nothing went wrong.
+                Err(_) if matches!(interruption, Interruption::Ended) => {
+                    eprintln!(
+                        "pitwall: the server did not come back within {}s; stopping (resume with --from {resume})",
+                        reconnect_for.as_secs()
+                    );
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            received = false;
+        }
+    }
+
+    /// Opens the watch again after `resume`, retrying with back-off while the server cannot be
+    /// reached or is starting, for up to `reconnect_for`.
+    async fn reopen_watch(
+        &self,
+        data_source: &str,
+        resume: u64,
+        backoff: &mut Duration,
+        reconnect_for: Duration,
+    ) -> Result<Streaming<WatchResponse>, ClientError> {
+        let deadline = tokio::time::Instant::now() + reconnect_for;
+        let mut attempts = 0u32;
+        loop {
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(RESUME_BACKOFF.1);
+            attempts += 1;
+            let opened = self
+                .feed
+                .clone()
+                .watch(WatchRequest {
+                    data_source: data_source.to_owned(),
+                    from_sequence: resume,
+                })
+                .await;
+            match opened {
+                Ok(response) => {
+                    if attempts > 1 {
+                        eprintln!("pitwall: reconnected after {attempts} attempts");
                     }
-                    if resume == 0 {
+                    return Ok(response.into_inner());
+                }
+                Err(status) if is_lost(&status) || status.code() == Code::ResourceExhausted => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(self.failure(status));
+                    }
+                    if attempts == 1 {
                         eprintln!(
-                            "pitwall: the server cut this watch off ({}) before it reported a sequence; following from now, changes meanwhile may be missed",
-                            status.message()
-                        );
-                    } else {
-                        eprintln!(
-                            "pitwall: the server cut this watch off ({}); resuming after sequence {resume}",
-                            status.message()
+                            "pitwall: the server is not answering yet ({}); retrying for up to {}s",
+                            output::escape(&root_cause(&status)),
+                            reconnect_for.as_secs()
                         );
                     }
-                    stream = self.open_watch(&data_source, resume).await?;
-                    received = false;
                 }
                 Err(status) => return Err(self.feed_failure(status)),
             }
@@ -233,17 +307,14 @@ impl Session {
                     .trim_end(),
                 )
             }
-            Output::Json => output::line(
-                &json!({
-                    "sequence": event.sequence,
-                    "kind": kind,
-                    "session_key": event.session_key,
-                    "data_source": event.data_source,
-                    "time": event.time.as_ref().map(format_time),
-                    "session": event.session.as_ref().map(session_json),
-                })
-                .to_string(),
-            ),
+            Output::Json => output::json_line(&json!({
+                "sequence": event.sequence,
+                "kind": kind,
+                "session_key": event.session_key,
+                "data_source": event.data_source,
+                "time": event.time.as_ref().map(format_time),
+                "session": event.session.as_ref().map(session_json),
+            })),
         }
     }
 
@@ -259,6 +330,25 @@ impl Session {
             _ => self.failure(status),
         }
     }
+}
+
+/// Why a watch stopped without the server refusing it.
+enum Interruption {
+    /// The server cut it off for falling behind.
+    CutOff(Status),
+    /// The server ended the stream (it is shutting down).
+    Ended,
+    /// The connection broke (the server was killed, the network failed).
+    Lost(Status),
+}
+
+/// A failure of the connection or of a server that is not (yet) serving, as opposed to a
+/// refusal of this request: worth reconnecting for.
+fn is_lost(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
+    ) || std::error::Error::source(status).is_some()
 }
 
 fn kind_name(kind: i32) -> String {

@@ -396,8 +396,10 @@ pub struct ServerProcess {
     pub child: Child,
     pub grpc_addr: String,
     pub metrics_addr: String,
-    /// Lines of standard error, as they arrive.
+    /// Lines of standard error after the ready line, as they arrive.
     pub log: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Lines of standard error before the ready line.
+    pub startup: Vec<String>,
     /// Holds the ready file.
     _ready_dir: tempfile::TempDir,
 }
@@ -448,6 +450,22 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`]; on Kafka, on the given topic (to run several instances).
     pub async fn start_on_topic(data_dir: &Path, topic: &str, extra: &[&str]) -> ServerProcess {
+        ServerProcess::start_wrapped(&[], data_dir, topic, extra).await
+    }
+
+    /// Like [`ServerProcess::start`], always on the embedded store.
+    pub async fn start_embedded(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        ServerProcess::spawn(&[], data_dir, &[], extra).await
+    }
+
+    /// Like [`ServerProcess::start`], run by `wrapper` (a command that runs the rest, such as
+    /// `prlimit --nofile=200`).
+    pub async fn start_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        topic: &str,
+        extra: &[&str],
+    ) -> ServerProcess {
         let mut store_args = Vec::new();
         if let Some(broker) = kafka_broker() {
             store_args = vec![
@@ -459,25 +477,31 @@ impl ServerProcess {
                 topic.to_owned(),
             ];
         }
-        ServerProcess::spawn(data_dir, &store_args, extra).await
+        ServerProcess::spawn(wrapper, data_dir, &store_args, extra).await
     }
 
-    /// Like [`ServerProcess::start`], always on the embedded store.
-    pub async fn start_embedded(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        ServerProcess::spawn(data_dir, &[], extra).await
-    }
-
-    async fn spawn(data_dir: &Path, store_args: &[String], extra: &[&str]) -> ServerProcess {
+    async fn spawn(
+        wrapper: &[&str],
+        data_dir: &Path,
+        store_args: &[String],
+        extra: &[&str],
+    ) -> ServerProcess {
         let ready_dir = tempfile::tempdir().unwrap();
         let ready_file = ready_dir.path().join("ready.json");
-        let mut child = Command::new(binary())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        command.args(["serve", "--metrics-listen", "127.0.0.1:0"]);
+        // `extra` may name a fixed port (to restart on the same one).
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--ready-file")
@@ -493,18 +517,31 @@ impl ServerProcess {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (sender, log) = tokio::sync::mpsc::unbounded_channel();
+        let (sender, mut log) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 let _ = sender.send(line);
             }
         });
         let ready = wait_ready(&ready_file, &mut child).await;
+        // The ready line follows the ready file: what came before it is the startup log.
+        let mut startup = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = log.recv().await {
+                if line.contains("pitwall ready") {
+                    return;
+                }
+                startup.push(line);
+            }
+        })
+        .await
+        .expect("no ready line after the ready file");
         ServerProcess {
             child,
             grpc_addr: ready.grpc,
             metrics_addr: ready.metrics,
             log,
+            startup,
             _ready_dir: ready_dir,
         }
     }
