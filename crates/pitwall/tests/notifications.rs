@@ -294,3 +294,86 @@ async fn with_the_feature_off_streams_stay_open_and_silent_until_shutdown() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_under_load_delivers_every_acknowledged_start_before_ending_with_ok() {
+    const WRITERS: usize = 16;
+    const SUBSCRIBERS: usize = 4;
+    let mut server = TestServer::start().await;
+    let url = server.grpc_url();
+    let mut readers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let mut client = connect(&url).await;
+        let mut stream = starts(&mut client, "ds").await;
+        // Each subscriber keeps up: it reads everything until its stream ends.
+        readers.push(tokio::spawn(async move {
+            let mut keys = Vec::new();
+            loop {
+                match timeout(PATIENCE, stream.message()).await {
+                    Ok(Ok(Some(start))) => keys.push(start.session_key),
+                    Ok(Ok(None)) => return Ok(keys),
+                    Ok(Err(status)) => return Err(status),
+                    Err(_) => panic!("the stream neither sent nor ended in time"),
+                }
+            }
+        }));
+    }
+    let (acked_sender, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let mut client = connect(&url).await;
+        let acked = acked_sender.clone();
+        writers.push(tokio::spawn(async move {
+            // Until the server refuses or goes away; only answered successes count.
+            while let Ok(response) = client
+                .create_session(CreateSessionRequest {
+                    data_source: "ds".into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                let response = response.into_inner();
+                if !response.success {
+                    break;
+                }
+                let _ = acked.send(response.session_key);
+            }
+        }));
+    }
+    drop(acked_sender);
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 500 {
+        acknowledged.push(
+            timeout(PATIENCE, acked.recv())
+                .await
+                .expect("writes stalled")
+                .expect("every writer stopped"),
+        );
+    }
+    // Shut down while the writers are still writing.
+    server.stop().await;
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    while let Some(key) = acked.recv().await {
+        acknowledged.push(key);
+    }
+    for reader in readers {
+        let received = reader
+            .await
+            .unwrap()
+            .expect("the stream ended with an error instead of OK");
+        let received: std::collections::HashSet<String> = received.into_iter().collect();
+        let missing: Vec<&String> = acknowledged
+            .iter()
+            .filter(|key| !received.contains(*key))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{} of {} acknowledged sessions were never notified, e.g. {:?}",
+            missing.len(),
+            acknowledged.len(),
+            missing.first()
+        );
+    }
+}
