@@ -53,6 +53,8 @@ enum Message {
     Write(Job),
     /// Trim the feed to its window even when nothing is written.
     TrimFeed,
+    /// Try to make a failed log writable again.
+    Recover,
     Stop,
 }
 
@@ -130,6 +132,11 @@ impl Engine {
             .write_queue_depth
             .set((self.queue_capacity - self.queue.capacity()) as i64);
         answer.await.unwrap_or(Err(WriteError::ShuttingDown))
+    }
+
+    /// Asks the writer to try a failed log again (a full queue skips this round).
+    pub fn recover(&self) {
+        let _ = self.queue.try_send(Message::Recover);
     }
 
     /// Asks the writer to trim the feed to its window; false when the queue is full (the
@@ -212,6 +219,7 @@ impl WriterState {
                 Some(Message::Write(job)) => batch.push(job),
                 Some(Message::Stop) | None => break,
                 Some(Message::TrimFeed) => self.trim(),
+                Some(Message::Recover) => self.log.recover(),
             }
             while batch.len() < self.max_batch {
                 match receiver.try_recv() {
@@ -225,6 +233,7 @@ impl WriterState {
                         self.process(&mut batch);
                         self.trim();
                     }
+                    Ok(Message::Recover) => self.log.recover(),
                     Err(_) => break,
                 }
             }

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pitwall_core::Projection;
@@ -20,7 +20,6 @@ use pitwall_proto::api::session_management_service_server::SessionManagementServ
 use pitwall_proto::feed::session_feed_server::SessionFeedServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
@@ -416,7 +415,7 @@ impl Launched {
             self.shutdown.clone(),
         );
         let log_health = tokio::spawn(follow_log_health(
-            log.health(),
+            engine.clone(),
             self.health.clone(),
             self.readiness.clone(),
             self.shutdown.clone(),
@@ -539,18 +538,28 @@ impl Drop for Launched {
     }
 }
 
+/// How often a failed store is asked to recover when no write comes to try it.
+const RECOVERY_PROBE: Duration = Duration::from_secs(1);
+
 /// Keeps health and readiness in step with the log: a log that cannot take writes marks the
 /// session service `NOT_SERVING` (reads still answer from what was applied); a failed store
-/// marks the whole server `NOT_SERVING` and `/readyz` 503 until it recovers.
+/// marks the whole server `NOT_SERVING` and `/readyz` 503 until it recovers, and is asked to
+/// recover every [`RECOVERY_PROBE`] meanwhile.
 async fn follow_log_health(
-    mut changes: watch::Receiver<LogHealth>,
+    engine: Engine,
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
 ) {
+    let mut changes = engine.health();
     loop {
+        let failed = matches!(*changes.borrow(), LogHealth::Failed(_));
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RECOVERY_PROBE), if failed => {
+                engine.recover();
+                continue;
+            }
             () = shutdown.wait() => return,
         }
         let state = changes.borrow_and_update().clone();

@@ -51,6 +51,9 @@ pub(crate) const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("f
 /// The oldest sequence still kept (everything before it was trimmed).
 pub(crate) const FIRST_KEPT: &str = "first_kept";
 
+/// Written by [`EmbeddedStore::reopen`] to see that a write succeeds again.
+const PROBE: &str = "probe";
+
 /// The next sequence, when the last ones numbered records that changed nothing (and so have no
 /// event to say how far numbering went).
 const NEXT: &str = "next";
@@ -112,6 +115,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the store {path} is closed after a failed write and could not be opened again yet; it is retried"
+    )]
+    Closed { path: PathBuf },
     #[error("storage error: {0}")]
     Storage(#[from] redb::Error),
     #[error("compaction failed: {0}")]
@@ -215,10 +222,27 @@ pub struct FeedBounds {
 /// An open embedded store. The database file is locked for as long as this value lives.
 pub struct EmbeddedStore {
     /// Shared by every transaction (redb serialises writers itself); taken exclusively only to
-    /// compact the file, which needs no transaction open.
-    db: RwLock<Database>,
+    /// compact the file, which needs no transaction open, or to reopen it after a failed write
+    /// (`None` while that reopening has not succeeded).
+    db: RwLock<Option<Database>>,
     path: PathBuf,
+    cache_bytes: usize,
     skip_damaged_rows: bool,
+}
+
+/// The open database, borrowed for one call.
+struct Db<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        match self.0.as_ref() {
+            Some(db) => db,
+            // `EmbeddedStore::db` only hands out a `Db` holding a database.
+            None => unreachable!("a Db is made only from an open database"),
+        }
+    }
 }
 
 /// The database file's size before and after a compaction.
@@ -267,8 +291,9 @@ impl EmbeddedStore {
         })
         .map_err(|e| damaged_if_corrupted(&path, e))?;
         Ok(EmbeddedStore {
-            db: RwLock::new(db),
+            db: RwLock::new(Some(db)),
             path,
+            cache_bytes: options.cache_bytes,
             skip_damaged_rows: options.skip_damaged_rows,
         })
     }
@@ -276,7 +301,7 @@ impl EmbeddedStore {
     /// How many sessions are stored.
     pub fn len(&self) -> Result<u64, StoreError> {
         guarded(&self.path, || {
-            let txn = self.db().begin_read()?;
+            let txn = self.db()?.begin_read()?;
             Ok(txn.open_table(SESSIONS)?.len()?)
         })
         .map_err(|e| damaged_if_corrupted(&self.path, e))
@@ -292,7 +317,7 @@ impl EmbeddedStore {
     /// opened with `skip_damaged_rows`.
     pub fn load(&self, mut restore: impl FnMut(Session)) -> Result<u64, StoreError> {
         guarded(&self.path, || {
-            let txn = self.db().begin_read()?;
+            let txn = self.db()?.begin_read()?;
             let table = txn.open_table(SESSIONS)?;
             let mut count = 0;
             let mut damaged = Vec::new();
@@ -350,7 +375,7 @@ impl EmbeddedStore {
     }
 
     fn commit_unguarded(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
-        let mut txn = self.db().begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         // Makes recovery after a crash read the allocator state instead of walking every page,
         // so restart time after `kill -9` stays flat as the store grows.
         txn.set_quick_repair(true);
@@ -395,7 +420,7 @@ impl EmbeddedStore {
     /// The feed's extent as stored.
     pub fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
         guarded(&self.path, || {
-            let txn = self.db().begin_read()?;
+            let txn = self.db()?.begin_read()?;
             bounds_of(&txn.open_table(FEED_EVENTS)?, &txn.open_table(FEED_META)?)
         })
     }
@@ -409,7 +434,7 @@ impl EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         guarded(&self.path, || {
-            let txn = self.db().begin_read()?;
+            let txn = self.db()?.begin_read()?;
             let table = txn.open_table(FEED_EVENTS)?;
             let mut events = Vec::new();
             for row in table.range(after.saturating_add(1)..)?.take(limit) {
@@ -445,10 +470,10 @@ impl EmbeddedStore {
         // Pages freed by a commit are released by the next one: make that happen first so
         // the count below is what is really in use.
         for _ in 0..2 {
-            self.db().begin_write()?.commit()?;
+            self.db()?.begin_write()?.commit()?;
         }
         let used = {
-            let txn = self.db().begin_write()?;
+            let txn = self.db()?.begin_write()?;
             let stats = txn.stats()?;
             txn.abort()?;
             stats.allocated_pages() * stats.page_size() as u64
@@ -456,9 +481,11 @@ impl EmbeddedStore {
         if used.saturating_mul(2) > before {
             return Ok(None);
         }
-        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
-        while db.compact()? {}
-        drop(db);
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = slot.as_mut() {
+            while db.compact()? {}
+        }
+        drop(slot);
         Ok(Some(Compacted {
             before,
             after: self.file_bytes()?,
@@ -476,8 +503,39 @@ impl EmbeddedStore {
 
     // A panic while holding the lock can only come from inside redb, which leaves the database
     // as its last commit; going on is safe.
-    fn db(&self) -> RwLockReadGuard<'_, Database> {
-        self.db.read().unwrap_or_else(|e| e.into_inner())
+    fn db(&self) -> Result<Db<'_>, StoreError> {
+        let slot = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            return Err(StoreError::Closed {
+                path: self.path.clone(),
+            });
+        }
+        Ok(Db(slot))
+    }
+
+    /// Closes the database and opens it again, then writes a probe row: after a failed write
+    /// (a full disk, say) redb refuses every later one until it is reopened, and a reopen that
+    /// cannot write yet must not count as recovered. What was committed before the failure is
+    /// what the reopened file holds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        guarded(&self.path, || {
+            let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+            // Dropped first: the file lock is released with it, and the new handle takes it.
+            drop(slot.take());
+            let mut builder = Database::builder();
+            builder.set_cache_size(self.cache_bytes);
+            let db = builder
+                .open(&self.path)
+                .map_err(|source| StoreError::Open {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            let txn = db.begin_write()?;
+            txn.open_table(FEED_META)?.insert(PROBE, 0)?;
+            txn.commit()?;
+            *slot = Some(db);
+            Ok(())
+        })
     }
 }
 

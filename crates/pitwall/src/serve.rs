@@ -39,6 +39,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // during startup) stops the server gracefully instead of killing the process.
     let signals = Signals::register().context("cannot listen for SIGINT and SIGTERM")?;
     let hangups = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    // A file that reaches the process's file-size limit would otherwise kill it (SIGXFSZ's
+    // default); handled, the write fails with EFBIG instead, which the store answers like a
+    // full disk: writes refused with the reason, retried until they succeed.
+    let _file_size_limit =
+        signal(SignalKind::from_raw(libc::SIGXFSZ)).context("cannot handle SIGXFSZ")?;
     let token_file = config.auth_tokens.clone();
     let launched = pitwall_server::launch(config, pitwall_server::Clock::system()).await?;
     let shutdown = launched.shutdown_handle();

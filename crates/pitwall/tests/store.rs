@@ -7,10 +7,14 @@ mod support;
 use std::path::Path;
 use std::process::Output;
 
+use std::time::Duration;
+
 use pitwall_proto::api::*;
 use support::*;
 use tokio::process::Command;
 use tokio::time::timeout;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const STORE_FILE: &str = "pitwall.redb";
 
@@ -261,4 +265,107 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack
         .windows(needle.len())
         .position(|window| window == needle)
+}
+
+/// Polls `check` until it holds; there is no event to await for a server's health.
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    timeout(PATIENCE, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} did not happen in time"));
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_writes_with_a_reason_and_recovers_without_a_restart_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // The process's file-size limit stands in for a disk that fills up: a write past it fails
+    // (EFBIG) as one fails with no space left, and raising it frees the space. Unlike a small
+    // filesystem, it needs no privileges.
+    let limit = 8 * 1024 * 1024;
+    let process = ServerProcess::start_embedded_wrapped(
+        &["prlimit", &format!("--fsize={limit}:unlimited")],
+        dir.path(),
+        &[],
+    )
+    .await;
+    let url = process.grpc_url();
+    let mut client = connect(&url).await;
+    let padding = "p".repeat(60 * 1024);
+    let request = |i: usize| CreateSessionRequest {
+        data_source: "Car1".into(),
+        identifier: format!("run {i}"),
+        details: [("notes".to_owned(), padding.clone())].into(),
+        ..Default::default()
+    };
+    let mut acknowledged = Vec::new();
+    let refusal = loop {
+        assert!(acknowledged.len() < 1000, "the store never filled up");
+        match client.create_session(request(acknowledged.len())).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                assert!(response.success);
+                acknowledged.push(response.session_key);
+            }
+            Err(status) => break status,
+        }
+    };
+    assert!(acknowledged.len() > 10, "the store filled up too soon");
+    assert_eq!(refusal.code(), Code::Unavailable, "{refusal:?}");
+    assert!(refusal.message().contains("storage"), "{refusal:?}");
+
+    // Failed: health and readiness say so, and writes keep being refused with the reason.
+    until("health NOT_SERVING", || async {
+        health(&url, "").await == ServingStatus::NotServing
+    })
+    .await;
+    assert_eq!(http_get(&process.metrics_addr, "/readyz").await.0, 503);
+    let refused = client.create_session(request(0)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.message().contains("refused until"), "{refused:?}");
+    // Reads still answer.
+    assert!(info(&mut client, &acknowledged[0]).await.success);
+
+    // Space comes back: the server takes writes again by itself.
+    let pid = process.child.id().unwrap().to_string();
+    let raised = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+        .status()
+        .unwrap();
+    assert!(raised.success());
+    until("health SERVING", || async {
+        health(&url, "").await == ServingStatus::Serving
+    })
+    .await;
+    assert_eq!(http_get(&process.metrics_addr, "/readyz").await.0, 200);
+    let after = client
+        .create_session(request(acknowledged.len()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.success);
+    acknowledged.push(after.session_key);
+
+    // Nothing acknowledged was lost, now or after a restart.
+    for key in &acknowledged {
+        let session = info(&mut client, key).await;
+        assert!(session.success, "{key}");
+        assert_eq!(session.details.get("notes"), Some(&padding));
+    }
+    stop(process).await;
+    let restarted = ServerProcess::start_embedded(dir.path(), &[]).await;
+    let mut client = connect(&restarted.grpc_url()).await;
+    for key in &acknowledged {
+        assert!(
+            info(&mut client, key).await.success,
+            "{key} lost on restart"
+        );
+    }
+    assert_eq!(list(&mut client, "Car1").await.len(), acknowledged.len());
 }

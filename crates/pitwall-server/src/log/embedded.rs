@@ -3,12 +3,17 @@
 //! It keeps the state a batch leaves (one row per session) and the batch's feed events, in one
 //! fsync'd commit; positions are the feed sequences it numbers itself. Once the commit
 //! returns, the batch is applied at once: this instance is the only writer.
+//!
+//! A commit that fails (a full disk, say) fails the store: redb refuses every later write
+//! until the database is reopened. Writes are refused with the reason while it is failed, and
+//! reopening is tried again with back-off, on a write or when the server asks
+//! ([`Log::recover`]), until a write succeeds: no restart needed, nothing committed lost.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pitwall_core::Record;
 use pitwall_core::command::embedded_offsets;
@@ -27,6 +32,11 @@ pub use pitwall_store::EmbeddedOptions as Options;
 
 /// Files smaller than this are not worth a compaction (which holds up writes while it runs).
 const MIN_COMPACTED_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// How long a failed store waits before it is reopened, at first and at most: soon enough to
+/// come back quickly once space is freed, seldom enough not to churn while it is not.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// The store opened and locked, not read yet.
 pub struct Opened {
@@ -71,6 +81,7 @@ impl Opened {
             next: AtomicU64::new(next),
             feed_window,
             health: watch::channel(LogHealth::Serving).0,
+            failed: Mutex::new(None),
         })
     }
 }
@@ -83,6 +94,15 @@ pub struct EmbeddedLog {
     next: AtomicU64,
     feed_window: FeedWindow,
     health: watch::Sender<LogHealth>,
+    /// Set while the store is failed. A `std` mutex: only the writer thread takes it.
+    failed: Mutex<Option<Failed>>,
+}
+
+/// Why the store is failed, and when to try it again.
+struct Failed {
+    reason: String,
+    retry_at: Instant,
+    backoff: Duration,
 }
 
 impl EmbeddedLog {
@@ -104,6 +124,9 @@ impl Log for EmbeddedLog {
         } = batch;
         if records.is_empty() {
             return Vec::new();
+        }
+        if let Err(reason) = self.writable() {
+            return vec![Err(LogError::Unavailable(reason)); records.len()];
         }
         let first = self.next.load(Ordering::Acquire);
         let through = first + records.len() as u64 - 1;
@@ -145,8 +168,9 @@ impl Log for EmbeddedLog {
             Ok(bounds) => bounds,
             Err(e) => {
                 error!(error = %e, records = records.len(), "commit failed; the batch is refused");
-                let failed = LogError::Unavailable(format!("storage unavailable: {e}"));
-                return vec![Err(failed); records.len()];
+                let reason = format!("storage unavailable: {e}");
+                self.fail(reason.clone());
+                return vec![Err(LogError::Unavailable(reason)); records.len()];
             }
         };
         self.next.store(through + 1, Ordering::Release);
@@ -174,6 +198,9 @@ impl Log for EmbeddedLog {
     }
 
     fn trim(&self, window: FeedWindow, now: Timestamp) {
+        if self.writable().is_err() {
+            return;
+        }
         let committed = self.store.commit(Changes {
             window: self.store_window(window, now),
             ..Changes::default()
@@ -186,8 +213,15 @@ impl Log for EmbeddedLog {
                 events: Some(Vec::new()),
                 first_kept: Some(bounds.first_kept),
             }),
-            Err(e) => warn!(error = %e, "trimming the feed failed; it is retried later"),
+            Err(e) => {
+                warn!(error = %e, "trimming the feed failed; it is retried later");
+                self.fail(format!("storage unavailable: {e}"));
+            }
         }
+    }
+
+    fn recover(&self) {
+        let _ = self.writable();
     }
 
     fn health(&self) -> watch::Receiver<LogHealth> {
@@ -200,6 +234,47 @@ impl Log for EmbeddedLog {
 }
 
 impl EmbeddedLog {
+    /// Whether the store can be written: it has not failed, or it was reopened now. While it
+    /// is failed and not due for another try, says why.
+    fn writable(&self) -> Result<(), String> {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(failure) = failed.as_mut() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if now < failure.retry_at {
+            return Err(refused(&failure.reason));
+        }
+        match self.store.reopen() {
+            Ok(()) => {
+                info!(path = %self.store.path().display(), "store writable again; writes are taken");
+                *failed = None;
+                self.health.send_replace(LogHealth::Serving);
+                Ok(())
+            }
+            Err(e) => {
+                failure.backoff = (failure.backoff * 2).min(MAX_RETRY);
+                failure.retry_at = now + failure.backoff;
+                warn!(error = %e, retry_ms = failure.backoff.as_millis() as u64, "the store cannot be written yet");
+                Err(refused(&failure.reason))
+            }
+        }
+    }
+
+    /// Marks the store failed: health says so, and writes wait for a reopen that can write.
+    fn fail(&self, reason: String) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            error!(path = %self.store.path().display(), %reason, "the store failed; writes are refused until it can be written again");
+            self.health.send_replace(LogHealth::Failed(reason.clone()));
+        }
+        *failed = Some(Failed {
+            reason,
+            retry_at: Instant::now() + FIRST_RETRY,
+            backoff: FIRST_RETRY,
+        });
+    }
+
     /// Shrinks the file after retention removed sessions, when less than half of it is used
     /// (redb does not shrink files by itself).
     fn compact_if_sparse(&self) {
@@ -215,4 +290,9 @@ impl EmbeddedLog {
             Err(e) => warn!(error = %e, "compacting the store file failed; it stays as large"),
         }
     }
+}
+
+/// The answer to a write while the store is failed.
+fn refused(reason: &str) -> String {
+    format!("{reason}; writes are refused until the store can be written again (retried by itself)")
 }

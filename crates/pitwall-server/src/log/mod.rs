@@ -98,6 +98,10 @@ pub trait Log: Send + Sync {
     /// Whether the log can take writes, and each change of it.
     fn health(&self) -> watch::Receiver<LogHealth>;
 
+    /// Tries to make a failed log writable again (the server asks now and then while it is
+    /// failed, so it recovers even when no write comes).
+    fn recover(&self) {}
+
     /// Stops what the log runs in the background; the writer has stopped.
     fn close(&self);
 }

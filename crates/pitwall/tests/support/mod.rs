@@ -458,6 +458,16 @@ impl ServerProcess {
         ServerProcess::spawn(&[], data_dir, &[], extra).await
     }
 
+    /// Like [`ServerProcess::start_embedded`], run by `wrapper` (see
+    /// [`ServerProcess::start_wrapped`]).
+    pub async fn start_embedded_wrapped(
+        wrapper: &[&str],
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> ServerProcess {
+        ServerProcess::spawn(wrapper, data_dir, &[], extra).await
+    }
+
     /// Like [`ServerProcess::start`], run by `wrapper` (a command that runs the rest, such as
     /// `prlimit --nofile=200`).
     pub async fn start_wrapped(
