@@ -1,6 +1,8 @@
-//! When a session ends or leaves without anyone asking: auto-end of abandoned sessions and
-//! retention of completed ones. Pure rules over a session and a time the caller passes in.
+//! When a session ends or leaves without anyone asking: auto-end of abandoned sessions (the
+//! policies, global and per data source, and when one is due) and retention of completed ones.
+//! Pure rules over a session and a time the caller passes in.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use prost_types::Timestamp;
@@ -22,6 +24,55 @@ pub struct AutoEndPolicy {
 impl AutoEndPolicy {
     pub fn is_off(&self) -> bool {
         self.idle_after.is_none() && self.max_duration.is_none()
+    }
+}
+
+/// Auto-end rules: one policy for every data source, and per data source changes to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoEndConfig {
+    pub default: AutoEndPolicy,
+    pub data_sources: BTreeMap<String, PolicyOverride>,
+}
+
+/// A data source's auto-end rules: `None` keeps the global rule, `Some(None)` turns it off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyOverride {
+    pub idle_after: Option<Option<Duration>>,
+    pub max_duration: Option<Option<Duration>>,
+}
+
+impl AutoEndConfig {
+    pub fn policy_for(&self, data_source: &str) -> AutoEndPolicy {
+        let changes = self
+            .data_sources
+            .get(data_source)
+            .copied()
+            .unwrap_or_default();
+        AutoEndPolicy {
+            idle_after: changes.idle_after.unwrap_or(self.default.idle_after),
+            max_duration: changes.max_duration.unwrap_or(self.default.max_duration),
+        }
+    }
+
+    /// Whether any data source can be auto-ended.
+    pub fn is_on(&self) -> bool {
+        !self.default.is_off()
+            || self.data_sources.values().any(|changes| {
+                changes.idle_after.flatten().is_some() || changes.max_duration.flatten().is_some()
+            })
+    }
+
+    /// The shortest rule, which decides how often sessions are looked at.
+    pub fn shortest(&self) -> Option<Duration> {
+        let overrides = self
+            .data_sources
+            .values()
+            .flat_map(|changes| [changes.idle_after.flatten(), changes.max_duration.flatten()]);
+        [self.default.idle_after, self.default.max_duration]
+            .into_iter()
+            .chain(overrides)
+            .flatten()
+            .min()
     }
 }
 

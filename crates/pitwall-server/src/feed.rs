@@ -221,7 +221,8 @@ impl Feed {
     }
 
     /// Publishes a group of events (whole store positions, in order). `first_kept` is the
-    /// store's own account of its history (embedded); on Kafka the memory window decides it.
+    /// store's own account of its history (embedded); with a shared broker log the memory window
+    /// decides it.
     pub fn publish(&self, events: Vec<FeedItem>, first_kept: Option<u64>, now: Timestamp) {
         if events.is_empty() {
             if let Some(first_kept) = first_kept {

@@ -3,8 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use pitwall_server::Config;
+use pitwall_server::config::{DEFAULT_BROKER_TIMEOUT, DEFAULT_SESSION_TOPIC};
 
 use crate::values;
 
@@ -18,11 +21,34 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
-impl Cli {
-    /// The command to run: the one given, or `serve` with its flags from the environment.
-    pub fn command(self) -> Command {
-        self.command
-            .unwrap_or_else(|| Command::Serve(Box::new(ServeOnly::parse_from(["pitwall"]).serve)))
+/// The command line, read with which `serve` settings were given rather than defaulted.
+pub struct Parsed {
+    pub cli: Cli,
+    /// `serve`'s matches: the `serve` subcommand's, or the environment's alone when `pitwall`
+    /// runs without a command.
+    pub serve: Option<ArgMatches>,
+}
+
+/// Reads the command line (exits with clap's message on a usage error).
+pub fn parse() -> Parsed {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let serve = matches.subcommand_matches("serve").cloned();
+    Parsed { cli, serve }
+}
+
+impl Parsed {
+    /// The command to run, with `serve`'s matches: the one given, or `serve` with its
+    /// settings from the environment.
+    pub fn command(self) -> (Command, Option<ArgMatches>) {
+        match self.cli.command {
+            Some(command) => (command, self.serve),
+            None => {
+                let matches = ServeOnly::command().get_matches_from(["pitwall"]);
+                let serve = ServeOnly::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+                (Command::Serve(Box::new(serve.serve)), Some(matches))
+            }
+        }
     }
 }
 
@@ -55,14 +81,14 @@ pub enum StoreCommand {
     /// Exits 0 when all is well, 1 when something is damaged.
     Check {
         /// Directory of the embedded store.
-        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value_os_t = defaults().data_dir)]
         data_dir: PathBuf,
     },
     /// Repair what redb can, then remove the rows whose checksum fails, saying which. Copy the
     /// store file first if you may want those rows back.
     Repair {
         /// Directory of the embedded store.
-        #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+        #[arg(long, env = "PITWALL_DATA_DIR", default_value_os_t = defaults().data_dir)]
         data_dir: PathBuf,
     },
 }
@@ -223,18 +249,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// Every default shown below comes from here: `Config::default()` is the one source.
+fn defaults() -> Config {
+    Config::default()
+}
+
+/// How a duration setting's default reads on the command line.
+fn setting_text(setting: Option<Duration>) -> String {
+    match setting {
+        Some(duration) => humantime::format_duration(duration).to_string(),
+        None => "off".to_owned(),
+    }
+}
+
+/// `serve`'s settings. Which of them were given (rather than left at their shown defaults)
+/// decides what overrides the config file; see `serve::overrides`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// gRPC address [default: 0.0.0.0:13579, or StreamApiPort from --config]. Port 0 picks a
-    /// free port.
-    #[arg(long, env = "PITWALL_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Admin HTTP address for /metrics, /healthz, /readyz [default: 0.0.0.0:2468, or
-    /// PrometheusMetricPort from --config].
-    #[arg(long, env = "PITWALL_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    /// gRPC address (or StreamApiPort from --config). Port 0 picks a free port.
+    #[arg(long, env = "PITWALL_LISTEN", default_value_t = defaults().listen)]
+    pub listen: SocketAddr,
+    /// Admin HTTP address for /metrics, /healthz, /readyz (or PrometheusMetricPort from
+    /// --config).
+    #[arg(long, env = "PITWALL_METRICS_LISTEN", default_value_t = defaults().metrics_listen)]
+    pub metrics_listen: SocketAddr,
     /// Directory of the embedded store; created if missing, locked while in use.
-    #[arg(long, env = "PITWALL_DATA_DIR", default_value = "pitwall-data")]
+    #[arg(long, env = "PITWALL_DATA_DIR", default_value_os_t = defaults().data_dir)]
     pub data_dir: PathBuf,
     /// A reference-format AppConfig.json.
     #[arg(long, env = "PITWALL_CONFIG")]
@@ -248,26 +288,26 @@ pub struct ServeArgs {
     #[arg(long, env = "PITWALL_BROKER")]
     pub broker: Option<String>,
     /// The Kafka topic of session records.
-    #[arg(long, env = "PITWALL_KAFKA_TOPIC", default_value = "SessionInfo")]
+    #[arg(long, env = "PITWALL_KAFKA_TOPIC", default_value = DEFAULT_SESSION_TOPIC)]
     pub kafka_topic: String,
     /// How long a Kafka write (or a broker query) may take before it answers UNAVAILABLE, in
     /// milliseconds.
-    #[arg(long, env = "PITWALL_KAFKA_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "PITWALL_KAFKA_TIMEOUT_MS", default_value_t = DEFAULT_BROKER_TIMEOUT.as_millis() as u64)]
     pub kafka_timeout_ms: u64,
     /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, env = "PITWALL_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "PITWALL_MAX_MESSAGE_BYTES", default_value_t = defaults().max_message_bytes)]
     pub max_message_bytes: usize,
     /// Notifications a subscriber may fall behind by before its stream is ended.
-    #[arg(long, env = "PITWALL_SUBSCRIBER_QUEUE", default_value_t = 10_000)]
+    #[arg(long, env = "PITWALL_SUBSCRIBER_QUEUE", default_value_t = defaults().subscriber_queue)]
     pub subscriber_queue: usize,
     /// Writes waiting for the writer before new ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "PITWALL_WRITE_QUEUE", default_value_t = 16_384)]
+    #[arg(long, env = "PITWALL_WRITE_QUEUE", default_value_t = defaults().write_queue)]
     pub write_queue: usize,
     /// Most writes made durable by one commit.
-    #[arg(long, env = "PITWALL_MAX_BATCH", default_value_t = 1024)]
+    #[arg(long, env = "PITWALL_MAX_BATCH", default_value_t = defaults().max_batch)]
     pub max_batch: usize,
     /// Page cache of the embedded store, in bytes.
-    #[arg(long, env = "PITWALL_STORE_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = "PITWALL_STORE_CACHE_BYTES", default_value_t = defaults().store_cache_bytes)]
     pub store_cache_bytes: usize,
     /// host:port of a remote key generator (ma.streaming.key_generator.v1) to take session
     /// keys from [default: local UUIDs, or RemoteKeyGeneratorServiceAddress from --config when
@@ -275,7 +315,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PITWALL_REMOTE_KEY_GENERATOR")]
     pub remote_key_generator: Option<String>,
     /// How long CreateSession waits for the remote key generator, in milliseconds.
-    #[arg(long, env = "PITWALL_KEY_GENERATOR_TIMEOUT_MS", default_value_t = 2000)]
+    #[arg(long, env = "PITWALL_KEY_GENERATOR_TIMEOUT_MS", default_value_t = defaults().key_generator_timeout.as_millis() as u64)]
     pub key_generator_timeout_ms: u64,
     /// PEM certificate (chain) served on both ports; with --tls-key, TLS replaces cleartext.
     #[arg(long, env = "PITWALL_TLS_CERT", requires = "tls_key")]
@@ -291,28 +331,27 @@ pub struct ServeArgs {
     #[arg(long, env = "PITWALL_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
     /// How long shutdown waits for open requests and streams before closing them, in seconds.
-    #[arg(long, env = "PITWALL_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    #[arg(long, env = "PITWALL_SHUTDOWN_GRACE_SECONDS", default_value_t = defaults().shutdown_grace.as_secs())]
     pub shutdown_grace_seconds: u64,
-    /// End a live session after this long without a create, update or end (e.g. 30m; off)
-    /// [default: off, or Pitwall.auto_end.idle_after from --config].
-    #[arg(long, env = "PITWALL_AUTO_END_IDLE_AFTER", value_parser = parse_setting)]
-    pub auto_end_idle_after: Option<DurationSetting>,
-    /// End a live session this long after its creation (e.g. 12h; off) [default: off, or
-    /// Pitwall.auto_end.max_duration from --config].
-    #[arg(long, env = "PITWALL_AUTO_END_MAX_DURATION", value_parser = parse_setting)]
-    pub auto_end_max_duration: Option<DurationSetting>,
-    /// Remove completed sessions this long after they ended (e.g. 30days; off) [default: off,
-    /// or Pitwall.retention.completed_for from --config].
-    #[arg(long, env = "PITWALL_RETENTION_COMPLETED_FOR", value_parser = parse_setting)]
-    pub retention_completed_for: Option<DurationSetting>,
-    /// Feed events kept for watchers to resume from [default: 100000, or
-    /// Pitwall.feed.max_events from --config].
-    #[arg(long, env = "PITWALL_FEED_MAX_EVENTS", value_parser = clap::value_parser!(u64).range(1..))]
-    pub feed_max_events: Option<u64>,
-    /// Age after which feed events are dropped (e.g. 24h; off) [default: 24h, or
-    /// Pitwall.feed.max_age from --config].
-    #[arg(long, env = "PITWALL_FEED_MAX_AGE", value_parser = parse_setting)]
-    pub feed_max_age: Option<DurationSetting>,
+    /// End a live session after this long without a create, update or end (e.g. 30m; off), or
+    /// Pitwall.auto_end.idle_after from --config.
+    #[arg(long, env = "PITWALL_AUTO_END_IDLE_AFTER", value_parser = parse_setting, default_value = setting_text(defaults().auto_end.default.idle_after))]
+    pub auto_end_idle_after: DurationSetting,
+    /// End a live session this long after its creation (e.g. 12h; off), or
+    /// Pitwall.auto_end.max_duration from --config.
+    #[arg(long, env = "PITWALL_AUTO_END_MAX_DURATION", value_parser = parse_setting, default_value = setting_text(defaults().auto_end.default.max_duration))]
+    pub auto_end_max_duration: DurationSetting,
+    /// Remove completed sessions this long after they ended (e.g. 30days; off), or
+    /// Pitwall.retention.completed_for from --config.
+    #[arg(long, env = "PITWALL_RETENTION_COMPLETED_FOR", value_parser = parse_setting, default_value = setting_text(defaults().retention))]
+    pub retention_completed_for: DurationSetting,
+    /// Feed events kept for watchers to resume from, or Pitwall.feed.max_events from --config.
+    #[arg(long, env = "PITWALL_FEED_MAX_EVENTS", value_parser = clap::value_parser!(u64).range(1..), default_value_t = defaults().feed_window.max_events)]
+    pub feed_max_events: u64,
+    /// Age after which feed events are dropped (e.g. 24h; off), or Pitwall.feed.max_age from
+    /// --config.
+    #[arg(long, env = "PITWALL_FEED_MAX_AGE", value_parser = parse_setting, default_value = setting_text(defaults().feed_window.max_age))]
+    pub feed_max_age: DurationSetting,
     /// Once ready, write the gRPC and metrics addresses, the process id and the sessions read
     /// here, as JSON (`{"grpc":"127.0.0.1:13579","metrics":"127.0.0.1:2468","pid":1234,
     /// "sessions":0}`); removed when shutdown begins. For scripts and tests that start it.
@@ -323,19 +362,19 @@ pub struct ServeArgs {
     pub skip_damaged_rows: bool,
     /// gRPC connections served at once (per port); more wait in the accept queue. Keep it
     /// below the open-file limit.
-    #[arg(long, env = "PITWALL_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = "PITWALL_MAX_CONNECTIONS", default_value_t = defaults().connections.max_connections)]
     pub max_connections: usize,
     /// Streams (calls) open at once on one gRPC connection (HTTP/2 MAX_CONCURRENT_STREAMS).
-    #[arg(long, env = "PITWALL_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    #[arg(long, env = "PITWALL_MAX_CONCURRENT_STREAMS", default_value_t = defaults().connections.max_concurrent_streams)]
     pub max_concurrent_streams: u32,
     /// Close a connection that sends nothing for this long (e.g. 5m; off).
-    #[arg(long, env = "PITWALL_IDLE_TIMEOUT", value_parser = parse_setting, default_value = "5m")]
+    #[arg(long, env = "PITWALL_IDLE_TIMEOUT", value_parser = parse_setting, default_value = setting_text(defaults().connections.idle_timeout))]
     pub idle_timeout: DurationSetting,
     /// Ping a connection quiet for this long (e.g. 60s; off).
-    #[arg(long, env = "PITWALL_KEEPALIVE_INTERVAL", value_parser = parse_setting, default_value = "60s")]
+    #[arg(long, env = "PITWALL_KEEPALIVE_INTERVAL", value_parser = parse_setting, default_value = setting_text(defaults().connections.keepalive_interval))]
     pub keepalive_interval: DurationSetting,
     /// Close a connection that does not answer a ping within this long, in seconds.
-    #[arg(long, env = "PITWALL_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 20)]
+    #[arg(long, env = "PITWALL_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = defaults().connections.keepalive_timeout.as_secs())]
     pub keepalive_timeout_seconds: u64,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -352,24 +391,24 @@ fn parse_setting(text: &str) -> Result<DurationSetting, String> {
 /// Limits on session content (inclusive).
 #[derive(Debug, Args)]
 pub struct LimitArgs {
-    #[arg(long, env = "PITWALL_MAX_DATA_SOURCE_BYTES", default_value_t = 249)]
+    #[arg(long, env = "PITWALL_MAX_DATA_SOURCE_BYTES", default_value_t = defaults().limits.data_source_bytes)]
     pub max_data_source_bytes: usize,
-    #[arg(long, env = "PITWALL_MAX_DETAIL_KEY_BYTES", default_value_t = 256)]
+    #[arg(long, env = "PITWALL_MAX_DETAIL_KEY_BYTES", default_value_t = defaults().limits.detail_key_bytes)]
     pub max_detail_key_bytes: usize,
-    #[arg(long, env = "PITWALL_MAX_DETAIL_VALUE_BYTES", default_value_t = 64 * 1024)]
+    #[arg(long, env = "PITWALL_MAX_DETAIL_VALUE_BYTES", default_value_t = defaults().limits.detail_value_bytes)]
     pub max_detail_value_bytes: usize,
-    #[arg(long, env = "PITWALL_MAX_DETAILS", default_value_t = 1024)]
+    #[arg(long, env = "PITWALL_MAX_DETAILS", default_value_t = defaults().limits.details_per_session)]
     pub max_details: usize,
-    #[arg(long, env = "PITWALL_MAX_ASSOCIATES", default_value_t = 256)]
+    #[arg(long, env = "PITWALL_MAX_ASSOCIATES", default_value_t = defaults().limits.associates_per_session)]
     pub max_associates: usize,
-    #[arg(long, env = "PITWALL_MAX_TYPE_BYTES", default_value_t = 256)]
+    #[arg(long, env = "PITWALL_MAX_TYPE_BYTES", default_value_t = defaults().limits.type_bytes)]
     pub max_type_bytes: usize,
-    #[arg(long, env = "PITWALL_MAX_IDENTIFIER_BYTES", default_value_t = 1024)]
+    #[arg(long, env = "PITWALL_MAX_IDENTIFIER_BYTES", default_value_t = defaults().limits.identifier_bytes)]
     pub max_identifier_bytes: usize,
     /// Encoded size of a whole session.
-    #[arg(long, env = "PITWALL_MAX_SESSION_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "PITWALL_MAX_SESSION_BYTES", default_value_t = defaults().limits.session_bytes)]
     pub max_session_bytes: usize,
     /// How far ahead of the server's clock a creation_time may lie (e.g. 5m; off).
-    #[arg(long, env = "PITWALL_MAX_CREATION_TIME_SKEW", value_parser = parse_setting, default_value = "5m")]
+    #[arg(long, env = "PITWALL_MAX_CREATION_TIME_SKEW", value_parser = parse_setting, default_value = setting_text(defaults().limits.creation_time_skew))]
     pub max_creation_time_skew: DurationSetting,
 }

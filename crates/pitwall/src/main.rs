@@ -15,11 +15,9 @@ mod session;
 mod store;
 mod values;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
-    logging::init(&cli.log);
+    let parsed = cli::parse();
+    logging::init(&parsed.cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,10 +28,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match cli.command() {
-        cli::Command::Serve(args) => runtime.block_on(serve::run(*args)),
-        cli::Command::Store(args) => return store::run(*args),
-        cli::Command::Session(args) => {
+    let result = match parsed.command() {
+        (cli::Command::Serve(args), Some(matches)) => runtime.block_on(serve::run(*args, &matches)),
+        (cli::Command::Serve(_), None) => unreachable!("serve always comes with its matches"),
+        (cli::Command::Store(args), _) => return store::run(*args),
+        (cli::Command::Session(args), _) => {
             return match runtime.block_on(session::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {

@@ -1,14 +1,16 @@
 //! `pitwall serve`: builds the config, starts the server, and stops it gracefully on SIGINT or
 //! SIGTERM.
 
-use anyhow::Context;
-use pitwall_server::config::Config;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use pitwall_server::AppConfig;
 use pitwall_server::auth::Access;
-use pitwall_server::config::{ConnectionLimits, StoreConfig};
+use pitwall_server::config::{self, Config, Overrides};
 use pitwall_server::tls::TlsFiles;
-use pitwall_server::{AppConfig, Limits};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
@@ -33,8 +35,8 @@ async fn reload_tokens_on_hangup(mut hangups: Signal, access: Access, path: Path
     }
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = build_config(&args)?;
+pub async fn run(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result<()> {
+    let config = build_config(&args, matches)?;
     // Registered before anything is bound, so a signal at any point after the ready line (or
     // during startup) stops the server gracefully instead of killing the process.
     let signals = Signals::register().context("cannot listen for SIGINT and SIGTERM")?;
@@ -67,34 +69,64 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     server.wait().await.context("server stopped with an error")
 }
 
-fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
-    let defaults = Config::default();
-    let mut config = Config {
-        listen: args.listen.unwrap_or(defaults.listen),
-        metrics_listen: args.metrics_listen.unwrap_or(defaults.metrics_listen),
-        data_dir: args.data_dir.clone(),
-        store: StoreConfig::Embedded,
-        stream_layout: defaults.stream_layout.clone(),
-        integrate_session_management: true,
-        limits: Limits {
-            data_source_bytes: args.limits.max_data_source_bytes,
-            detail_key_bytes: args.limits.max_detail_key_bytes,
-            detail_value_bytes: args.limits.max_detail_value_bytes,
-            details_per_session: args.limits.max_details,
-            associates_per_session: args.limits.max_associates,
-            type_bytes: args.limits.max_type_bytes,
-            identifier_bytes: args.limits.max_identifier_bytes,
-            session_bytes: args.limits.max_session_bytes,
-            creation_time_skew: args.limits.max_creation_time_skew.0,
-        },
-        max_message_bytes: args.max_message_bytes,
-        subscriber_queue: args.subscriber_queue,
-        write_queue: args.write_queue,
-        max_batch: args.max_batch,
-        store_cache_bytes: args.store_cache_bytes,
+fn build_config(args: &ServeArgs, matches: &ArgMatches) -> anyhow::Result<Config> {
+    let app = match &args.config {
+        Some(path) => Some((path.as_path(), AppConfig::load(path)?)),
+        None => None,
+    };
+    let file = app.as_ref().map(|(path, app)| (*path, app));
+    let config = Config::layered(file, overrides(args, matches))?;
+    if let Some((path, app)) = &app {
+        for note in app.notes.iter().chain(&app.unused_here(&config.store)) {
+            info!(config = %path.display(), "{note}");
+        }
+    }
+    Ok(config)
+}
+
+/// The settings given by a flag or a variable (clap has already let a flag win over its
+/// variable); the rest keep what the config file or the defaults say.
+fn overrides(args: &ServeArgs, matches: &ArgMatches) -> Overrides {
+    let given = |id: &str| {
+        !matches!(
+            matches.value_source(id),
+            None | Some(ValueSource::DefaultValue)
+        )
+    };
+    macro_rules! given {
+        ($id:literal, $value:expr) => {
+            given($id).then(|| $value)
+        };
+    }
+    let limits = &args.limits;
+    Overrides {
+        listen: given!("listen", args.listen),
+        metrics_listen: given!("metrics_listen", args.metrics_listen),
+        data_dir: given!("data_dir", args.data_dir.clone()),
+        store: Some(match args.store {
+            StoreKind::Embedded => config::StoreKind::Embedded,
+            StoreKind::Kafka => config::StoreKind::Broker,
+        }),
+        brokers: args.broker.clone(),
+        session_topic: given!("kafka_topic", args.kafka_topic.clone()),
+        broker_timeout: given!(
+            "kafka_timeout_ms",
+            Duration::from_millis(args.kafka_timeout_ms)
+        ),
+        max_message_bytes: given!("max_message_bytes", args.max_message_bytes),
+        subscriber_queue: given!("subscriber_queue", args.subscriber_queue),
+        write_queue: given!("write_queue", args.write_queue),
+        max_batch: given!("max_batch", args.max_batch),
+        store_cache_bytes: given!("store_cache_bytes", args.store_cache_bytes),
         remote_key_generator: args.remote_key_generator.clone(),
-        key_generator_timeout: std::time::Duration::from_millis(args.key_generator_timeout_ms),
-        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+        key_generator_timeout: given!(
+            "key_generator_timeout_ms",
+            Duration::from_millis(args.key_generator_timeout_ms)
+        ),
+        shutdown_grace: given!(
+            "shutdown_grace_seconds",
+            Duration::from_secs(args.shutdown_grace_seconds)
+        ),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles {
                 cert: cert.clone(),
@@ -104,66 +136,31 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<Config> {
             _ => None,
         },
         auth_tokens: args.auth_tokens.clone(),
-        auto_end: defaults.auto_end.clone(),
-        retention: defaults.retention,
-        feed_window: defaults.feed_window,
+        idle_after: given!("auto_end_idle_after", args.auto_end_idle_after.0),
+        max_duration: given!("auto_end_max_duration", args.auto_end_max_duration.0),
+        retention: given!("retention_completed_for", args.retention_completed_for.0),
+        feed_max_events: given!("feed_max_events", args.feed_max_events),
+        feed_max_age: given!("feed_max_age", args.feed_max_age.0),
         ready_file: args.ready_file.clone(),
-        skip_damaged_rows: args.skip_damaged_rows,
-        connections: ConnectionLimits {
-            max_connections: args.max_connections,
-            max_concurrent_streams: args.max_concurrent_streams,
-            idle_timeout: args.idle_timeout.0,
-            keepalive_interval: args.keepalive_interval.0,
-            keepalive_timeout: std::time::Duration::from_secs(args.keepalive_timeout_seconds),
-            ..defaults.connections
-        },
-    };
-    let app = match &args.config {
-        Some(path) => Some((path, AppConfig::load(path)?)),
-        None => None,
-    };
-    if let Some((path, app)) = &app {
-        app.apply_to(
-            path,
-            &mut config,
-            args.listen.is_some(),
-            args.metrics_listen.is_some(),
-        )?;
+        skip_damaged_rows: given!("skip_damaged_rows", args.skip_damaged_rows),
+        max_connections: given!("max_connections", args.max_connections),
+        max_concurrent_streams: given!("max_concurrent_streams", args.max_concurrent_streams),
+        idle_timeout: given!("idle_timeout", args.idle_timeout.0),
+        keepalive_interval: given!("keepalive_interval", args.keepalive_interval.0),
+        keepalive_timeout: given!(
+            "keepalive_timeout_seconds",
+            Duration::from_secs(args.keepalive_timeout_seconds)
+        ),
+        data_source_bytes: given!("max_data_source_bytes", limits.max_data_source_bytes),
+        detail_key_bytes: given!("max_detail_key_bytes", limits.max_detail_key_bytes),
+        detail_value_bytes: given!("max_detail_value_bytes", limits.max_detail_value_bytes),
+        details_per_session: given!("max_details", limits.max_details),
+        associates_per_session: given!("max_associates", limits.max_associates),
+        type_bytes: given!("max_type_bytes", limits.max_type_bytes),
+        identifier_bytes: given!("max_identifier_bytes", limits.max_identifier_bytes),
+        session_bytes: given!("max_session_bytes", limits.max_session_bytes),
+        creation_time_skew: given!("max_creation_time_skew", limits.max_creation_time_skew.0),
     }
-    // Flags and variables win over the config file's Pitwall section.
-    if let Some(setting) = args.auto_end_idle_after {
-        config.auto_end.default.idle_after = setting.0;
-    }
-    if let Some(setting) = args.auto_end_max_duration {
-        config.auto_end.default.max_duration = setting.0;
-    }
-    if let Some(setting) = args.retention_completed_for {
-        config.retention = setting.0;
-    }
-    if let Some(max_events) = args.feed_max_events {
-        config.feed_window.max_events = max_events;
-    }
-    if let Some(setting) = args.feed_max_age {
-        config.feed_window.max_age = setting.0;
-    }
-    if args.store == StoreKind::Kafka {
-        let broker_url = app.as_ref().and_then(|(_, app)| app.broker_url.clone());
-        config.store = StoreConfig::Kafka {
-            brokers: args
-                .broker
-                .clone()
-                .or(broker_url)
-                .unwrap_or_else(|| "localhost:9092".to_owned()),
-            topic: args.kafka_topic.clone(),
-            timeout: std::time::Duration::from_millis(args.kafka_timeout_ms),
-        };
-    }
-    if let Some((path, app)) = &app {
-        for note in app.notes.iter().chain(&app.unused_here(&config.store)) {
-            info!(config = %path.display(), "{note}");
-        }
-    }
-    Ok(config)
 }
 
 /// SIGTERM and SIGINT, listened for from registration on.

@@ -49,6 +49,25 @@ pub enum StoreConfig {
     },
 }
 
+impl StoreConfig {
+    /// A broker's session topic.
+    pub fn broker(brokers: String, topic: String, timeout: std::time::Duration) -> StoreConfig {
+        StoreConfig::Kafka {
+            brokers,
+            topic,
+            timeout,
+        }
+    }
+
+    /// The brokers of a broker store.
+    pub fn brokers(&self) -> Option<&str> {
+        match self {
+            StoreConfig::Kafka { brokers, .. } => Some(brokers),
+            StoreConfig::Embedded => None,
+        }
+    }
+}
+
 /// A batch the writer decided, to make durable in order.
 pub struct Batch {
     pub records: Vec<Record>,

@@ -1,151 +1,17 @@
-//! Server configuration: one [`Config`], built from defaults, the reference's `AppConfig.json`,
-//! and (in the binary) `PITWALL_*` variables and flags on top.
-
-use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+//! The reference's `AppConfig.json`: the keys Pitwall reads (property names case-sensitive, as
+//! the reference reads them), Pitwall's own `Pitwall` object in the same file, and what each
+//! key does to a [`Config`].
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::log::{StoreConfig, StreamLayout};
-use pitwall_core::Limits;
-use pitwall_core::lifecycle::AutoEndPolicy;
-
-pub use crate::connections::ConnectionLimits;
-pub use crate::feed::FeedWindow;
+use pitwall_core::lifecycle::{AutoEndPolicy, PolicyOverride};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-/// Default gRPC port of the Stream API.
-pub const DEFAULT_GRPC_PORT: u16 = 13579;
-/// Default Prometheus port of the reference server.
-pub const DEFAULT_METRICS_PORT: u16 = 2468;
-
-/// Everything the server needs to start.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub store: StoreConfig,
-    /// How a data source's streams map to a broker's topics (`StreamCreationStrategy`,
-    /// `PartitionMappings`).
-    pub stream_layout: StreamLayout,
-    /// `IntegrateSessionManagement`: when false every unary RPC answers `success = false`.
-    pub integrate_session_management: bool,
-    pub limits: Limits,
-    /// Largest gRPC message accepted or sent.
-    pub max_message_bytes: usize,
-    /// Notifications a subscriber may fall behind by before its stream is ended.
-    pub subscriber_queue: usize,
-    /// Write requests waiting for the writer; beyond it writes answer `RESOURCE_EXHAUSTED`.
-    pub write_queue: usize,
-    /// Most write requests in one durable commit.
-    pub max_batch: usize,
-    /// Page cache of the embedded store.
-    pub store_cache_bytes: usize,
-    /// `host:port` of a remote key generator; `None` generates keys locally.
-    pub remote_key_generator: Option<String>,
-    /// How long CreateSession waits for the remote key generator.
-    pub key_generator_timeout: std::time::Duration,
-    /// How long shutdown waits for open requests and streams before closing them.
-    pub shutdown_grace: std::time::Duration,
-    /// TLS on both ports; `None` serves cleartext (h2c and HTTP/1.1).
-    pub tls: Option<crate::tls::TlsFiles>,
-    /// Bearer tokens with roles; `None` leaves access open.
-    pub auth_tokens: Option<PathBuf>,
-    /// Ending abandoned sessions; off by default.
-    pub auto_end: AutoEndConfig,
-    /// How long completed sessions are kept; `None` keeps them for ever.
-    pub retention: Option<Duration>,
-    /// How much of the session feed is kept for watchers to resume from.
-    pub feed_window: FeedWindow,
-    /// Where to write the addresses once ready (JSON), for whoever started the server.
-    pub ready_file: Option<PathBuf>,
-    /// Start even when stored rows fail their checksum, leaving those out (each is logged).
-    pub skip_damaged_rows: bool,
-    /// Limits on gRPC connections and the streams on each.
-    pub connections: ConnectionLimits,
-}
-
-/// Auto-end rules: one policy for every data source, and per data source changes to it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AutoEndConfig {
-    pub default: AutoEndPolicy,
-    pub data_sources: BTreeMap<String, PolicyOverride>,
-}
-
-/// A data source's auto-end rules: `None` keeps the global rule, `Some(None)` turns it off.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PolicyOverride {
-    pub idle_after: Option<Option<Duration>>,
-    pub max_duration: Option<Option<Duration>>,
-}
-
-impl AutoEndConfig {
-    pub fn policy_for(&self, data_source: &str) -> AutoEndPolicy {
-        let changes = self
-            .data_sources
-            .get(data_source)
-            .copied()
-            .unwrap_or_default();
-        AutoEndPolicy {
-            idle_after: changes.idle_after.unwrap_or(self.default.idle_after),
-            max_duration: changes.max_duration.unwrap_or(self.default.max_duration),
-        }
-    }
-
-    /// Whether any data source can be auto-ended.
-    pub fn is_on(&self) -> bool {
-        !self.default.is_off()
-            || self.data_sources.values().any(|changes| {
-                changes.idle_after.flatten().is_some() || changes.max_duration.flatten().is_some()
-            })
-    }
-
-    /// The shortest rule, which decides how often sessions are looked at.
-    pub fn shortest(&self) -> Option<Duration> {
-        let overrides = self
-            .data_sources
-            .values()
-            .flat_map(|changes| [changes.idle_after.flatten(), changes.max_duration.flatten()]);
-        [self.default.idle_after, self.default.max_duration]
-            .into_iter()
-            .chain(overrides)
-            .flatten()
-            .min()
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_GRPC_PORT)),
-            metrics_listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_METRICS_PORT)),
-            data_dir: PathBuf::from("pitwall-data"),
-            store: StoreConfig::Embedded,
-            stream_layout: StreamLayout::PartitionBased(Vec::new()),
-            integrate_session_management: true,
-            limits: Limits::default(),
-            max_message_bytes: 4 * 1024 * 1024,
-            subscriber_queue: 10_000,
-            write_queue: 16_384,
-            max_batch: 1024,
-            store_cache_bytes: 64 * 1024 * 1024,
-            remote_key_generator: None,
-            key_generator_timeout: std::time::Duration::from_secs(2),
-            shutdown_grace: std::time::Duration::from_secs(10),
-            tls: None,
-            auth_tokens: None,
-            auto_end: AutoEndConfig::default(),
-            retention: None,
-            feed_window: FeedWindow::default(),
-            ready_file: None,
-            skip_damaged_rows: false,
-            connections: ConnectionLimits::default(),
-        }
-    }
-}
+use super::{Config, StoreConfig, StreamLayout};
 
 /// The keys of the reference's `AppConfig.json` that Pitwall reads. Property names are
 /// case-sensitive, as the reference reads them.
@@ -304,20 +170,13 @@ impl AppConfig {
         Ok(config)
     }
 
-    /// Applies the keys that configure the embedded session service. `listen_given` and
-    /// `metrics_given` say whether the address came from a flag or variable, which wins; a
-    /// remote key generator given by flag or variable wins likewise.
-    pub fn apply_to(
-        &self,
-        path: &Path,
-        config: &mut Config,
-        listen_given: bool,
-        metrics_given: bool,
-    ) -> Result<(), ConfigError> {
-        if let (Some(port), false) = (self.stream_api_port, listen_given) {
+    /// Sets what the file's keys say on `config`: the reference's keys, then the `Pitwall`
+    /// object. What comes later in the layering (variables, flags) is set on top by the caller.
+    pub fn apply(&self, path: &Path, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(port) = self.stream_api_port {
             config.listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         }
-        if let (Some(port), false) = (self.prometheus_metric_port, metrics_given) {
+        if let Some(port) = self.prometheus_metric_port {
             config.metrics_listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         }
         if let Some(enabled) = self.integrate_session_management {
@@ -351,7 +210,7 @@ impl AppConfig {
         if let Some(max_age) = section.feed_max_age {
             config.feed_window.max_age = max_age;
         }
-        if self.use_remote_key_generator == Some(true) && config.remote_key_generator.is_none() {
+        if self.use_remote_key_generator == Some(true) {
             match self.remote_key_generator_service_address.as_deref() {
                 Some(address) if !address.trim().is_empty() => {
                     config.remote_key_generator = Some(address.trim().to_owned());
@@ -372,7 +231,7 @@ impl AppConfig {
         let mut unused = Vec::new();
         if self.broker_url.is_some() && embedded {
             unused.push(
-                "BrokerUrl is ignored: the embedded store needs no broker (use --store kafka)"
+                "BrokerUrl is ignored: the embedded store needs no broker (choose a broker store with --store)"
                     .to_owned(),
             );
         }
@@ -696,21 +555,10 @@ mod tests {
     }
 
     #[test]
-    fn config_ports_apply_only_when_no_flag_gave_the_address() {
-        let app = parse(r#"{"StreamApiPort": 1234, "PrometheusMetricPort": 4321}"#).unwrap();
-        let mut config = Config::default();
-        app.apply_to(Path::new("AppConfig.json"), &mut config, false, true)
-            .unwrap();
-        assert_eq!(config.listen.port(), 1234);
-        assert_eq!(config.metrics_listen.port(), DEFAULT_METRICS_PORT);
-    }
-
-    #[test]
     fn the_feature_switch_is_read() {
         let app = parse(r#"{"IntegrateSessionManagement": false}"#).unwrap();
         let mut config = Config::default();
-        app.apply_to(Path::new("AppConfig.json"), &mut config, false, false)
-            .unwrap();
+        app.apply(Path::new("AppConfig.json"), &mut config).unwrap();
         assert!(!config.integrate_session_management);
     }
 
@@ -722,12 +570,10 @@ mod tests {
             r#"{"UseRemoteKeyGenerator": true, "RemoteKeyGeneratorServiceAddress": "keys:15379"}"#,
         )
         .unwrap();
-        app.apply_to(path, &mut config, false, false).unwrap();
+        app.apply(path, &mut config).unwrap();
         assert_eq!(config.remote_key_generator.as_deref(), Some("keys:15379"));
         let without = parse(r#"{"UseRemoteKeyGenerator": true}"#).unwrap();
-        let err = without
-            .apply_to(path, &mut Config::default(), false, false)
-            .unwrap_err();
+        let err = without.apply(path, &mut Config::default()).unwrap_err();
         assert!(err.to_string().contains("RemoteKeyGeneratorServiceAddress"));
     }
 
@@ -750,8 +596,7 @@ mod tests {
         )
         .unwrap();
         let mut config = Config::default();
-        app.apply_to(Path::new("AppConfig.json"), &mut config, false, false)
-            .unwrap();
+        app.apply(Path::new("AppConfig.json"), &mut config).unwrap();
         let minutes = |m: u64| Some(Duration::from_secs(m * 60));
         assert_eq!(config.auto_end.policy_for("Other").idle_after, minutes(30));
         assert_eq!(config.auto_end.policy_for("Other").max_duration, None);
