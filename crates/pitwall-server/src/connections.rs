@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
@@ -75,9 +76,10 @@ pub fn accept_tcp(
     listener: TcpListener,
     limits: ConnectionLimits,
     shutdown: Shutdown,
+    tasks: &TaskTracker,
 ) -> mpsc::Receiver<Connection<TcpStream>> {
     let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut acceptor = Acceptor::new(listener, &limits);
         loop {
             let (tcp, _peer, permit) = tokio::select! {
@@ -102,9 +104,11 @@ pub fn accept_tls(
     acceptor: TlsAcceptor,
     limits: ConnectionLimits,
     shutdown: Shutdown,
+    tasks: &TaskTracker,
 ) -> mpsc::Receiver<(Connection<TlsStream<TcpStream>>, SocketAddr)> {
     let (sender, receiver) = mpsc::channel(ACCEPTED_QUEUE);
-    tokio::spawn(async move {
+    let handshake_tasks = tasks.clone();
+    tasks.spawn(async move {
         let handshakes = Arc::new(Semaphore::new(limits.max_handshakes.max(1)));
         let mut tcp_acceptor = Acceptor::new(listener, &limits);
         loop {
@@ -123,7 +127,7 @@ pub fn accept_tls(
             let (acceptor, sender) = (acceptor.clone(), sender.clone());
             let idle_timeout = limits.idle_timeout;
             // Each handshake in its own task: a slow client never holds up the others.
-            tokio::spawn(async move {
+            handshake_tasks.spawn(async move {
                 let _handshake = handshake;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

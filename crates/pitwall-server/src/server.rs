@@ -113,8 +113,9 @@ pub struct Launched {
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
-    /// Tasks serving one call each (feed watchers): stopped and awaited at shutdown.
-    calls: TaskTracker,
+    /// Background tasks of the ports: accept loops, TLS handshakes, feed watchers. Each ends
+    /// at shutdown (watchers once the feed closes); shutdown waits for them.
+    tasks: TaskTracker,
     grpc_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -205,7 +206,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let hub = Hub::new(config.subscriber_queue, metrics.clone());
     let feed = Feed::new(config.feed_window, config.subscriber_queue, metrics.clone());
     let engine = Arc::new(OnceLock::new());
-    let calls = TaskTracker::new();
+    let tasks = TaskTracker::new();
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in STORE_HEALTH_NAMES {
         health
@@ -253,7 +254,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         metrics.clone(),
         config.limits.clone(),
         config.max_message_bytes,
-        calls.clone(),
+        tasks.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
@@ -279,14 +280,18 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let stop_serving = async move { grpc_shutdown.wait().await };
     let grpc_task = match &tls {
         Some(tls) => {
-            let connections =
-                ReceiverStream::new(tls.accept_grpc(grpc_listener, limits, shutdown.clone()))
-                    .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
+            let connections = ReceiverStream::new(tls.accept_grpc(
+                grpc_listener,
+                limits,
+                shutdown.clone(),
+                &tasks,
+            ))
+            .map(|(connection, _peer)| Ok::<_, std::io::Error>(connection));
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
         None => {
             let connections =
-                ReceiverStream::new(accept_tcp(grpc_listener, limits, shutdown.clone()))
+                ReceiverStream::new(accept_tcp(grpc_listener, limits, shutdown.clone(), &tasks))
                     .map(Ok::<_, std::io::Error>);
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
@@ -294,7 +299,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(
             AdminListener {
-                accepted: tls.accept_admin(metrics_listener, limits, shutdown.clone()),
+                accepted: tls.accept_admin(metrics_listener, limits, shutdown.clone(), &tasks),
                 local_addr: addrs.metrics,
             },
             metrics.clone(),
@@ -331,7 +336,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         health,
         readiness,
         shutdown,
-        calls,
+        tasks,
         grpc_task: Some(grpc_task),
         admin_task: Some(admin_task),
     })
@@ -470,7 +475,7 @@ impl Launched {
         let readiness = self.readiness.clone();
         let hub = self.hub.clone();
         let feed = self.feed.clone();
-        let calls = self.calls.clone();
+        let tasks = self.tasks.clone();
         let ready_file = self.config.ready_file.clone();
         let grpc_task = self.grpc_task.take().expect("finish runs once");
         let admin_task = self.admin_task.take().expect("finish runs once");
@@ -493,8 +498,8 @@ impl Launched {
             // ...and every stream ends once it has been sent them.
             hub.close();
             feed.close();
-            calls.close();
-            calls.wait().await;
+            tasks.close();
+            tasks.wait().await;
             let _ = log_health.await;
             // In-flight requests finish; a stream that does not end by itself (a health Watch)
             // is cut when the grace period is over, so it cannot hold the process open.

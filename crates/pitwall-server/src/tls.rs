@@ -21,6 +21,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::connections::{Connection, ConnectionLimits, accept_tls};
 use crate::shutdown::Shutdown;
+use tokio_util::task::TaskTracker;
 
 /// The certificate files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,8 +119,9 @@ impl Tls {
         listener: TcpListener,
         limits: ConnectionLimits,
         shutdown: Shutdown,
+        tasks: &TaskTracker,
     ) -> Accepted {
-        accept_tls(listener, self.grpc.clone(), limits, shutdown)
+        accept_tls(listener, self.grpc.clone(), limits, shutdown, tasks)
     }
 
     /// Connections of the admin port, handshaken.
@@ -128,8 +130,9 @@ impl Tls {
         listener: TcpListener,
         limits: ConnectionLimits,
         shutdown: Shutdown,
+        tasks: &TaskTracker,
     ) -> Accepted {
-        accept_tls(listener, self.admin.clone(), limits, shutdown)
+        accept_tls(listener, self.admin.clone(), limits, shutdown, tasks)
     }
 }
 
