@@ -1,7 +1,8 @@
-//! Generated protobuf messages and gRPC stubs for the Stream API session service.
+//! Generated protobuf messages and gRPC stubs for the Stream API.
 //!
-//! Generated code: `open_data` holds the session packets (also the records of the log), `api`
-//! the `SessionManagementService` requests, responses, client and server, `key_generator` the
+//! Generated code: `open_data` holds every open-data packet (the session packets are also the
+//! records of the log), `api` the Stream API's services (session management, packet writing and
+//! reading, read connections, data format ids) with their clients and servers, `key_generator` the
 //! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. One message is
 //! written by hand, [`watch_response`], so that a server can send an event it encoded once to
 //! every watcher. Logic belongs in `pitwall-core` and `pitwall-server`.
@@ -42,10 +43,10 @@ pub mod pitwall {
 /// `pitwall.v1`: the session feed, listings and associate trees.
 pub use pitwall::v1 as feed;
 
-/// `ma.streaming.open_data.v1`: session packets.
+/// `ma.streaming.open_data.v1`: the open-data packets.
 pub use ma::streaming::open_data::v1 as open_data;
 
-/// `ma.streaming.api.v1`: the session management service.
+/// `ma.streaming.api.v1`: the Stream API services.
 pub use ma::streaming::api::v1 as api;
 
 /// `ma.streaming.key_generator.v1`: the remote session key generator.
