@@ -1,8 +1,11 @@
-//! Durable storage of sessions.
+//! Durable storage of sessions and packets.
 //!
 //! - [`embedded`]: the default store, one crash-safe redb database in a data directory. Each
 //!   commit holds a batch of records' results and is fsync'd before it returns, so callers can
 //!   acknowledge as soon as it does.
+//!
+//! - [`packets`]: the embedded packet log, a second redb database: packets in chunks per
+//!   offset space (main, streams, essentials) of each data source, retention from the front.
 //!
 //! - [`integrity`]: `pitwall store check` and `repair`; rows carry CRC32C checksums, and redb's
 //!   panics on damaged files are caught at this crate's boundary and reported as errors.
@@ -17,6 +20,7 @@ pub mod embedded;
 mod guard;
 pub mod integrity;
 pub mod kafka;
+pub mod packets;
 mod rows;
 
 pub use embedded::{EmbeddedOptions, EmbeddedStore, StoreError};
