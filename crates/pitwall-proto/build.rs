@@ -32,6 +32,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".pitwall.v1.WatchResponse",
             "crate::watch_response::WatchResponse",
         )
+        // Hand-written (src/raw_packet.rs) so a client's packet is stored and served as the
+        // bytes it sent.
+        .extern_path(
+            ".ma.streaming.api.v1.DataPacketDetails",
+            "crate::raw_packet::DataPacketDetails",
+        )
+        .extern_path(
+            ".ma.streaming.api.v1.PacketResponse",
+            "crate::raw_packet::PacketResponse",
+        )
         .compile_fds(descriptors)?;
     Ok(())
 }

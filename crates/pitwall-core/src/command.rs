@@ -47,6 +47,10 @@ pub enum Command {
         session_key: String,
         completed_for: std::time::Duration,
     },
+    /// A session record a client wrote itself, as an info packet (`WriteInfoPacket`): applied
+    /// as the reference applies its session topic (a second `NewSession` for a key changes
+    /// nothing; an update or an end needs its session).
+    Record(Record),
 }
 
 /// What a command does once decided.
@@ -87,6 +91,7 @@ impl Command {
             Command::AutoEnd { session_key, .. } | Command::Purge { session_key, .. } => {
                 session_key
             }
+            Command::Record(record) => record.session_key(),
         }
     }
 
@@ -132,12 +137,16 @@ impl Command {
                 Ok(())
             }
             Command::AutoEnd { .. } | Command::Purge { .. } => Ok(()),
+            Command::Record(record) => validate_record(record, limits),
         }
     }
 
     /// Decides the command against `current`, the session with this command's key as it will
     /// stand when the record is appended. Call [`Command::validate`] first.
     pub fn decide(self, current: Option<&Session>, ctx: &Context) -> Result<Decision, Rejection> {
+        if let Command::Record(record) = self {
+            return decide_record(record, current, ctx);
+        }
         if let Command::Create {
             session_key,
             request,
@@ -154,7 +163,7 @@ impl Command {
         let session =
             current.ok_or_else(|| Rejection::UnknownSession(self.session_key().into()))?;
         match self {
-            Command::Create { .. } => unreachable!("handled above"),
+            Command::Create { .. } | Command::Record(_) => unreachable!("handled above"),
             Command::End(request) => end(session, request, ctx),
             Command::UpdateIdentifier(request) => {
                 if request.identifier.is_empty() || request.identifier == session.identifier {
@@ -219,6 +228,91 @@ impl Decision {
             Decision::AppendAll(records) => records,
             Decision::Unchanged | Decision::AlreadyEnded(_) => &[],
         }
+    }
+}
+
+/// Checks a client's session record on its own, as a create or an update would be checked.
+fn validate_record(record: &Record, limits: &Limits) -> Result<(), Rejection> {
+    if record.session_key().is_empty() {
+        return Err(Rejection::invalid(
+            "the packet's session_key is empty; a session record names its session",
+        ));
+    }
+    limits.check_packet_session_key(record.session_key())?;
+    let check_info = |info: &SessionInfoPacket| -> Result<(), Rejection> {
+        limits.check_type(&info.r#type)?;
+        limits.check_identifier(&info.identifier)?;
+        limits.check_detail_count(info.details.len())?;
+        for (name, value) in &info.details {
+            limits.check_detail(name, value)?;
+        }
+        limits.check_associate_count(distinct(&info.associate_session_keys).len())?;
+        Ok(())
+    };
+    match record {
+        Record::NewSession { packet, .. } => {
+            limits.check_data_source(&packet.data_source)?;
+            if let Some(info) = &packet.session_info {
+                check_info(info)?;
+            }
+            if let Some(offset) = &packet.utc_offset {
+                check_utc_offset(offset)?;
+            }
+            if let Some(time) = &packet.creation_time {
+                check_timestamp("creation_time", time)?;
+            }
+            Ok(())
+        }
+        Record::SessionInfo { packet, .. } => check_info(packet),
+        Record::EndOfSession { packet, .. } => match &packet.termination_time {
+            Some(time) => check_timestamp("termination_time", time),
+            None => Ok(()),
+        },
+        Record::Purge { .. } => Err(Rejection::invalid(
+            "a purge is Pitwall's own record (retention); clients end sessions with EndOfSession",
+        )),
+    }
+}
+
+/// A client's session record against the session as it stands.
+fn decide_record(
+    record: Record,
+    current: Option<&Session>,
+    ctx: &Context,
+) -> Result<Decision, Rejection> {
+    match (record, current) {
+        // The first `NewSession` for a key wins.
+        (Record::NewSession { .. }, Some(_)) => Ok(Decision::Unchanged),
+        (
+            Record::NewSession {
+                session_key,
+                packet,
+            },
+            None,
+        ) => {
+            ctx.limits.check_session_size(
+                packet.encoded_len() + session_key.len() + STORED_OVERHEAD_BYTES,
+            )?;
+            Ok(Decision::Append(Record::NewSession {
+                session_key,
+                packet,
+            }))
+        }
+        (record, None) => Err(Rejection::UnknownSession(record.session_key().to_owned())),
+        (
+            Record::SessionInfo {
+                session_key,
+                packet,
+            },
+            Some(session),
+        ) => update(session, session_key, packet, ctx.limits),
+        (Record::EndOfSession { .. }, Some(session)) if session.end.is_some() => Ok(
+            Decision::AlreadyEnded(session.end.as_deref().cloned().unwrap_or_default()),
+        ),
+        (record @ Record::EndOfSession { .. }, Some(_)) => Ok(Decision::Append(record)),
+        (Record::Purge { .. }, Some(_)) => Err(Rejection::invalid(
+            "a purge is Pitwall's own record (retention); clients end sessions with EndOfSession",
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Request checks that need no state: names, sizes, counts, times. The contract's limits are
 //! inclusive and configurable; they hold for updates as well as creates.
 
+use pitwall_proto::api::ConnectionDetails;
 use prost_types::{Duration, Timestamp};
 
 use crate::rejection::{Rejection, quote};
@@ -39,6 +40,12 @@ impl Default for Limits {
         }
     }
 }
+
+/// The reference's internal stream name of the essentials route.
+pub const RESERVED_STREAM: &str = "@stream@::_essential";
+
+/// Session keys are UUIDs here and short strings elsewhere; anything longer is a mistake.
+pub const MAX_SESSION_KEY_BYTES: usize = 1024;
 
 /// Seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: protobuf's valid timestamp range.
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
@@ -89,6 +96,75 @@ impl Limits {
                 "data_source '{data_source}' ends in '{ESSENTIALS_SUFFIX}', which names the \
                  essentials topic of data source '{main}'; choose another name"
             )));
+        }
+        Ok(())
+    }
+
+    /// A stream names a topic `{data_source}.{stream}` on a broker: 1 to 249 bytes of
+    /// `A-Z a-z 0-9 . _ -` in all, not the reference's internal name of the essentials route.
+    pub fn check_stream(&self, data_source: &str, stream: &str) -> Result<(), Rejection> {
+        if stream == RESERVED_STREAM {
+            return Err(Rejection::invalid(format!(
+                "stream '{RESERVED_STREAM}' is the name of the essentials; mark the packet \
+                 is_essential instead"
+            )));
+        }
+        if let Some(bad) = stream
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(Rejection::invalid(format!(
+                "stream {} contains {}; use A-Z a-z 0-9 . _ -",
+                quote(stream),
+                describe_char(bad)
+            )));
+        }
+        let topic = data_source.len() + 1 + stream.len();
+        if topic > self.data_source_bytes {
+            return Err(Rejection::invalid(format!(
+                "data_source and stream make a topic name of {topic} bytes; at most {} are \
+                 allowed",
+                self.data_source_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The session key a packet is written with: the broker's record key, up to
+    /// [`MAX_SESSION_KEY_BYTES`], no control characters.
+    pub fn check_packet_session_key(&self, session_key: &str) -> Result<(), Rejection> {
+        check_len("session_key", session_key, MAX_SESSION_KEY_BYTES)?;
+        check_no_control("session_key", session_key)
+    }
+
+    /// The details a read can follow: a valid data source and streams, one offset per stream (or
+    /// none at all, which reads each stream from its first packet), a valid session key.
+    pub fn check_connection(&self, details: &ConnectionDetails) -> Result<(), Rejection> {
+        self.check_data_source(&details.data_source)?;
+        for stream in &details.streams {
+            if stream.is_empty() {
+                return Err(Rejection::invalid(
+                    "a stream name is empty; the main stream is read unless exclude_main_stream",
+                ));
+            }
+            self.check_stream(&details.data_source, stream)?;
+        }
+        if !details.stream_offsets.is_empty()
+            && details.stream_offsets.len() != details.streams.len()
+        {
+            return Err(Rejection::invalid(format!(
+                "{} stream_offsets for {} streams; give one offset per stream, in the same order, or \
+                 none",
+                details.stream_offsets.len(),
+                details.streams.len()
+            )));
+        }
+        self.check_packet_session_key(&details.session_key)?;
+        if details.exclude_main_stream && details.streams.is_empty() {
+            return Err(Rejection::invalid(
+                "exclude_main_stream with no streams leaves nothing to read; name a stream or read the \
+                 main stream",
+            ));
         }
         Ok(())
     }

@@ -3,9 +3,10 @@
 //! Generated code: `open_data` holds every open-data packet (the session packets are also the
 //! records of the log), `api` the Stream API's services (session management, packet writing and
 //! reading, read connections, data format ids) with their clients and servers, `key_generator` the
-//! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. One message is
-//! written by hand, [`watch_response`], so that a server can send an event it encoded once to
-//! every watcher. Logic belongs in `pitwall-core` and `pitwall-server`.
+//! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. Three messages are
+//! written by hand: [`watch_response`], so that a server can send an event it encoded once to
+//! every watcher, and the two of [`raw_packet`], so that a client's packet is kept as the bytes it
+//! sent. Logic belongs in `pitwall-core` and `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
@@ -19,6 +20,8 @@ pub mod ma {
         pub mod api {
             pub mod v1 {
                 tonic::include_proto!("ma.streaming.api.v1");
+
+                pub use crate::raw_packet::{DataPacketDetails, PacketResponse};
             }
         }
         pub mod key_generator {
@@ -29,6 +32,7 @@ pub mod ma {
     }
 }
 
+pub mod raw_packet;
 pub mod watch_response;
 
 /// Pitwall's own services, beside the Stream API.

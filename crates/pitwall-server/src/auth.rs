@@ -104,6 +104,64 @@ pub const GRPC_RULES: &[(&str, Rule)] = &[
         "/pitwall.v1.SessionFeed/GetSessionTree",
         Rule::Needs(Role::Read),
     ),
+    // The data plane: writing packets and allocating data format ids need `write`; reading
+    // (and the read connections a read follows) need `read`.
+    (
+        "/ma.streaming.api.v1.PacketWriterService/WriteDataPacket",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketWriterService/WriteDataPackets",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketWriterService/WriteInfoPacket",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketWriterService/WriteInfoPackets",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketReaderService/ReadPackets",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketReaderService/ReadEssentials",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.PacketReaderService/ReadDataPackets",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.ConnectionManagerService/NewConnection",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.ConnectionManagerService/GetConnection",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.ConnectionManagerService/CloseConnection",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.DataFormatManagerService/GetParameterDataFormatId",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.DataFormatManagerService/GetEventDataFormatId",
+        Rule::Needs(Role::Write),
+    ),
+    (
+        "/ma.streaming.api.v1.DataFormatManagerService/GetParametersList",
+        Rule::Needs(Role::Read),
+    ),
+    (
+        "/ma.streaming.api.v1.DataFormatManagerService/GetEvent",
+        Rule::Needs(Role::Read),
+    ),
     ("/grpc.health.v1.Health/Check", Rule::Open),
     ("/grpc.health.v1.Health/Watch", Rule::Open),
     (

@@ -154,10 +154,14 @@ impl Engine {
         read(&self.projection)
     }
 
-    /// The data source's streams, as the log knows them.
-    pub async fn streams(&self, data_source: &str) -> Vec<String> {
-        let (log, data_source) = (self.log.clone(), data_source.to_owned());
-        tokio::task::spawn_blocking(move || log.streams(&data_source))
+    /// A session's streams, as the log knows them.
+    pub async fn streams(&self, data_source: &str, session_key: &str) -> Vec<String> {
+        let (log, data_source, session_key) = (
+            self.log.clone(),
+            data_source.to_owned(),
+            session_key.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || log.streams(&data_source, &session_key))
             .await
             .unwrap_or_default()
     }

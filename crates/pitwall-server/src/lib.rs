@@ -31,6 +31,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod dataplane;
 pub mod engine;
 pub mod fanout;
 pub mod feed;

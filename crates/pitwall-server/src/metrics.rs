@@ -3,6 +3,8 @@
 //! `stream_api_sessions_total` keeps the reference's name (dashboards use it) although a gauge
 //! ending in `_total` breaks OpenMetrics naming; this exporter writes names unchanged.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
@@ -42,7 +44,26 @@ pub struct Metrics {
     pub feed_head: IntGauge,
     pub sessions_auto_ended: IntCounterVec,
     pub sessions_purged: IntCounter,
+    pub packet_commit_duration: Histogram,
+    pub packets_removed: IntCounter,
+    /// Open read connections per data source (the reference's gauge).
+    pub connections: IntGaugeVec,
+    pub data_packets_published: IntCounterVec,
+    pub data_packets_routed: IntCounterVec,
+    pub data_packets_routed_bytes: IntCounterVec,
+    pub info_packets_published: IntCounterVec,
+    pub packets_delivered: IntCounterVec,
+    pub data_formats: IntGaugeVec,
+    /// The (data source, stream) label pairs in use, so that their number stays bounded.
+    stream_series: Arc<Mutex<HashSet<(String, String)>>>,
 }
+
+/// (data source, stream) label pairs the packet counters keep apart; beyond it, new pairs are
+/// counted under `"(other)"`, so that a client writing to ever new streams cannot grow the
+/// exposition without bound.
+const MAX_STREAM_SERIES: usize = 1000;
+/// The label of the pairs beyond [`MAX_STREAM_SERIES`].
+const OTHER: &str = "(other)";
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -155,8 +176,86 @@ impl Metrics {
             "Completed sessions removed by retention",
         )
         .expect("valid metric");
+        let packet_commit_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pitwall_packet_commit_duration_seconds",
+                "Time to make one batch of packet writes durable (embedded store)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "stream_api_connections_total",
+                "Read connections open, per data source",
+            ),
+            &["data_source"],
+        )
+        .expect("valid metric");
+        let data_packets_published = IntCounterVec::new(
+            Opts::new(
+                "stream_api_data_packets_published_total",
+                "Data packets received by PacketWriterService",
+            ),
+            &["data_source", "stream"],
+        )
+        .expect("valid metric");
+        let data_packets_routed = IntCounterVec::new(
+            Opts::new(
+                "stream_api_data_packets_routed_total",
+                "Data packets made durable in the packet log",
+            ),
+            &["data_source", "stream"],
+        )
+        .expect("valid metric");
+        let data_packets_routed_bytes = IntCounterVec::new(
+            Opts::new(
+                "stream_api_data_packets_routed_bytes_total",
+                "Bytes of data packets made durable in the packet log",
+            ),
+            &["data_source", "stream"],
+        )
+        .expect("valid metric");
+        let info_packets_published = IntCounterVec::new(
+            Opts::new(
+                "stream_api_info_packets_published_total",
+                "Info packets received by PacketWriterService",
+            ),
+            &["data_source"],
+        )
+        .expect("valid metric");
+        let packets_delivered = IntCounterVec::new(
+            Opts::new(
+                "stream_api_router_messages_delivered_total",
+                "Packets sent to readers (ReadPackets, ReadEssentials, ReadDataPackets)",
+            ),
+            &["data_source"],
+        )
+        .expect("valid metric");
+        let data_formats = IntGaugeVec::new(
+            Opts::new(
+                "stream_api_data_formats_total",
+                "Data formats known, per data source",
+            ),
+            &["data_source"],
+        )
+        .expect("valid metric");
+        let packets_removed = IntCounter::new(
+            "pitwall_packets_removed_total",
+            "Packets removed by packet retention (bytes or age)",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(sessions_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(packet_commit_duration.clone()),
+            Box::new(packets_removed.clone()),
+            Box::new(connections.clone()),
+            Box::new(data_packets_published.clone()),
+            Box::new(data_packets_routed.clone()),
+            Box::new(data_packets_routed_bytes.clone()),
+            Box::new(info_packets_published.clone()),
+            Box::new(packets_delivered.clone()),
+            Box::new(data_formats.clone()),
             Box::new(sessions.clone()),
             Box::new(rpc_requests.clone()),
             Box::new(rpc_duration.clone()),
@@ -197,6 +296,16 @@ impl Metrics {
             feed_head,
             sessions_auto_ended,
             sessions_purged,
+            packet_commit_duration,
+            packets_removed,
+            connections,
+            data_packets_published,
+            data_packets_routed,
+            data_packets_routed_bytes,
+            info_packets_published,
+            packets_delivered,
+            data_formats,
+            stream_series: Arc::default(),
         }
     }
 
@@ -207,6 +316,21 @@ impl Metrics {
         self.rpc_duration
             .with_label_values(&[method, outcome])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The labels to count a packet of `data_source` and `stream` under: themselves, or
+    /// `"(other)"` once [`MAX_STREAM_SERIES`] pairs are in use.
+    pub fn stream_labels<'a>(&self, data_source: &'a str, stream: &'a str) -> [&'a str; 2] {
+        let mut series = self.stream_series.lock().unwrap_or_else(|e| e.into_inner());
+        let pair = (data_source.to_owned(), stream.to_owned());
+        if series.contains(&pair) {
+            return [data_source, stream];
+        }
+        if series.len() < MAX_STREAM_SERIES {
+            series.insert(pair);
+            return [data_source, stream];
+        }
+        [OTHER, OTHER]
     }
 
     /// Registers a gauge that only one kind of log has.

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pitwall_core::Projection;
+use pitwall_proto::api::connection_manager_service_server::ConnectionManagerServiceServer;
+use pitwall_proto::api::packet_reader_service_server::PacketReaderServiceServer;
+use pitwall_proto::api::packet_writer_service_server::PacketWriterServiceServer;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
 use pitwall_proto::feed::session_feed_server::SessionFeedServer;
 use thiserror::Error;
@@ -33,13 +36,19 @@ use crate::admin::{self, Readiness};
 use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::connections::accept_tcp;
+use crate::dataplane::DataPlane;
+use crate::dataplane::connections::{ConnectionService, Connections};
+use crate::dataplane::reader::PacketReader;
+use crate::dataplane::writer::PacketWriter;
 use crate::engine::{Engine, EngineOptions};
 use crate::feed::Feed;
 use crate::feed_service::FeedService;
 use crate::grpc_status::{GrpcContentTypeLayer, oversize_as_resource_exhausted};
 use crate::keys::KeySource;
+use crate::log::packets::PacketLog;
+use crate::log::packets::embedded::EmbeddedPacketLog;
 use crate::log::{self, LogHealth, Opened, StartLogError};
 use crate::metrics::Metrics;
 use crate::notify::Hub;
@@ -54,7 +63,18 @@ pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementSer
 pub const FEED_SERVICE_NAME: &str = "pitwall.v1.SessionFeed";
 const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 /// Health names that follow the store: the server as a whole and both session services.
-const STORE_HEALTH_NAMES: [&str; 3] = ["", SESSION_SERVICE_NAME, FEED_SERVICE_NAME];
+/// Names of the data plane's services in gRPC health checks and reflection.
+pub const PACKET_WRITER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketWriterService";
+pub const PACKET_READER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketReaderService";
+pub const CONNECTION_SERVICE_NAME: &str = "ma.streaming.api.v1.ConnectionManagerService";
+const STORE_HEALTH_NAMES: [&str; 6] = [
+    "",
+    SESSION_SERVICE_NAME,
+    FEED_SERVICE_NAME,
+    PACKET_WRITER_SERVICE_NAME,
+    PACKET_READER_SERVICE_NAME,
+    CONNECTION_SERVICE_NAME,
+];
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -103,6 +123,8 @@ pub struct Launched {
     clock: Clock,
     started: Instant,
     opened: Option<Opened>,
+    /// The embedded packet log (none on a broker store yet), closed at shutdown.
+    packets: Option<Arc<EmbeddedPacketLog>>,
     addrs: Addrs,
     metrics: Metrics,
     hub: Arc<Hub>,
@@ -184,6 +206,21 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     };
     let opened =
         tokio::task::spawn_blocking(move || log::open(&store, &data_dir, store_options)).await??;
+    let packets = match &config.store {
+        StoreConfig::Embedded => {
+            let (data_dir, options) = (config.data_dir.clone(), config.packets.clone());
+            let (layout, clock, metrics) =
+                (config.stream_layout.clone(), clock.clone(), metrics.clone());
+            Some(Arc::new(
+                tokio::task::spawn_blocking(move || {
+                    EmbeddedPacketLog::open(&data_dir, options, layout, clock, metrics)
+                })
+                .await?
+                .map_err(StartLogError::from)?,
+            ))
+        }
+        _ => None,
+    };
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
@@ -218,6 +255,9 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(SESSION_SERVICE_NAME)
         .with_service_name(FEED_SERVICE_NAME)
+        .with_service_name(PACKET_WRITER_SERVICE_NAME)
+        .with_service_name(PACKET_READER_SERVICE_NAME)
+        .with_service_name(CONNECTION_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
@@ -226,6 +266,9 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(SESSION_SERVICE_NAME)
         .with_service_name(FEED_SERVICE_NAME)
+        .with_service_name(PACKET_WRITER_SERVICE_NAME)
+        .with_service_name(PACKET_READER_SERVICE_NAME)
+        .with_service_name(CONNECTION_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
@@ -258,6 +301,27 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    let plane = DataPlane {
+        packets: packets.clone().map(|packets| packets as Arc<dyn PacketLog>),
+        connections: Arc::new(Connections::new(
+            config.max_read_connections,
+            metrics.clone(),
+        )),
+        engine: engine.clone(),
+        limits: config.limits.clone(),
+        metrics: metrics.clone(),
+        batching: config.batching,
+    };
+    let max_message = config.max_message_bytes;
+    let packet_writer = PacketWriterServiceServer::new(PacketWriter::new(plane.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let packet_reader = PacketReaderServiceServer::new(PacketReader::new(plane.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let connections = ConnectionManagerServiceServer::new(ConnectionService::new(plane))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let limits = config.connections;
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -273,6 +337,9 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         )
         .add_service(sessions)
         .add_service(feed_service)
+        .add_service(packet_writer)
+        .add_service(packet_reader)
+        .add_service(connections)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -326,6 +393,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         clock,
         started,
         opened: Some(opened),
+        packets,
         addrs,
         metrics,
         hub,
@@ -377,6 +445,10 @@ impl Launched {
             layout: self.config.stream_layout.clone(),
             feed_window: self.config.feed_window,
             shutdown: self.shutdown.clone(),
+            packets: self
+                .packets
+                .clone()
+                .map(|packets| packets as Arc<dyn PacketLog>),
         };
         let opened = self.opened.take().expect("finish runs once");
         let log = tokio::task::spawn_blocking(move || opened.start(context))
@@ -477,6 +549,7 @@ impl Launched {
         let feed = self.feed.clone();
         let tasks = self.tasks.clone();
         let ready_file = self.config.ready_file.clone();
+        let packets = self.packets.take();
         let grpc_task = self.grpc_task.take().expect("finish runs once");
         let admin_task = self.admin_task.take().expect("finish runs once");
         let done = tokio::spawn(async move {
@@ -495,6 +568,10 @@ impl Launched {
             sweeper.stop().await;
             // Every write accepted so far is answered, so its notifications are queued...
             writer.stop().await;
+            // Reads of packets end; the packet writes already queued are made durable.
+            if let Some(packets) = &packets {
+                packets.close().await;
+            }
             // ...and every stream ends once it has been sent them.
             hub.close();
             feed.close();

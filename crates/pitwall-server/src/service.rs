@@ -198,7 +198,7 @@ impl SessionService {
             })?;
             info_response(session)
         };
-        response.streams = engine.streams(&response.data_source).await;
+        response.streams = engine.streams(&response.data_source, session_key).await;
         Ok(response)
     }
 

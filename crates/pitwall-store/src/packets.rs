@@ -17,9 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use prost::bytes::Bytes;
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::embedded::StoreError;
 use crate::guard::guarded;
@@ -227,9 +225,7 @@ fn decode_chunk(
     let payload = unframe(row).map_err(|e| damaged(e.to_string()))?;
     let mut cursor = Cursor { bytes: payload };
     let count = cursor.u32().ok_or_else(|| damaged("no header".into()))?;
-    cursor
-        .take(16)
-        .ok_or_else(|| damaged("no header".into()))?;
+    cursor.take(16).ok_or_else(|| damaged("no header".into()))?;
     for index in 0..u64::from(count) {
         let truncated = || damaged(format!("packet {index} of {count} is cut short"));
         let time_nanos = cursor.i64().ok_or_else(truncated)?;
@@ -315,17 +311,13 @@ impl PacketStore {
             }
             let mut builder = Database::builder();
             builder.set_cache_size(options.cache_bytes);
-            let db = builder
-                .create(&path)
-                .map_err(|source| match source {
-                    redb::DatabaseError::DatabaseAlreadyOpen => {
-                        StoreError::InUse(data_dir.to_owned())
-                    }
-                    source => StoreError::Open {
-                        path: path.clone(),
-                        source,
-                    },
-                })?;
+            let db = builder.create(&path).map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(data_dir.to_owned()),
+                source => StoreError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
             let txn = db.begin_write()?;
             txn.open_table(SPACES)?;
             txn.open_table(HEADS)?;
@@ -387,7 +379,11 @@ impl PacketStore {
             for row in table.iter()? {
                 let (key, _) = row?;
                 let (session, data_source, stream) = key.value();
-                all.push((session.to_owned(), data_source.to_owned(), stream.to_owned()));
+                all.push((
+                    session.to_owned(),
+                    data_source.to_owned(),
+                    stream.to_owned(),
+                ));
             }
             Ok(all)
         })
@@ -419,7 +415,10 @@ impl PacketStore {
                 }
                 let mut streams = txn.open_table(SESSION_STREAMS)?;
                 for (session, data_source, stream) in &commit.session_streams {
-                    streams.insert((session.as_str(), data_source.as_str(), stream.as_str()), ())?;
+                    streams.insert(
+                        (session.as_str(), data_source.as_str(), stream.as_str()),
+                        (),
+                    )?;
                 }
             }
             txn.commit()?;
@@ -448,7 +447,10 @@ impl PacketStore {
                 .unwrap_or(from);
             let mut out = Vec::new();
             let mut bytes = 0;
-            for row in chunks.range((Bound::Included((space, start)), Bound::Included((space, u64::MAX))))? {
+            for row in chunks.range((
+                Bound::Included((space, start)),
+                Bound::Included((space, u64::MAX)),
+            ))? {
                 let (key, value) = row?;
                 let (_, base) = key.value();
                 let before = out.len();
@@ -508,10 +510,12 @@ impl PacketStore {
             drop(slot.take());
             let mut builder = Database::builder();
             builder.set_cache_size(self.cache_bytes);
-            let db = builder.open(&self.path).map_err(|source| StoreError::Open {
-                path: self.path.clone(),
-                source,
-            })?;
+            let db = builder
+                .open(&self.path)
+                .map_err(|source| StoreError::Open {
+                    path: self.path.clone(),
+                    source,
+                })?;
             let txn = db.begin_write()?;
             txn.open_table(HEADS)?;
             txn.commit()?;

@@ -376,8 +376,80 @@ pub struct ServeArgs {
     /// Close a connection that does not answer a ping within this long, in seconds.
     #[arg(long, env = "PITWALL_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = defaults().connections.keepalive_timeout.as_secs())]
     pub keepalive_timeout_seconds: u64,
+    /// Bytes of packets a data source keeps; its oldest go first (e.g. 10GiB; off).
+    #[arg(long, env = "PITWALL_PACKET_RETENTION_BYTES", value_parser = parse_size_setting, default_value = size_text(defaults().packets.retention_bytes))]
+    pub packet_retention_bytes: SizeSetting,
+    /// How long packets are kept (e.g. 7days; off).
+    #[arg(long, env = "PITWALL_PACKET_RETENTION_AGE", value_parser = parse_setting, default_value = setting_text(defaults().packets.retention_age))]
+    pub packet_retention_age: DurationSetting,
+    /// Free disk space kept beside the data directory: packet writes that would leave less
+    /// are refused with RESOURCE_EXHAUSTED (e.g. 512MiB).
+    #[arg(long, env = "PITWALL_PACKET_MIN_FREE_BYTES", value_parser = parse_size, default_value = size_text(Some(defaults().packets.min_free_bytes)))]
+    pub packet_min_free_bytes: u64,
+    /// Group the packets of a read into fewer responses (BatchingResponses).
+    #[arg(long, env = "PITWALL_BATCHING_RESPONSES")]
+    pub batching_responses: bool,
+    /// Read connections (NewConnection) open at once at most.
+    #[arg(long, env = "PITWALL_MAX_READ_CONNECTIONS", default_value_t = defaults().max_read_connections)]
+    pub max_read_connections: usize,
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// A size setting on the command line: bytes such as `512MiB` or `10GiB`, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeSetting(pub Option<u64>);
+
+fn parse_size_setting(text: &str) -> Result<SizeSetting, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(SizeSetting(None));
+    }
+    parse_size(text).map(|bytes| SizeSetting(Some(bytes)))
+}
+
+/// Bytes, with an optional binary unit: `1048576`, `512KiB`, `64MiB`, `10GiB`, `1TiB`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size; write e.g. 512MiB, 10GiB or a byte count"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "'{other}' is not a unit of size; use KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// How a size setting's default reads on the command line.
+fn size_text(bytes: Option<u64>) -> String {
+    let Some(bytes) = bytes else {
+        return "off".to_owned();
+    };
+    for (unit, scale) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= scale && bytes % scale == 0 {
+            return format!("{}{unit}", bytes / scale);
+        }
+    }
+    bytes.to_string()
 }
 
 /// A duration setting on the command line: a duration such as `30m`, or `off`.

@@ -160,6 +160,11 @@ fn overrides(args: &ServeArgs, matches: &ArgMatches) -> Overrides {
         identifier_bytes: given!("max_identifier_bytes", limits.max_identifier_bytes),
         session_bytes: given!("max_session_bytes", limits.max_session_bytes),
         creation_time_skew: given!("max_creation_time_skew", limits.max_creation_time_skew.0),
+        packet_retention_bytes: given!("packet_retention_bytes", args.packet_retention_bytes.0),
+        packet_retention_age: given!("packet_retention_age", args.packet_retention_age.0),
+        packet_min_free_bytes: given!("packet_min_free_bytes", args.packet_min_free_bytes),
+        batching_responses: given!("batching_responses", args.batching_responses),
+        max_read_connections: given!("max_read_connections", args.max_read_connections),
     }
 }
 

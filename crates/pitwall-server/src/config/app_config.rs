@@ -26,6 +26,7 @@ pub struct AppConfig {
     pub initialisation_timeout_seconds: Option<u64>,
     pub use_remote_key_generator: Option<bool>,
     pub remote_key_generator_service_address: Option<String>,
+    pub batching_responses: Option<bool>,
     /// Pitwall's own settings, under the key `Pitwall` (the reference ignores it).
     pub pitwall: PitwallSection,
     /// What the file held besides the keys above: each line says which key and what Pitwall
@@ -109,13 +110,10 @@ pub enum ConfigError {
 }
 
 /// Reference keys accepted for compatibility that do not affect Pitwall's session service.
-const IGNORED_KEYS: &[(&str, &str)] = &[
-    (
-        "IntegrateDataFormatManagement",
-        "the data-format service is not part of Pitwall yet",
-    ),
-    ("BatchingResponses", "it affects only the data-plane reader"),
-];
+const IGNORED_KEYS: &[(&str, &str)] = &[(
+    "IntegrateDataFormatManagement",
+    "the data-format service is not part of Pitwall yet",
+)];
 
 impl AppConfig {
     pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
@@ -151,6 +149,7 @@ impl AppConfig {
             use_remote_key_generator: keys.bool("UseRemoteKeyGenerator")?,
             remote_key_generator_service_address: keys
                 .string("RemoteKeyGeneratorServiceAddress")?,
+            batching_responses: keys.bool("BatchingResponses")?,
             pitwall: keys.pitwall("Pitwall")?,
             notes: Vec::new(),
         };
@@ -181,6 +180,9 @@ impl AppConfig {
         }
         if let Some(enabled) = self.integrate_session_management {
             config.integrate_session_management = enabled;
+        }
+        if let Some(enabled) = self.batching_responses {
+            config.batching.enabled = enabled;
         }
         config.stream_layout = match self.stream_creation_strategy {
             Some(2) => StreamLayout::TopicBased,
@@ -527,7 +529,9 @@ mod tests {
         assert_eq!(config.stream_api_port, Some(13579));
         assert_eq!(config.prometheus_metric_port, Some(10010));
         assert_eq!(config.partition_mappings.len(), 2);
-        assert_eq!(config.notes.len(), 2, "{:?}", config.notes);
+        // IntegrateDataFormatManagement is noted as ignored; BatchingResponses is read.
+        assert_eq!(config.batching_responses, Some(false));
+        assert_eq!(config.notes.len(), 1, "{:?}", config.notes);
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::time::Duration;
 use pitwall_core::Limits;
 
 pub use crate::connections::ConnectionLimits;
+pub use crate::dataplane::Batching;
 pub use crate::feed::FeedWindow;
+pub use crate::log::packets::embedded::PacketLogOptions;
 pub use crate::log::{StoreConfig, StreamLayout};
 pub use app_config::{
     AppConfig, ConfigError, PartitionMapping, PitwallSection, parse_duration_setting,
@@ -69,6 +71,12 @@ pub struct Config {
     pub skip_damaged_rows: bool,
     /// Limits on gRPC connections and the streams on each.
     pub connections: ConnectionLimits,
+    /// The embedded packet log: its queue, batches, retention and disk reserve.
+    pub packets: PacketLogOptions,
+    /// `BatchingResponses`: reads group packets into fewer responses.
+    pub batching: Batching,
+    /// Read connections (`NewConnection`) open at once at most.
+    pub max_read_connections: usize,
 }
 
 impl Default for Config {
@@ -97,6 +105,9 @@ impl Default for Config {
             ready_file: None,
             skip_damaged_rows: false,
             connections: ConnectionLimits::default(),
+            packets: PacketLogOptions::default(),
+            batching: Batching::default(),
+            max_read_connections: 10_000,
         }
     }
 }
@@ -157,6 +168,11 @@ pub struct Overrides {
     pub identifier_bytes: Option<usize>,
     pub session_bytes: Option<usize>,
     pub creation_time_skew: Option<Option<Duration>>,
+    pub packet_retention_bytes: Option<Option<u64>>,
+    pub packet_retention_age: Option<Option<Duration>>,
+    pub packet_min_free_bytes: Option<u64>,
+    pub batching_responses: Option<bool>,
+    pub max_read_connections: Option<usize>,
 }
 
 impl Config {
@@ -208,6 +224,11 @@ impl Config {
         set!(limits.identifier_bytes = o.identifier_bytes);
         set!(limits.session_bytes = o.session_bytes);
         set!(limits.creation_time_skew = o.creation_time_skew);
+        set!(packets.retention_bytes = o.packet_retention_bytes);
+        set!(packets.retention_age = o.packet_retention_age);
+        set!(packets.min_free_bytes = o.packet_min_free_bytes);
+        set!(batching.enabled = o.batching_responses);
+        set!(max_read_connections = o.max_read_connections);
         if o.remote_key_generator.is_some() {
             config.remote_key_generator = o.remote_key_generator;
         }

@@ -24,7 +24,8 @@ use prost_types::Timestamp;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::{Batch, Context, Log, LogError, LogHealth, Position, StartLogError};
+use super::packets::PacketLog;
+use super::{Batch, Context, Log, LogError, LogHealth, Position, StartLogError, StreamLayout};
 use crate::apply::{Applied, Applier};
 use crate::feed::{FeedItem, FeedWindow, feed_event};
 
@@ -60,6 +61,8 @@ impl Opened {
         let Context {
             applier,
             feed_window,
+            layout,
+            packets,
             ..
         } = context;
         let store = Arc::new(self.store);
@@ -82,6 +85,8 @@ impl Opened {
             feed_window,
             health: watch::channel(LogHealth::Serving).0,
             failed: Mutex::new(None),
+            packets,
+            layout,
         })
     }
 }
@@ -96,6 +101,9 @@ pub struct EmbeddedLog {
     health: watch::Sender<LogHealth>,
     /// Set while the store is failed. A `std` mutex: only the writer thread takes it.
     failed: Mutex<Option<Failed>>,
+    /// The packet log beside the sessions: where sessions start and end, and their streams.
+    packets: Option<Arc<dyn PacketLog>>,
+    layout: StreamLayout,
 }
 
 /// Why the store is failed, and when to try it again.
@@ -189,12 +197,43 @@ impl Log for EmbeddedLog {
         (first..=through).map(Ok).collect()
     }
 
+    /// The packet log's offsets, named as a broker's topics and partitions would be, so that
+    /// clients read them as they read the reference's: `{ds}:0` (main), `{ds}_essential:0`, and
+    /// each stream's (`{ds}.{stream}:0`, or `{ds}:{partition}` for a mapped stream).
     fn offsets(&self, data_source: &str) -> Result<BTreeMap<String, i64>, LogError> {
-        Ok(embedded_offsets(data_source))
+        let Some(packets) = &self.packets else {
+            return Ok(embedded_offsets(data_source));
+        };
+        let ends = packets.ends(data_source);
+        let offset = |next: u64| i64::try_from(next).unwrap_or(i64::MAX);
+        let mut offsets = BTreeMap::from([
+            (format!("{data_source}:0"), offset(ends.main)),
+            (
+                format!("{data_source}_essential:0"),
+                offset(ends.essentials),
+            ),
+        ]);
+        match &self.layout {
+            StreamLayout::TopicBased => {
+                for (stream, next) in &ends.streams {
+                    offsets.insert(format!("{data_source}.{stream}:0"), offset(*next));
+                }
+            }
+            StreamLayout::PartitionBased(mappings) => {
+                for (stream, partition) in mappings {
+                    let next = ends.streams.get(stream).copied().unwrap_or(0);
+                    offsets.insert(format!("{data_source}:{partition}"), offset(next));
+                }
+            }
+        }
+        Ok(offsets)
     }
 
-    fn streams(&self, _data_source: &str) -> Vec<String> {
-        Vec::new()
+    fn streams(&self, _data_source: &str, session_key: &str) -> Vec<String> {
+        self.packets
+            .as_ref()
+            .map(|packets| packets.session_streams(session_key))
+            .unwrap_or_default()
     }
 
     fn trim(&self, window: FeedWindow, now: Timestamp) {

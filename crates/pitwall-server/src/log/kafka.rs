@@ -257,7 +257,7 @@ impl Log for KafkaLog {
     }
 
     /// The data source's streams, cached for a second per data source.
-    fn streams(&self, data_source: &str) -> Vec<String> {
+    fn streams(&self, data_source: &str, _session_key: &str) -> Vec<String> {
         let mut cache = self.streams_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, streams)) = cache.get(data_source)
             && at.elapsed() < STREAMS_CACHE_TTL

@@ -14,6 +14,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod packets;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -108,8 +109,9 @@ pub trait Log: Send + Sync {
     /// a session records when it starts or ends. Blocking.
     fn offsets(&self, data_source: &str) -> Result<BTreeMap<String, i64>, LogError>;
 
-    /// The data source's streams. Blocking.
-    fn streams(&self, data_source: &str) -> Vec<String>;
+    /// The streams of a session: those its packets were written to (embedded store), or the
+    /// data source's (a broker's topics). Blocking.
+    fn streams(&self, data_source: &str, session_key: &str) -> Vec<String>;
 
     /// Drops kept feed history outside `window` at `now`, when nothing else is written.
     fn trim(&self, window: FeedWindow, now: Timestamp);
@@ -160,6 +162,8 @@ pub struct Context {
     pub layout: StreamLayout,
     pub feed_window: FeedWindow,
     pub shutdown: Shutdown,
+    /// The packet log beside the sessions, whose offsets sessions record (embedded store).
+    pub packets: Option<Arc<dyn packets::PacketLog>>,
 }
 
 impl Opened {

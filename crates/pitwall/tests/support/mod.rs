@@ -8,6 +8,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pitwall_proto::api::connection_manager_service_client::ConnectionManagerServiceClient;
+use pitwall_proto::api::packet_reader_service_client::PacketReaderServiceClient;
+use pitwall_proto::api::packet_writer_service_client::PacketWriterServiceClient;
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
 use pitwall_proto::api::*;
 use pitwall_proto::feed::session_feed_client::SessionFeedClient;
@@ -24,6 +27,9 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub type Client = SessionManagementServiceClient<Channel>;
 pub type FeedClient = SessionFeedClient<Channel>;
+pub type WriterClient = PacketWriterServiceClient<Channel>;
+pub type ReaderClient = PacketReaderServiceClient<Channel>;
+pub type ConnectionClient = ConnectionManagerServiceClient<Channel>;
 
 /// Upper bound for anything a test waits for; reaching it is a failure, not a pass.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -150,6 +156,16 @@ impl TestServer {
     /// A client of `pitwall.v1.SessionFeed`.
     pub async fn feed(&self) -> FeedClient {
         feed_client(&self.grpc_url()).await
+    }
+
+    /// Clients of the data plane: writer, reader, connections, on one channel.
+    pub async fn data_plane(&self) -> (WriterClient, ReaderClient, ConnectionClient) {
+        let channel = channel(&self.grpc_url()).await;
+        (
+            WriterClient::new(channel.clone()),
+            ReaderClient::new(channel.clone()),
+            ConnectionClient::new(channel),
+        )
     }
 
     pub async fn metrics(&self) -> String {

@@ -1,0 +1,80 @@
+//! The data plane of the Stream API: the services that write and read telemetry packets and
+//! the read connections they follow, over the [`PacketLog`](crate::log::packets::PacketLog).
+//!
+//! - [`writer`]: `PacketWriterService`: data packets into the packet log (answered once
+//!   durable), info packets into the session log as session records.
+//! - [`reader`]: `PacketReaderService`: `ReadPackets` (live, for ever), `ReadEssentials`
+//!   (finite), each an owned read into a bounded channel.
+//! - [`connections`]: the read connections, and `ConnectionManagerService`.
+//!
+//! The data plane's RPCs report failures as gRPC statuses: their responses carry nothing to
+//! say `success = false` with.
+
+pub mod connections;
+pub mod reader;
+pub mod writer;
+
+use std::sync::{Arc, OnceLock};
+
+use pitwall_core::Limits;
+use tonic::Status;
+
+use crate::engine::Engine;
+use crate::log::packets::{PacketLog, PacketLogError};
+use crate::metrics::Metrics;
+use connections::Connections;
+
+/// What the data-plane services share.
+#[derive(Clone)]
+pub struct DataPlane {
+    /// `None` where the store has no packet log yet (a broker store): the RPCs say so.
+    pub packets: Option<Arc<dyn PacketLog>>,
+    pub connections: Arc<Connections>,
+    /// The session engine, for info packets; set once the store has been read.
+    pub engine: Arc<OnceLock<Engine>>,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    /// `BatchingResponses`: group the packets read into fewer responses.
+    pub batching: Batching,
+}
+
+/// How reads group packets into responses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub enabled: bool,
+    /// Packets in one response at most.
+    pub max_packets: usize,
+    /// Bytes of packets in one response at most: below a client's default 4 MiB message limit.
+    pub max_bytes: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Batching {
+            enabled: false,
+            max_packets: 15_000,
+            max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl DataPlane {
+    fn packets(&self) -> Result<&Arc<dyn PacketLog>, Status> {
+        self.packets.as_ref().ok_or_else(|| {
+            Status::unavailable(
+                "this server's store keeps sessions only: the data plane runs on the embedded store",
+            )
+        })
+    }
+}
+
+fn status_of(error: PacketLogError) -> Status {
+    match error {
+        PacketLogError::Exhausted(reason) => Status::resource_exhausted(reason),
+        PacketLogError::Unavailable(reason) => Status::unavailable(reason),
+    }
+}
+
+fn invalid(rejection: pitwall_core::Rejection) -> Status {
+    Status::invalid_argument(rejection.to_string())
+}

@@ -1,0 +1,127 @@
+//! The packet log seam: where the data plane's packets are made durable and read back, per
+//! data source, in the reference's offset spaces (main, one per stream, essentials).
+//!
+//! [`PacketLog`] is all the data-plane services know of a store: [`embedded`] keeps packets in
+//! a redb file beside the sessions. Writes are queued to the log and answered once durable
+//! (group commit); reads are owned tasks that follow the log from a start offset into a bounded
+//! channel, so a slow client slows only its own read.
+
+pub mod embedded;
+
+use std::collections::BTreeMap;
+
+use prost::bytes::Bytes;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use pitwall_core::validate::RESERVED_STREAM;
+pub use pitwall_store::packets::Space;
+
+/// One packet to append.
+#[derive(Debug, Clone)]
+pub struct PacketWrite {
+    pub data_source: String,
+    /// `""` for the main stream.
+    pub stream: String,
+    /// The session key the reference keys the record with (readers filter on it).
+    pub session_key: String,
+    /// The client's encoded `Packet`, validated, stored and served as these bytes.
+    pub packet: Bytes,
+    /// `Packet.is_essential`: a copy also goes to the essentials.
+    pub essential: bool,
+}
+
+/// Why a write or a read was not done.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum PacketLogError {
+    /// The write queue is full, or the disk is too full to take the write.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The log cannot make writes durable now (the store failed, the server stops).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where a data source's spaces stand: the offset each one's next packet gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ends {
+    pub main: u64,
+    pub essentials: u64,
+    /// Stream → next offset, for the streams that have a space of their own.
+    pub streams: BTreeMap<String, u64>,
+}
+
+/// Where a read starts in one space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// An absolute offset: below the first kept one reads from the first kept one, beyond the
+    /// end reads from the end.
+    At(u64),
+    /// Only what is written from now on.
+    Latest,
+}
+
+impl Start {
+    /// The Stream API's offsets: `≥ 0` absolute, negative "the end".
+    pub fn from_api(offset: i64) -> Start {
+        u64::try_from(offset).map_or(Start::Latest, Start::At)
+    }
+}
+
+/// One space a read follows, and the stream name its packets are labelled with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadSpace {
+    pub space: Space,
+    pub label: String,
+    pub start: Start,
+}
+
+/// What a read follows.
+#[derive(Debug, Clone)]
+pub struct ReadPlan {
+    pub data_source: String,
+    pub spaces: Vec<ReadSpace>,
+    /// Only packets written with this session key; every packet when empty.
+    pub session_key: String,
+    /// Stop at the end each space had when the read started (ReadEssentials); follow for ever
+    /// otherwise.
+    pub finite: bool,
+}
+
+/// A packet as a reader gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPacket {
+    /// The stream label: `""` for the main stream and the essentials.
+    pub stream: String,
+    pub offset: u64,
+    /// When it was written, in nanoseconds since the Unix epoch.
+    pub time_nanos: i64,
+    pub packet: Bytes,
+}
+
+/// The packets of a read, in batches, as its task reads them; the channel closes when a finite
+/// read is done, when the read is cancelled, or with an error.
+pub type PacketStream = mpsc::Receiver<Result<Vec<ReadPacket>, PacketLogError>>;
+
+pub trait PacketLog: Send + Sync {
+    /// Queues the packets, in order; the receiver answers once all of them are durable (or
+    /// why not). A full queue answers at once.
+    fn append(
+        &self,
+        writes: Vec<PacketWrite>,
+    ) -> Result<oneshot::Receiver<Result<(), PacketLogError>>, PacketLogError>;
+
+    /// Where the data source's spaces stand now.
+    fn ends(&self, data_source: &str) -> Ends;
+
+    /// The space a stream's packets go to under the configured layout.
+    fn space_of(&self, stream: &str) -> Space;
+
+    /// The streams `session_key` has written packets to, by data source.
+    fn session_streams(&self, session_key: &str) -> Vec<String>;
+
+    /// Starts a read following `plan`; it stops when the receiver is dropped, `cancel` fires,
+    /// or the server stops.
+    fn read(&self, plan: ReadPlan, cancel: CancellationToken) -> PacketStream;
+}
