@@ -386,6 +386,9 @@ pub struct ServeArgs {
     /// are refused with RESOURCE_EXHAUSTED (e.g. 512MiB).
     #[arg(long, env = "PITWALL_PACKET_MIN_FREE_BYTES", value_parser = parse_size, default_value = size_text(Some(defaults().packets.min_free_bytes)))]
     pub packet_min_free_bytes: u64,
+    /// Page cache of the packet store, in bytes (e.g. 64MiB).
+    #[arg(long, env = "PITWALL_PACKET_CACHE_BYTES", value_parser = parse_size, default_value = size_text(Some(defaults().packets.cache_bytes as u64)))]
+    pub packet_cache_bytes: u64,
     /// Group the packets of a read into fewer responses (BatchingResponses).
     #[arg(long, env = "PITWALL_BATCHING_RESPONSES")]
     pub batching_responses: bool,

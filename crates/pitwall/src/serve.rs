@@ -163,6 +163,10 @@ fn overrides(args: &ServeArgs, matches: &ArgMatches) -> Overrides {
         packet_retention_bytes: given!("packet_retention_bytes", args.packet_retention_bytes.0),
         packet_retention_age: given!("packet_retention_age", args.packet_retention_age.0),
         packet_min_free_bytes: given!("packet_min_free_bytes", args.packet_min_free_bytes),
+        packet_cache_bytes: given!(
+            "packet_cache_bytes",
+            usize::try_from(args.packet_cache_bytes).unwrap_or(usize::MAX)
+        ),
         batching_responses: given!("batching_responses", args.batching_responses),
         max_read_connections: given!("max_read_connections", args.max_read_connections),
     }

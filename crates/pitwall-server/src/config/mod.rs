@@ -171,6 +171,7 @@ pub struct Overrides {
     pub packet_retention_bytes: Option<Option<u64>>,
     pub packet_retention_age: Option<Option<Duration>>,
     pub packet_min_free_bytes: Option<u64>,
+    pub packet_cache_bytes: Option<usize>,
     pub batching_responses: Option<bool>,
     pub max_read_connections: Option<usize>,
 }
@@ -227,6 +228,7 @@ impl Config {
         set!(packets.retention_bytes = o.packet_retention_bytes);
         set!(packets.retention_age = o.packet_retention_age);
         set!(packets.min_free_bytes = o.packet_min_free_bytes);
+        set!(packets.cache_bytes = o.packet_cache_bytes);
         set!(batching.enabled = o.batching_responses);
         set!(max_read_connections = o.max_read_connections);
         if o.remote_key_generator.is_some() {

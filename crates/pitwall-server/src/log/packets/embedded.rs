@@ -61,7 +61,7 @@ impl Default for PacketLogOptions {
             max_batch_bytes: 32 * 1024 * 1024,
             retention_bytes: Some(10 * 1024 * 1024 * 1024),
             retention_age: Some(Duration::from_secs(7 * 24 * 3600)),
-            min_free_bytes: 512 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
             cache_bytes: 64 * 1024 * 1024,
         }
     }
