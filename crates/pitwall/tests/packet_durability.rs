@@ -190,8 +190,8 @@ async fn a_reader_that_stops_reading_holds_up_neither_the_writers_nor_the_memory
     let url = process.grpc_url();
     let pid = process.child.id().unwrap();
     // A reader that asks for everything and then never takes a message.
-    let channel = channel(&url).await;
-    let mut connections = ConnectionClient::new(channel.clone());
+    let reader_channel = channel(&url).await;
+    let mut connections = ConnectionClient::new(reader_channel.clone());
     let connection = connections
         .new_connection(NewConnectionRequest {
             details: Some(ConnectionDetails {
@@ -203,7 +203,7 @@ async fn a_reader_that_stops_reading_holds_up_neither_the_writers_nor_the_memory
         .unwrap()
         .into_inner()
         .connection;
-    let stalled = ReaderClient::new(channel)
+    let stalled = ReaderClient::new(reader_channel)
         .read_packets(ReadPacketsRequest { connection })
         .await
         .unwrap()
