@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "ma/streaming/api/v1/api.proto",
     "ma/streaming/key_generator/v1/key_generator.proto",
     "pitwall/v1/feed.proto",
+    "pitwall/v1/connections.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

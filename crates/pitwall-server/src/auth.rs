@@ -162,6 +162,10 @@ pub const GRPC_RULES: &[(&str, Rule)] = &[
         "/ma.streaming.api.v1.DataFormatManagerService/GetEvent",
         Rule::Needs(Role::Read),
     ),
+    (
+        "/pitwall.v1.ReadConnections/ListConnections",
+        Rule::Needs(Role::Read),
+    ),
     ("/grpc.health.v1.Health/Check", Rule::Open),
     ("/grpc.health.v1.Health/Watch", Rule::Open),
     (

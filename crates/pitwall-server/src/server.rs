@@ -20,6 +20,7 @@ use pitwall_proto::api::connection_manager_service_server::ConnectionManagerServ
 use pitwall_proto::api::packet_reader_service_server::PacketReaderServiceServer;
 use pitwall_proto::api::packet_writer_service_server::PacketWriterServiceServer;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
+use pitwall_proto::feed::read_connections_server::ReadConnectionsServer;
 use pitwall_proto::feed::session_feed_server::SessionFeedServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -39,7 +40,7 @@ use crate::clock::Clock;
 use crate::config::{Config, StoreConfig};
 use crate::connections::accept_tcp;
 use crate::dataplane::DataPlane;
-use crate::dataplane::connections::{ConnectionService, Connections};
+use crate::dataplane::connections::{ConnectionService, Connections, ReadConnectionsService};
 use crate::dataplane::reader::PacketReader;
 use crate::dataplane::writer::PacketWriter;
 use crate::engine::{Engine, EngineOptions};
@@ -67,13 +68,15 @@ const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 pub const PACKET_WRITER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketWriterService";
 pub const PACKET_READER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketReaderService";
 pub const CONNECTION_SERVICE_NAME: &str = "ma.streaming.api.v1.ConnectionManagerService";
-const STORE_HEALTH_NAMES: [&str; 6] = [
+pub const READ_CONNECTIONS_SERVICE_NAME: &str = "pitwall.v1.ReadConnections";
+const STORE_HEALTH_NAMES: [&str; 7] = [
     "",
     SESSION_SERVICE_NAME,
     FEED_SERVICE_NAME,
     PACKET_WRITER_SERVICE_NAME,
     PACKET_READER_SERVICE_NAME,
     CONNECTION_SERVICE_NAME,
+    READ_CONNECTIONS_SERVICE_NAME,
 ];
 
 #[derive(Debug, Error)]
@@ -258,6 +261,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .with_service_name(PACKET_WRITER_SERVICE_NAME)
         .with_service_name(PACKET_READER_SERVICE_NAME)
         .with_service_name(CONNECTION_SERVICE_NAME)
+        .with_service_name(READ_CONNECTIONS_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
@@ -269,6 +273,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .with_service_name(PACKET_WRITER_SERVICE_NAME)
         .with_service_name(PACKET_READER_SERVICE_NAME)
         .with_service_name(CONNECTION_SERVICE_NAME)
+        .with_service_name(READ_CONNECTIONS_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
@@ -319,6 +324,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     let packet_reader = PacketReaderServiceServer::new(PacketReader::new(plane.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    let read_connections = ReadConnectionsServer::new(ReadConnectionsService::new(plane.clone()));
     let connections = ConnectionManagerServiceServer::new(ConnectionService::new(plane))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -340,6 +346,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .add_service(packet_writer)
         .add_service(packet_reader)
         .add_service(connections)
+        .add_service(read_connections)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);

@@ -67,6 +67,10 @@ pub enum Command {
     Session(Box<SessionArgs>),
     /// Check or repair the embedded store of a stopped server.
     Store(Box<StoreArgs>),
+    /// Follow telemetry packets on a running server.
+    Packets(Box<PacketsArgs>),
+    /// See the read connections open on a running server.
+    Connections(Box<ConnectionsArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -93,8 +97,9 @@ pub enum StoreCommand {
     },
 }
 
+/// How a client command reaches its server.
 #[derive(Debug, Args)]
-pub struct SessionArgs {
+pub struct ClientArgs {
     /// The server's gRPC URL (https:// when the server uses TLS).
     #[arg(
         long,
@@ -109,11 +114,58 @@ pub struct SessionArgs {
     /// PEM CA certificate that signed the server's certificate (for https:// URLs).
     #[arg(long, global = true, env = "PITWALL_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
-    /// Output format: a table for people, JSON for scripts (JSON lines for `watch`).
+    /// Output format: a table for people, JSON for scripts (JSON lines for what streams).
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
     #[command(subcommand)]
     pub command: SessionCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct PacketsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: PacketsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PacketsCommand {
+    /// Print the packets of a data source as they are written, until Ctrl-C: one line each
+    /// (time, stream, type, bytes, essential, session key), or JSON lines.
+    Tail {
+        #[arg(long)]
+        data_source: String,
+        /// Only the packets written with this session key.
+        #[arg(long)]
+        session: Option<String>,
+        /// A stream to follow besides the main stream; repeat for more.
+        #[arg(long = "stream")]
+        streams: Vec<String>,
+        /// Start with what is already stored instead of what comes next.
+        #[arg(long)]
+        from_start: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: ConnectionsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectionsCommand {
+    /// The read connections open on the server (NewConnection), with what each reads.
+    List,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,12 +4,17 @@
 //! - [`serve`]: `pitwall serve`, the server process: config, signals, exit code.
 //! - [`session`]: `pitwall session …`, the client commands; [`output`] prints their results,
 //!   [`values`] reads and prints details, offsets and times.
+//! - [`packets`]: `pitwall packets tail`; [`connections`]: `pitwall connections list`.
+//! - [`client`]: what the client commands share: connecting, failures as one line.
 //! - [`store`]: `pitwall store check|repair`, on the embedded store of a stopped server.
 //! - [`logging`]: the `tracing` subscriber (level and format).
 
 mod cli;
+mod client;
+mod connections;
 mod logging;
 mod output;
+mod packets;
 mod serve;
 mod session;
 mod store;
@@ -32,6 +37,12 @@ fn main() -> std::process::ExitCode {
         (cli::Command::Serve(args), Some(matches)) => runtime.block_on(serve::run(*args, &matches)),
         (cli::Command::Serve(_), None) => unreachable!("serve always comes with its matches"),
         (cli::Command::Store(args), _) => return store::run(*args),
+        (cli::Command::Packets(args), _) => {
+            return client_exit(runtime.block_on(packets::run(*args)));
+        }
+        (cli::Command::Connections(args), _) => {
+            return client_exit(runtime.block_on(connections::run(*args)));
+        }
         (cli::Command::Session(args), _) => {
             return match runtime.block_on(session::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
@@ -49,6 +60,17 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client command's exit: 0, or its error on one line with its exit code.
+fn client_exit(result: Result<(), client::ClientError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pitwall: {}", output::escape(&e.to_string()));
+            std::process::ExitCode::from(e.exit_code())
         }
     }
 }

@@ -5,6 +5,7 @@ mod support;
 
 use std::process::{Output, Stdio};
 
+use pitwall_proto::api::{DataPacketDetails, WriteDataPacketRequest};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1256,4 +1257,115 @@ async fn watch_all_resumes_across_server_restarts_printing_every_change_once() {
         timeout(PATIENCE, lines.next_line()).await.unwrap().unwrap(),
         None
     );
+}
+
+/// Writes one data packet through the Stream API.
+async fn write_packet(server: &TestServer, stream: &str, session_key: &str, kind: &str) {
+    let (mut writer, _, _) = server.data_plane().await;
+    let packet = pitwall_proto::open_data::Packet {
+        r#type: kind.into(),
+        session_key: session_key.into(),
+        content: b"abc".to_vec(),
+        ..Default::default()
+    };
+    writer
+        .write_data_packet(WriteDataPacketRequest {
+            detail: Some(DataPacketDetails::new(&packet, "Car1", stream, session_key)),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn packets_tail_prints_a_data_sources_packets_and_connections_list_shows_its_connection() {
+    let server = TestServer::start_with(|c| {
+        c.store = pitwall_server::config::StoreConfig::Embedded;
+        c.stream_layout = pitwall_server::config::StreamLayout::TopicBased;
+    })
+    .await;
+    write_packet(&server, "", "s1", "Before").await;
+    let mut child = Command::new(binary())
+        .args([
+            "packets",
+            "--server",
+            &server.grpc_url(),
+            "--output",
+            "json",
+        ])
+        .args([
+            "tail",
+            "--data-source",
+            "Car1",
+            "--stream",
+            "laps",
+            "--from-start",
+        ])
+        .env_remove("PITWALL_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut errors = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = timeout(PATIENCE, errors.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("tail ended before it followed");
+    assert!(line.starts_with("following the packets"), "{line}");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    write_packet(&server, "laps", "s1", "Lap").await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let value: Value = serde_json::from_str(&next_line(&mut lines).await).unwrap();
+        seen.push((
+            value["stream"].as_str().unwrap().to_owned(),
+            value["type"].as_str().unwrap().to_owned(),
+        ));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (String::new(), "Before".to_owned()),
+            ("laps".to_owned(), "Lap".to_owned())
+        ]
+    );
+
+    let listed = Command::new(binary())
+        .args(["connections", "--server", &server.grpc_url(), "list"])
+        .env_remove("PITWALL_SERVER")
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let table = stdout(&listed);
+    assert!(table.lines().next().unwrap().starts_with("id"), "{table}");
+    assert!(
+        table.contains("Car1") && table.contains("laps@0"),
+        "{table}"
+    );
+
+    // Ctrl-C closes the connection the tail opened.
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let status = timeout(PATIENCE, child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let after = Command::new(binary())
+        .args([
+            "connections",
+            "--server",
+            &server.grpc_url(),
+            "--output",
+            "json",
+            "list",
+        ])
+        .env_remove("PITWALL_SERVER")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(stdout(&after), "");
 }

@@ -130,6 +130,7 @@ async fn reflection_lists_the_served_services_in_v1_and_v1alpha() {
             "ma.streaming.api.v1.PacketReaderService",
             "ma.streaming.api.v1.PacketWriterService",
             SESSION_SERVICE,
+            "pitwall.v1.ReadConnections",
             "pitwall.v1.SessionFeed",
         ]
     );

@@ -15,6 +15,8 @@ use pitwall_proto::api::{
     CloseConnectionRequest, CloseConnectionResponse, Connection, ConnectionDetails,
     GetConnectionRequest, GetConnectionResponse, NewConnectionRequest, NewConnectionResponse,
 };
+use pitwall_proto::feed::read_connections_server::ReadConnections;
+use pitwall_proto::feed::{ListConnectionsRequest, ListConnectionsResponse, ReadConnection};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -192,6 +194,49 @@ impl ConnectionManagerService for ConnectionService {
                 success: self.plane.connections.close(id),
             });
         answer_status(&self.plane.metrics, "CloseConnection", started, result)
+    }
+}
+
+/// `pitwall.v1.ReadConnections`: the open connections, for `pitwall connections list`.
+pub struct ReadConnectionsService {
+    plane: super::DataPlane,
+}
+
+impl ReadConnectionsService {
+    pub fn new(plane: super::DataPlane) -> ReadConnectionsService {
+        ReadConnectionsService { plane }
+    }
+}
+
+#[tonic::async_trait]
+impl ReadConnections for ReadConnectionsService {
+    async fn list_connections(
+        &self,
+        _request: Request<ListConnectionsRequest>,
+    ) -> Result<Response<ListConnectionsResponse>, Status> {
+        let started = Instant::now();
+        let connections = self
+            .plane
+            .connections
+            .list()
+            .into_iter()
+            .map(|(id, details)| ReadConnection {
+                id,
+                data_source: details.data_source,
+                session_key: details.session_key,
+                streams: details.streams,
+                stream_offsets: details.stream_offsets,
+                main_offset: details.main_offset,
+                essentials_offset: details.essentials_offset,
+                exclude_main_stream: details.exclude_main_stream,
+            })
+            .collect();
+        answer_status(
+            &self.plane.metrics,
+            "ListConnections",
+            started,
+            Ok(ListConnectionsResponse { connections }),
+        )
     }
 }
 

@@ -10,8 +10,9 @@ use pitwall_proto::feed::{
 use serde_json::{Value, json};
 use tonic::{Code, Status, Streaming};
 
-use super::{ClientError, Session, root_cause};
+use super::Session;
 use crate::cli::Output;
+use crate::client::{ClientError, root_cause};
 use crate::output;
 use crate::values::{format_time, format_utc_offset};
 
