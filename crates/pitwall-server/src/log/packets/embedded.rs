@@ -278,6 +278,12 @@ impl PacketLog for EmbeddedPacketLog {
         ends
     }
 
+    fn data_sources(&self) -> Vec<String> {
+        let heads = self.shared.heads.read().unwrap_or_else(|e| e.into_inner());
+        let names: BTreeSet<&String> = heads.keys().map(|name| &name.data_source).collect();
+        names.into_iter().cloned().collect()
+    }
+
     fn space_of(&self, stream: &str) -> Space {
         self.shared.space_of(stream)
     }
