@@ -945,3 +945,51 @@ async fn definitions_another_writer_adds_are_followed_without_a_restart() {
         .into_inner();
     assert_eq!(elsewhere.event, "elsewhere");
 }
+
+#[tokio::test]
+async fn formats_outlive_packet_retention_and_a_restart() {
+    let server = TestServer::start_with(|c| {
+        c.store = StoreConfig::Embedded;
+        c.stream_layout = StreamLayout::TopicBased;
+        c.packets.retention_bytes = Some(64 * 1024);
+    })
+    .await;
+    let mut plane = Plane::on(server).await;
+    let id = plane.parameter_id(&["kept", "for ever"]).await;
+    // Essentials well beyond the budget: retention removes the oldest chunks, the
+    // definition's among them.
+    for i in 0..64 {
+        let mut filler = packet("Configuration", vec![b'x'; 4096]);
+        filler.is_essential = true;
+        filler.id = i;
+        plane.write(&filler).await;
+    }
+    // Retention runs by itself about once a second and says nothing: look until the
+    // essentials were trimmed, with the definition carried to their end.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let essentials = plane.essentials().await;
+        let carried = essentials
+            .last()
+            .is_some_and(|p| p.r#type == "DataFormatDefinition");
+        if essentials.len() < 65 && carried {
+            let definitions = essentials
+                .iter()
+                .filter(|p| p.r#type == "DataFormatDefinition")
+                .count();
+            assert_eq!(definitions, 1, "the definition is kept once");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention did not trim the essentials with the definition carried forward: {} \
+             packets, the last of type {:?}",
+            essentials.len(),
+            essentials.last().map(|p| p.r#type.clone())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut plane = plane.restart().await;
+    assert_eq!(plane.parameters_of(id).await, ["kept", "for ever"]);
+    assert_eq!(plane.parameter_id(&["kept", "for ever"]).await, id);
+}
