@@ -993,3 +993,42 @@ async fn formats_outlive_packet_retention_and_a_restart() {
     assert_eq!(plane.parameters_of(id).await, ["kept", "for ever"]);
     assert_eq!(plane.parameter_id(&["kept", "for ever"]).await, id);
 }
+
+#[tokio::test]
+async fn under_partitions_the_formats_of_every_data_source_survive_a_restart() {
+    // The reference's partition layout routes only its first data source and loses the
+    // definitions of every other one.
+    let server = TestServer::start_with(|c| {
+        c.store = StoreConfig::Embedded;
+        c.stream_layout = StreamLayout::PartitionBased(vec![("AppGroup1Stream".into(), 1)]);
+    })
+    .await;
+    let mut formats = server.data_formats().await;
+    let mut ids = Vec::new();
+    for data_source in ["FirstDs", "SecondDs", "ThirdDs"] {
+        let id = formats
+            .get_parameter_data_format_id(GetParameterDataFormatIdRequest {
+                data_source: data_source.into(),
+                parameters: strings(&[data_source, "shared"]),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .data_format_identifier;
+        ids.push((data_source, id));
+    }
+    let server = server.restart().await;
+    let mut formats = server.data_formats().await;
+    for (data_source, id) in ids {
+        let parameters = formats
+            .get_parameters_list(GetParametersListRequest {
+                data_source: data_source.into(),
+                data_format_identifier: id,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .parameters;
+        assert_eq!(parameters, [data_source, "shared"]);
+    }
+}

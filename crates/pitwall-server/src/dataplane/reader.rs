@@ -9,6 +9,7 @@
 //! formats of the connection's data source; its patterns are checked before the read starts.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -265,17 +266,17 @@ impl PacketReaderService for PacketReader {
 struct DataRead {
     packets: PacketStream,
     filter: DataPacketFilter,
-    formats: std::sync::Arc<Formats>,
+    formats: Arc<Formats>,
     data_source: String,
     /// The formats of the connection's data source; `None` while it has no essentials.
-    resolver: Option<std::sync::Arc<SourceFormats>>,
+    resolver: Option<Arc<SourceFormats>>,
 }
 
 /// The formats of a data source that has none yet.
 struct NoFormats;
 
 impl FormatLookup for NoFormats {
-    fn lookup(&self, _kind: FormatKind, _id: u64) -> Option<std::sync::Arc<FormatContent>> {
+    fn lookup(&self, _kind: FormatKind, _id: u64) -> Option<Arc<FormatContent>> {
         None
     }
 }
