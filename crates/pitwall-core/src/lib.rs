@@ -1,4 +1,4 @@
-//! The session model and the rules of the session service, with no I/O.
+//! The session model, the rules of the session service and of data formats, with no I/O.
 //!
 //! - [`session`]: a session as the projection holds it (and as the embedded store persists it);
 //!   [`details`]: its key/value details, compactly.
@@ -16,6 +16,9 @@
 //!   the auto-end policies.
 //! - [`query`]: listing filters and stable paging; [`tree`]: associate trees; [`view`]: a session
 //!   in the `pitwall.v1` form.
+//! - [`data_format`]: what a data format id stands for, its unambiguous content key, the
+//!   checks of a new format and its `DataFormatDefinition` packet; [`data_filter`]: what
+//!   `ReadDataPackets` keeps (packet types, include/exclude patterns on identifiers).
 //! - [`validate`]: the request checks of the contract (names, sizes, times) and [`Limits`].
 //! - [`rejection`]: why a request was refused, in words a client can act on.
 //!
@@ -23,6 +26,8 @@
 //! rule is unit-testable and replay is the same code as live apply.
 
 pub mod command;
+pub mod data_filter;
+pub mod data_format;
 pub mod details;
 pub mod lifecycle;
 pub mod overlay;

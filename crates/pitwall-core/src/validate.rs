@@ -324,7 +324,7 @@ fn check_len(field: &str, value: &str, max: usize) -> Result<(), Rejection> {
 
 /// Control characters other than tab: they can clear a terminal or forge a line wherever the
 /// value is printed, and no identifier, type or detail key needs one.
-fn check_no_control(field: &str, value: &str) -> Result<(), Rejection> {
+pub(crate) fn check_no_control(field: &str, value: &str) -> Result<(), Rejection> {
     match value
         .char_indices()
         .find(|(_, c)| c.is_control() && *c != '\t')

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use pitwall_core::Projection;
 use pitwall_proto::api::connection_manager_service_server::ConnectionManagerServiceServer;
+use pitwall_proto::api::data_format_manager_service_server::DataFormatManagerServiceServer;
 use pitwall_proto::api::packet_reader_service_server::PacketReaderServiceServer;
 use pitwall_proto::api::packet_writer_service_server::PacketWriterServiceServer;
 use pitwall_proto::api::session_management_service_server::SessionManagementServiceServer;
@@ -41,6 +42,7 @@ use crate::config::{Config, StoreConfig};
 use crate::connections::accept_tcp;
 use crate::dataplane::DataPlane;
 use crate::dataplane::connections::{ConnectionService, Connections, ReadConnectionsService};
+use crate::dataplane::formats::{FormatService, Formats};
 use crate::dataplane::reader::PacketReader;
 use crate::dataplane::writer::PacketWriter;
 use crate::engine::{Engine, EngineOptions};
@@ -63,13 +65,15 @@ pub const SESSION_SERVICE_NAME: &str = "ma.streaming.api.v1.SessionManagementSer
 /// Name of Pitwall's own feed service in gRPC health checks and reflection.
 pub const FEED_SERVICE_NAME: &str = "pitwall.v1.SessionFeed";
 const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
-/// Health names that follow the store: the server as a whole and both session services.
 /// Names of the data plane's services in gRPC health checks and reflection.
 pub const PACKET_WRITER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketWriterService";
 pub const PACKET_READER_SERVICE_NAME: &str = "ma.streaming.api.v1.PacketReaderService";
 pub const CONNECTION_SERVICE_NAME: &str = "ma.streaming.api.v1.ConnectionManagerService";
 pub const READ_CONNECTIONS_SERVICE_NAME: &str = "pitwall.v1.ReadConnections";
-const STORE_HEALTH_NAMES: [&str; 7] = [
+pub const DATA_FORMAT_SERVICE_NAME: &str = "ma.streaming.api.v1.DataFormatManagerService";
+/// Health names that follow the store: the server as a whole and every Stream API and
+/// `pitwall.v1` service.
+const STORE_HEALTH_NAMES: [&str; 8] = [
     "",
     SESSION_SERVICE_NAME,
     FEED_SERVICE_NAME,
@@ -77,6 +81,7 @@ const STORE_HEALTH_NAMES: [&str; 7] = [
     PACKET_READER_SERVICE_NAME,
     CONNECTION_SERVICE_NAME,
     READ_CONNECTIONS_SERVICE_NAME,
+    DATA_FORMAT_SERVICE_NAME,
 ];
 
 #[derive(Debug, Error)]
@@ -128,6 +133,9 @@ pub struct Launched {
     opened: Option<Opened>,
     /// The embedded packet log (none on a broker store yet), closed at shutdown.
     packets: Option<Arc<EmbeddedPacketLog>>,
+    /// The data formats of the packet log, rebuilt before the server reports ready; their
+    /// followers stop at shutdown.
+    formats: Option<Arc<Formats>>,
     addrs: Addrs,
     metrics: Metrics,
     hub: Arc<Hub>,
@@ -262,6 +270,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .with_service_name(PACKET_READER_SERVICE_NAME)
         .with_service_name(CONNECTION_SERVICE_NAME)
         .with_service_name(READ_CONNECTIONS_SERVICE_NAME)
+        .with_service_name(DATA_FORMAT_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
@@ -274,6 +283,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .with_service_name(PACKET_READER_SERVICE_NAME)
         .with_service_name(CONNECTION_SERVICE_NAME)
         .with_service_name(READ_CONNECTIONS_SERVICE_NAME)
+        .with_service_name(DATA_FORMAT_SERVICE_NAME)
         .with_service_name(HEALTH_SERVICE_NAME)
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
@@ -306,8 +316,19 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
+    // The rebuild starts now, beside the session replay; `finish` waits for it.
+    let formats = packets.clone().map(|packets| {
+        let formats = Formats::new(
+            packets as Arc<dyn PacketLog>,
+            clock.clone(),
+            metrics.clone(),
+        );
+        formats.start();
+        formats
+    });
     let plane = DataPlane {
         packets: packets.clone().map(|packets| packets as Arc<dyn PacketLog>),
+        formats: formats.clone(),
         connections: Arc::new(Connections::new(
             config.max_read_connections,
             metrics.clone(),
@@ -325,6 +346,9 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let read_connections = ReadConnectionsServer::new(ReadConnectionsService::new(plane.clone()));
+    let data_formats = DataFormatManagerServiceServer::new(FormatService::new(plane.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let connections = ConnectionManagerServiceServer::new(ConnectionService::new(plane))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -347,6 +371,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         .add_service(packet_reader)
         .add_service(connections)
         .add_service(read_connections)
+        .add_service(data_formats)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -401,6 +426,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         started,
         opened: Some(opened),
         packets,
+        formats,
         addrs,
         metrics,
         hub,
@@ -475,6 +501,10 @@ impl Launched {
             );
             projection.len()
         };
+
+        if let Some(formats) = &self.formats {
+            formats.ready().await;
+        }
 
         let (engine, writer) = Engine::start(
             log.clone(),
@@ -557,6 +587,7 @@ impl Launched {
         let tasks = self.tasks.clone();
         let ready_file = self.config.ready_file.clone();
         let packets = self.packets.take();
+        let formats = self.formats.take();
         let grpc_task = self.grpc_task.take().expect("finish runs once");
         let admin_task = self.admin_task.take().expect("finish runs once");
         let done = tokio::spawn(async move {
@@ -575,7 +606,11 @@ impl Launched {
             sweeper.stop().await;
             // Every write accepted so far is answered, so its notifications are queued...
             writer.stop().await;
-            // Reads of packets end; the packet writes already queued are made durable.
+            // The data format followers stop, then reads of packets end; the packet writes
+            // already queued are made durable.
+            if let Some(formats) = &formats {
+                formats.close().await;
+            }
             if let Some(packets) = &packets {
                 packets.close().await;
             }
@@ -623,6 +658,9 @@ impl Drop for Launched {
     fn drop(&mut self) {
         if self.grpc_task.is_some() {
             self.shutdown.trigger();
+        }
+        if let Some(formats) = &self.formats {
+            formats.stop();
         }
     }
 }

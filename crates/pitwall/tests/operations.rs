@@ -127,6 +127,7 @@ async fn reflection_lists_the_served_services_in_v1_and_v1alpha() {
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "ma.streaming.api.v1.ConnectionManagerService",
+            "ma.streaming.api.v1.DataFormatManagerService",
             "ma.streaming.api.v1.PacketReaderService",
             "ma.streaming.api.v1.PacketWriterService",
             SESSION_SERVICE,

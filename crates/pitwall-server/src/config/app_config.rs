@@ -27,6 +27,9 @@ pub struct AppConfig {
     pub use_remote_key_generator: Option<bool>,
     pub remote_key_generator_service_address: Option<String>,
     pub batching_responses: Option<bool>,
+    /// Read and noted: data formats are always rebuilt from the essentials (see
+    /// [`AppConfig::notes`]).
+    pub integrate_data_format_management: Option<bool>,
     /// Pitwall's own settings, under the key `Pitwall` (the reference ignores it).
     pub pitwall: PitwallSection,
     /// What the file held besides the keys above: each line says which key and what Pitwall
@@ -109,12 +112,6 @@ pub enum ConfigError {
     },
 }
 
-/// Reference keys accepted for compatibility that do not affect Pitwall's session service.
-const IGNORED_KEYS: &[(&str, &str)] = &[(
-    "IntegrateDataFormatManagement",
-    "the data-format service is not part of Pitwall yet",
-)];
-
 impl AppConfig {
     pub fn load(path: &Path) -> Result<AppConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -150,15 +147,27 @@ impl AppConfig {
             remote_key_generator_service_address: keys
                 .string("RemoteKeyGeneratorServiceAddress")?,
             batching_responses: keys.bool("BatchingResponses")?,
+            integrate_data_format_management: keys.bool("IntegrateDataFormatManagement")?,
             pitwall: keys.pitwall("Pitwall")?,
             notes: Vec::new(),
         };
-        for (key, why) in IGNORED_KEYS {
-            if map.remove(*key).is_some() {
-                config
-                    .notes
-                    .push(format!("{key} is accepted and ignored: {why}"));
-            }
+        // The reference's switch turns its replay of data formats off, after which its ids are
+        // unknown after a restart. Pitwall's replay reads its own essentials, with no broker
+        // and no quiet period, so it always runs: ids stay stable across restarts.
+        match config.integrate_data_format_management {
+            Some(true) => config.notes.push(
+                "IntegrateDataFormatManagement is true: data formats are rebuilt from each data \
+                 source's essentials at startup and followed while the server runs (Pitwall \
+                 always does so)"
+                    .to_owned(),
+            ),
+            Some(false) => config.notes.push(
+                "IntegrateDataFormatManagement is false, which Pitwall does not follow: data \
+                 formats are always rebuilt from each data source's essentials at startup, so \
+                 that their ids stay valid across restarts"
+                    .to_owned(),
+            ),
+            None => {}
         }
         for key in map.keys() {
             config.notes.push(format!(
@@ -243,6 +252,13 @@ impl AppConfig {
             unused.push(
                 "StreamCreationStrategy and PartitionMappings are ignored: without a broker \
                  sessions have no streams"
+                    .to_owned(),
+            );
+        }
+        if self.integrate_data_format_management.is_some() && !embedded {
+            unused.push(
+                "IntegrateDataFormatManagement is ignored: data formats run on the embedded \
+                 store's packet log"
                     .to_owned(),
             );
         }
@@ -529,9 +545,28 @@ mod tests {
         assert_eq!(config.stream_api_port, Some(13579));
         assert_eq!(config.prometheus_metric_port, Some(10010));
         assert_eq!(config.partition_mappings.len(), 2);
-        // IntegrateDataFormatManagement is noted as ignored; BatchingResponses is read.
+        // IntegrateDataFormatManagement is read and noted; BatchingResponses is read.
         assert_eq!(config.batching_responses, Some(false));
         assert_eq!(config.notes.len(), 1, "{:?}", config.notes);
+    }
+
+    #[test]
+    fn data_format_management_is_read_and_its_note_says_formats_are_always_rebuilt() {
+        for (value, expected) in [("true", "is true"), ("false", "does not follow")] {
+            let config =
+                parse(&format!(r#"{{"IntegrateDataFormatManagement": {value}}}"#)).unwrap();
+            assert_eq!(
+                config.integrate_data_format_management,
+                Some(value == "true")
+            );
+            assert_eq!(config.notes.len(), 1, "{:?}", config.notes);
+            assert!(config.notes[0].contains(expected), "{:?}", config.notes);
+            assert!(config.notes[0].contains("rebuilt"), "{:?}", config.notes);
+        }
+        let broker = StoreConfig::broker("b:9092".into(), "t".into(), Duration::from_secs(1));
+        let config = parse(r#"{"IntegrateDataFormatManagement": true}"#).unwrap();
+        assert!(config.unused_here(&StoreConfig::Embedded).is_empty());
+        assert_eq!(config.unused_here(&broker).len(), 1);
     }
 
     #[test]

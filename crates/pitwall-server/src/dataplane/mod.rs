@@ -4,13 +4,17 @@
 //! - [`writer`]: `PacketWriterService`: data packets into the packet log (answered once
 //!   durable), info packets into the session log as session records.
 //! - [`reader`]: `PacketReaderService`: `ReadPackets` (live, for ever), `ReadEssentials`
-//!   (finite), each an owned read into a bounded channel.
+//!   (finite), `ReadDataPackets` (live, filtered by type and identifiers), each an owned read
+//!   into a bounded channel.
+//! - [`formats`]: data format ids (`DataFormatManagerService`), kept in the essentials as
+//!   `DataFormatDefinition` packets and rebuilt from them.
 //! - [`connections`]: the read connections, and `ConnectionManagerService`.
 //!
 //! The data plane's RPCs report failures as gRPC statuses: their responses carry nothing to
 //! say `success = false` with.
 
 pub mod connections;
+pub mod formats;
 pub mod reader;
 pub mod writer;
 
@@ -23,12 +27,15 @@ use crate::engine::Engine;
 use crate::log::packets::{PacketLog, PacketLogError};
 use crate::metrics::Metrics;
 use connections::Connections;
+use formats::Formats;
 
 /// What the data-plane services share.
 #[derive(Clone)]
 pub struct DataPlane {
     /// `None` where the store has no packet log yet (a broker store): the RPCs say so.
     pub packets: Option<Arc<dyn PacketLog>>,
+    /// The data formats of the packet log's data sources (with the packet log).
+    pub formats: Option<Arc<Formats>>,
     pub connections: Arc<Connections>,
     /// The session engine, for info packets; set once the store has been read.
     pub engine: Arc<OnceLock<Engine>>,

@@ -4,23 +4,34 @@
 //! turns its batches into responses as the client takes them: a client that reads slowly
 //! slows its own read and nothing else. A read ends when the client goes, when its connection
 //! is closed, or at shutdown; `ReadEssentials` also ends once it has sent what the essentials
-//! held when it started.
+//! held when it started. `ReadDataPackets` reads like `ReadPackets` and keeps only the data
+//! packets its filter passes (`pitwall_core::data_filter`), resolving data format ids in the
+//! formats of the connection's data source; its patterns are checked before the read starts.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
+use pitwall_core::data_filter::{DataPacketFilter, FormatLookup, Verdict};
+use pitwall_core::data_format::{FormatContent, FormatKind};
 use pitwall_proto::api::packet_reader_service_server::PacketReaderService;
 use pitwall_proto::api::{
     Connection, PacketResponse, ReadDataPacketsRequest, ReadDataPacketsResponse,
     ReadEssentialsRequest, ReadEssentialsResponse, ReadPacketsRequest, ReadPacketsResponse,
 };
+use pitwall_proto::raw_packet::PacketHeader;
+use prost::Message;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
+use tracing::debug;
 
 use super::connections::Open;
-use super::{Batching, DataPlane, status_of};
-use crate::log::packets::{PacketStream, ReadPacket, ReadPlan, ReadSpace, Space, Start};
+use super::formats::{Formats, SourceFormats};
+use super::{Batching, DataPlane, invalid, status_of};
+use crate::log::packets::{
+    PacketLogError, PacketStream, ReadPacket, ReadPlan, ReadSpace, Space, Start,
+};
 use crate::service::answer_status;
 
 pub struct PacketReader {
@@ -89,7 +100,7 @@ impl PacketReader {
 fn responses<T: Send + 'static>(
     plane: &DataPlane,
     data_source: String,
-    stream: PacketStream,
+    stream: impl Stream<Item = Result<Vec<ReadPacket>, PacketLogError>> + Send + 'static,
     batching: Option<Batching>,
     make: fn(Vec<PacketResponse>) -> T,
 ) -> ResponseStream<T> {
@@ -97,7 +108,7 @@ fn responses<T: Send + 'static>(
         .metrics
         .packets_delivered
         .with_label_values(&[data_source.as_str()]);
-    let responses = tokio_stream::wrappers::ReceiverStream::new(stream).flat_map(move |batch| {
+    let responses = stream.flat_map(move |batch| {
         let items: Vec<Result<T, Status>> = match batch {
             Err(e) => vec![Err(status_of(e))],
             Ok(packets) => {
@@ -165,7 +176,7 @@ impl PacketReaderService for PacketReader {
             Ok(responses(
                 &self.plane,
                 open.details.data_source.clone(),
-                stream,
+                tokio_stream::wrappers::ReceiverStream::new(stream),
                 Some(self.plane.batching),
                 |response| ReadPacketsResponse { response },
             ))
@@ -198,7 +209,7 @@ impl PacketReaderService for PacketReader {
             Ok(responses(
                 &self.plane,
                 details.data_source.clone(),
-                stream,
+                tokio_stream::wrappers::ReceiverStream::new(stream),
                 None,
                 |response| ReadEssentialsResponse { response },
             ))
@@ -210,10 +221,120 @@ impl PacketReaderService for PacketReader {
 
     async fn read_data_packets(
         &self,
-        _request: Request<ReadDataPacketsRequest>,
+        request: Request<ReadDataPacketsRequest>,
     ) -> Result<Response<Self::ReadDataPacketsStream>, Status> {
-        Err(Status::unimplemented(
-            "ReadDataPackets comes with data formats",
-        ))
+        let started = Instant::now();
+        let result = async {
+            let request = request.into_inner().request.ok_or_else(|| {
+                Status::invalid_argument(
+                    "request is missing: ReadDataPackets carries a DataPacketRequest (the \
+                     connection and the filters)",
+                )
+            })?;
+            // Patterns are checked before anything is read.
+            let filter = DataPacketFilter::new(&request).map_err(invalid)?;
+            let open = self.connection(request.connection)?;
+            let plan = self.plan(&open)?;
+            let formats = self.plane.formats.clone().ok_or_else(|| {
+                Status::unavailable("data formats run on the embedded store's packet log")
+            })?;
+            let data_source = open.details.data_source.clone();
+            // Every definition stored before the call is merged before its first packet.
+            let resolver = formats.resolver(&data_source).await;
+            let packets = self.start(&open, plan)?;
+            let read = DataRead {
+                packets,
+                filter,
+                formats,
+                data_source: data_source.clone(),
+                resolver,
+            };
+            Ok(responses(
+                &self.plane,
+                data_source,
+                read.into_stream(),
+                Some(self.plane.batching),
+                |response| ReadDataPacketsResponse { response },
+            ))
+        }
+        .await;
+        answer_status(&self.plane.metrics, "ReadDataPackets", started, result)
+    }
+}
+
+/// A `ReadDataPackets` call: the packets read, and what its filter keeps of them.
+struct DataRead {
+    packets: PacketStream,
+    filter: DataPacketFilter,
+    formats: Arc<Formats>,
+    data_source: String,
+    /// The formats of the connection's data source; `None` while it has no essentials.
+    resolver: Option<Arc<SourceFormats>>,
+}
+
+/// The formats of a data source that has none yet.
+struct NoFormats;
+
+impl FormatLookup for NoFormats {
+    fn lookup(&self, _kind: FormatKind, _id: u64) -> Option<Arc<FormatContent>> {
+        None
+    }
+}
+
+impl DataRead {
+    /// The batches of kept packets; batches with none kept are not sent. The read's bounded
+    /// channel stays the only buffer: a slow client still slows its own read.
+    fn into_stream(
+        self,
+    ) -> impl Stream<Item = Result<Vec<ReadPacket>, PacketLogError>> + Send + 'static {
+        futures::stream::unfold(self, |mut read| async move {
+            loop {
+                match read.packets.recv().await? {
+                    Err(e) => return Some((Err(e), read)),
+                    Ok(packets) => {
+                        let kept = read.keep(packets).await;
+                        if !kept.is_empty() {
+                            return Some((Ok(kept), read));
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    async fn keep(&mut self, packets: Vec<ReadPacket>) -> Vec<ReadPacket> {
+        let mut kept = Vec::with_capacity(packets.len());
+        for packet in packets {
+            // Stored packets were checked on write; one that does not decode is not data.
+            let Ok(header) = PacketHeader::decode(packet.packet.clone()) else {
+                continue;
+            };
+            let mut verdict = self.decide(&header);
+            if let Verdict::UnknownFormat(_) = verdict {
+                // Its definition may be stored and not merged yet: bring the formats up to
+                // the essentials' end, and look once more.
+                self.resolver = self.formats.resolver(&self.data_source).await;
+                verdict = self.decide(&header);
+            }
+            match verdict {
+                Verdict::Keep => kept.push(packet),
+                Verdict::UnknownFormat(id) => debug!(
+                    data_source = %self.data_source,
+                    offset = packet.offset,
+                    id,
+                    "a data packet with an unknown data format id is not delivered"
+                ),
+                Verdict::NotData | Verdict::Filtered | Verdict::Undecodable => {}
+            }
+        }
+        kept
+    }
+
+    fn decide(&mut self, header: &PacketHeader) -> Verdict {
+        let formats: &dyn FormatLookup = match &self.resolver {
+            Some(source) => source.as_ref(),
+            None => &NoFormats,
+        };
+        self.filter.decide(&header.r#type, &header.content, formats)
     }
 }

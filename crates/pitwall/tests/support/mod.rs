@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pitwall_proto::api::connection_manager_service_client::ConnectionManagerServiceClient;
+use pitwall_proto::api::data_format_manager_service_client::DataFormatManagerServiceClient;
 use pitwall_proto::api::packet_reader_service_client::PacketReaderServiceClient;
 use pitwall_proto::api::packet_writer_service_client::PacketWriterServiceClient;
 use pitwall_proto::api::session_management_service_client::SessionManagementServiceClient;
@@ -30,6 +31,7 @@ pub type FeedClient = SessionFeedClient<Channel>;
 pub type WriterClient = PacketWriterServiceClient<Channel>;
 pub type ReaderClient = PacketReaderServiceClient<Channel>;
 pub type ConnectionClient = ConnectionManagerServiceClient<Channel>;
+pub type FormatClient = DataFormatManagerServiceClient<Channel>;
 
 /// Upper bound for anything a test waits for; reaching it is a failure, not a pass.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -166,6 +168,11 @@ impl TestServer {
             ReaderClient::new(channel.clone()),
             ConnectionClient::new(channel),
         )
+    }
+
+    /// A client of `DataFormatManagerService`.
+    pub async fn data_formats(&self) -> FormatClient {
+        FormatClient::new(channel(&self.grpc_url()).await)
     }
 
     pub async fn metrics(&self) -> String {

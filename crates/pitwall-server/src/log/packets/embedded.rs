@@ -5,7 +5,9 @@
 //! essentials for an essential one, in the same commit), makes the batch durable in one
 //! fsync'd commit (group commit), then wakes the readers of the data sources it touched and
 //! answers. Between batches it applies retention (by bytes and by age, per data source) and, after a
-//! failed commit (a full disk), reopens the store with back-off. Readers are tasks that copy
+//! failed commit (a full disk), reopens the store with back-off. Retention never loses a data
+//! format: the `DataFormatDefinition` packets of the essentials it removes are appended to the
+//! essentials again in the removal's own commit. Readers are tasks that copy
 //! runs of packets out of the store into their call's bounded channel and wait for the next
 //! commit when they have caught up.
 
@@ -16,10 +18,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pitwall_core::data_format::DEFINITION_TYPE;
+use pitwall_proto::raw_packet::PacketHeader;
 use pitwall_store::StoreError;
 use pitwall_store::packets::{
-    ChunkBuilder, PacketCommit, PacketStore, PacketStoreOptions, Space, SpaceName, StoredPacket,
+    ChunkBuilder, ChunkInfo, PacketCommit, PacketStore, PacketStoreOptions, Space, SpaceName,
+    StoredPacket,
 };
+use prost::Message as _;
 use prost_types::Timestamp;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -276,6 +282,12 @@ impl PacketLog for EmbeddedPacketLog {
             }
         }
         ends
+    }
+
+    fn data_sources(&self) -> Vec<String> {
+        let heads = self.shared.heads.read().unwrap_or_else(|e| e.into_inner());
+        let names: BTreeSet<&String> = heads.keys().map(|name| &name.data_source).collect();
+        names.into_iter().cloned().collect()
     }
 
     fn space_of(&self, stream: &str) -> Space {
@@ -676,20 +688,37 @@ impl Writer {
         if self.failed.is_some() && self.writable(0).is_err() {
             return;
         }
-        let removed = self.retention();
+        let mut removed = self.retention();
         if !removed.is_empty() {
+            let carried = match self.carry_definitions(&mut removed) {
+                Ok(carried) => carried,
+                Err(e) => {
+                    // Removing the chunks without their definitions would lose data formats.
+                    warn!(error = %e, "cannot read the essentials retention removes; it is retried");
+                    return;
+                }
+            };
             let commit = PacketCommit {
-                heads: removed.heads,
+                heads: removed
+                    .updated
+                    .values()
+                    .map(|head| (head.id, head.next, head.bytes))
+                    .collect(),
                 removed: removed.chunks,
+                chunks: carried.chunks,
                 ..PacketCommit::default()
             };
             match self.shared.store.commit(commit) {
                 Ok(()) => {
-                    let mut heads = self.shared.heads.write().unwrap_or_else(|e| e.into_inner());
-                    for (name, head) in removed.updated {
-                        heads.insert(name, head);
+                    {
+                        let mut heads =
+                            self.shared.heads.write().unwrap_or_else(|e| e.into_inner());
+                        for (name, head) in removed.updated {
+                            heads.insert(name, head);
+                        }
                     }
                     self.metrics.packets_removed.inc_by(removed.packets);
+                    self.notify(&carried.data_sources);
                 }
                 Err(e) => {
                     warn!(error = %e, "packet retention failed; it is retried");
@@ -756,6 +785,9 @@ impl Writer {
                     continue;
                 }
                 over = over.saturating_sub(chunk.bytes);
+                if name.space == Space::Essentials {
+                    removal.essentials.push((name.clone(), chunk));
+                }
                 let updated = removal.updated.entry(name).or_insert(head);
                 // Chunks of a space come oldest first, so the first kept moves past each.
                 updated.first = updated.first.max(chunk.base + chunk.count);
@@ -764,21 +796,74 @@ impl Writer {
                 removal.packets += chunk.count;
             }
         }
-        removal.heads = removal
-            .updated
-            .values()
-            .map(|head| (head.id, head.next, head.bytes))
-            .collect();
         removal
+    }
+
+    /// The data-format definitions among the essentials `removal` removes, appended again to
+    /// the end of their essentials (stamped now, so that age retention does not take them at
+    /// once), as chunks for the removal's own commit: a data source keeps its formats, and a
+    /// restart rebuilds them, however old they are. Followers of the essentials merge the
+    /// copies as the no-ops they are.
+    fn carry_definitions(&self, removal: &mut Removal) -> Result<Carried, StoreError> {
+        let mut definitions: BTreeMap<SpaceName, Vec<StoredPacket>> = BTreeMap::new();
+        for (name, chunk) in &removal.essentials {
+            let end = chunk.base + chunk.count;
+            // One chunk: the read stops after the first chunk that holds any packet.
+            for packet in self.shared.store.read(chunk.space, chunk.base, 1)? {
+                if packet.offset < chunk.base || packet.offset >= end {
+                    continue;
+                }
+                let is_definition = PacketHeader::decode(packet.packet.clone())
+                    .is_ok_and(|header| header.r#type == DEFINITION_TYPE);
+                if is_definition {
+                    definitions.entry(name.clone()).or_default().push(packet);
+                }
+            }
+        }
+        let now = nanos(self.clock.now());
+        let mut carried = Carried::default();
+        for (name, packets) in definitions {
+            let Some(head) = removal.updated.get_mut(&name) else {
+                continue;
+            };
+            let mut base = head.next;
+            let mut builder = ChunkBuilder::new();
+            for packet in packets {
+                if builder.payload_bytes() >= CHUNK_BYTES {
+                    let full = std::mem::take(&mut builder).finish();
+                    head.bytes += full.len() as u64;
+                    carried.chunks.push((head.id, base, full));
+                    base = head.next;
+                }
+                builder.push(now, &packet.key, &packet.packet);
+                head.next += 1;
+            }
+            if !builder.is_empty() {
+                let chunk = builder.finish();
+                head.bytes += chunk.len() as u64;
+                carried.chunks.push((head.id, base, chunk));
+            }
+            carried.data_sources.insert(name.data_source);
+        }
+        Ok(carried)
     }
 }
 
 #[derive(Default)]
 struct Removal {
     chunks: Vec<(u64, u64)>,
-    heads: Vec<(u64, u64, u64)>,
     updated: BTreeMap<SpaceName, Head>,
+    /// The essentials' chunks among `chunks`, whose definitions are carried forward.
+    essentials: Vec<(SpaceName, ChunkInfo)>,
     packets: u64,
+}
+
+/// Definitions carried forward by a removal: the chunks appended, and the data sources whose
+/// readers to wake.
+#[derive(Default)]
+struct Carried {
+    chunks: Vec<(u64, u64, Vec<u8>)>,
+    data_sources: BTreeSet<String>,
 }
 
 impl Removal {

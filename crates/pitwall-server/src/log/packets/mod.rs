@@ -115,6 +115,9 @@ pub trait PacketLog: Send + Sync {
     /// Where the data source's spaces stand now.
     fn ends(&self, data_source: &str) -> Ends;
 
+    /// The data sources that have had packets written, in name order.
+    fn data_sources(&self) -> Vec<String>;
+
     /// The space a stream's packets go to under the configured layout.
     fn space_of(&self, stream: &str) -> Space;
 
