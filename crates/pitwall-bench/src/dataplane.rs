@@ -124,8 +124,17 @@ pub async fn run_write(target: &Target, args: &WriteArgs) -> anyhow::Result<Vec<
         "  write: write + fdatasync (the disk's limit), {} packets a commit",
         args.disk_batch()
     );
-    let disk = write_disk(args).await?;
+    let disk = write_disk("write+fdatasync", args.disk_batch(), args).await?;
+    // The same at the size Pitwall's commits had in this run: whether it is the disk's limit.
+    let commit = pitwall
+        .packets_per_commit
+        .map(|n| n.round() as usize)
+        .filter(|&n| n > 0);
     let mut rows = vec![pitwall, transport, disk];
+    if let Some(batch) = commit {
+        eprintln!("  write: write + fdatasync, {batch} packets a commit (Pitwall's mean)");
+        rows.push(write_disk("write+fdatasync, Pitwall's commits", batch, args).await?);
+    }
     let rate = rows[0].packets_per_second;
     for row in &mut rows {
         row.pitwall_ratio = (row.packets_per_second > 0.0).then(|| rate / row.packets_per_second);
@@ -208,10 +217,9 @@ async fn write_rpc(
     Ok((row, acknowledged))
 }
 
-/// Sequential `write` + `fdatasync` of batches of 1 KiB packets to a file in a fresh
+/// Sequential `write` + `fdatasync` of batches of `batch` 1 KiB packets to a file in a fresh
 /// temporary directory beside the servers' data directories.
-async fn write_disk(args: &WriteArgs) -> anyhow::Result<WriteResult> {
-    let batch = args.disk_batch();
+async fn write_disk(system: &str, batch: usize, args: &WriteArgs) -> anyhow::Result<WriteResult> {
     let (warmup, duration) = (
         Duration::from_secs_f64(args.warmup.max(0.0)),
         Duration::from_secs_f64(args.duration.max(0.0)),
@@ -230,7 +238,7 @@ async fn write_disk(args: &WriteArgs) -> anyhow::Result<WriteResult> {
     let cpu = cpu_before.per_request(&CpuTimes::read(None), packets);
     let rate = per_second(packets, seconds);
     Ok(WriteResult {
-        system: "write+fdatasync".to_owned(),
+        system: system.to_owned(),
         streams: 0,
         packets_per_request: batch,
         packets_per_call: 0,

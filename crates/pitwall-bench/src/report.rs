@@ -459,11 +459,13 @@ impl Report {
         }
         if !self.live.is_empty() {
             let _ = writeln!(out, "### Live packets to readers{of_runs}\n");
-            out.push_str(&fanout_table(&self.live).replacen(
-                "| system | subscribers |",
-                "| system | readers |",
-                1,
-            ));
+            // The fan-out's columns, named for packets.
+            let table = fanout_table(&self.live)
+                .replacen("| subscribers |", "| readers |", 1)
+                .replacen("offered writes/s", "offered packets/s", 1)
+                .replacen("send→recv", "due→recv", 1)
+                .replacen("CPU µs/notification", "CPU µs/packet received", 1);
+            out.push_str(&table);
             out.push('\n');
         }
         if let Some(memory) = &self.memory {
