@@ -50,8 +50,6 @@ const SYNC_EVERY: Duration = Duration::from_millis(20);
 const DISK_FILE_LIMIT: u64 = 1 << 30;
 /// How often the server's memory is sampled while the stalled reader's data source is written.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
-/// Time for the server to finish what a burst of calls started before its memory is read.
-const SETTLE: Duration = Duration::from_millis(500);
 
 fn megabytes_per_second(packets_per_second: f64) -> f64 {
     packets_per_second * PACKET_BYTES as f64 / 1e6
@@ -791,6 +789,10 @@ pub struct MemoryArgs {
     /// MiB of packets written to a data source whose one reader's client reads nothing.
     #[arg(long = "stalled-mib", default_value_t = 1024)]
     pub stalled_mib: u64,
+    /// Milliseconds the server is given to finish what a burst of calls started before its
+    /// memory is read.
+    #[arg(long = "settle-ms", default_value_t = 500)]
+    pub settle_ms: u64,
 }
 
 /// HTTP/2 streams a connection carries at most (Pitwall's `--max-concurrent-streams`), less
@@ -802,7 +804,8 @@ pub async fn run_memory(target: &Target, args: &MemoryArgs) -> anyhow::Result<Me
         bail!("the memory benchmark reads the server's memory: give --server-pid with --server");
     };
     let rss = || process::resident_bytes(pid);
-    tokio::time::sleep(SETTLE).await;
+    let settle = || tokio::time::sleep(Duration::from_millis(args.settle_ms));
+    settle().await;
     let rss_idle = rss()?;
 
     // Read connections: server-side plans, nothing running.
@@ -813,7 +816,7 @@ pub async fn run_memory(target: &Target, args: &MemoryArgs) -> anyhow::Result<Me
     for _ in 0..args.connections {
         connections.push(packets::new_connection(pick(&channels, 0), &idle, -1).await?);
     }
-    tokio::time::sleep(SETTLE).await;
+    settle().await;
     let bytes_per_connection = growth(before, rss()?, args.connections);
 
     // Idle readers: one read connection, many ReadPackets calls waiting for packets.
@@ -823,7 +826,7 @@ pub async fn run_memory(target: &Target, args: &MemoryArgs) -> anyhow::Result<Me
     )
     .await?;
     let connection = packets::new_connection(pick(&reader_channels, 0), &idle, -1).await?;
-    tokio::time::sleep(SETTLE).await;
+    settle().await;
     let before = rss()?;
     let readers = futures::stream::iter(0..args.readers)
         .map(|i| {
@@ -843,7 +846,7 @@ pub async fn run_memory(target: &Target, args: &MemoryArgs) -> anyhow::Result<Me
         .await
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?;
-    tokio::time::sleep(SETTLE).await;
+    settle().await;
     let bytes_per_reader = growth(before, rss()?, args.readers);
     drop(readers);
     drop(connections);
@@ -855,7 +858,7 @@ pub async fn run_memory(target: &Target, args: &MemoryArgs) -> anyhow::Result<Me
     let stalled_source = packets::data_source("stalled");
     let stalled_channels = connection::connect(target.url(), 1).await?;
     let mut stalled = packets::open_read(pick(&stalled_channels, 0), &stalled_source, 0).await?;
-    tokio::time::sleep(SETTLE).await;
+    settle().await;
     let rss_stalled_before = rss()?;
     let packets_to_write = (args.stalled_mib * 1024 * 1024 / PACKET_BYTES as u64) as usize;
     let stop_sampling = CancellationToken::new();

@@ -95,8 +95,10 @@ impl AllArgs {
                 packets_per_request: if self.quick { 16 } else { 64 },
                 packets_per_call: if self.quick { 64 } else { 1024 },
                 connections: None,
-                duration: self.duration.unwrap_or(duration),
-                warmup,
+                duration: self
+                    .duration
+                    .unwrap_or(if self.quick { 0.3 } else { duration }),
+                warmup: if self.quick { 0.1 } else { warmup },
                 disk_batch: None,
             },
             replay: ReplayArgs {
@@ -109,13 +111,14 @@ impl AllArgs {
             live: LiveArgs {
                 readers: if self.quick { 2 } else { 10 },
                 rate: if self.quick { 200.0 } else { 10_000.0 },
-                seconds: if self.quick { 1.0 } else { 10.0 },
+                seconds: if self.quick { 0.5 } else { 10.0 },
                 writers: if self.quick { 4 } else { 128 },
             },
             memory: MemoryArgs {
                 connections: if self.quick { 20 } else { 1_000 },
                 readers: if self.quick { 20 } else { 1_000 },
                 stalled_mib: if self.quick { 4 } else { 1_024 },
+                settle_ms: if self.quick { 50 } else { 500 },
             },
             engines: EnginesArgs {
                 packets: if self.quick { 2_000 } else { 400_000 },

@@ -197,9 +197,9 @@ fn packet_writes_are_acknowledged_and_reach_the_transport() {
         "--packets-per-call",
         "32",
         "--duration",
-        "0.3",
+        "0.2",
         "--warmup",
-        "0.1",
+        "0.05",
     ]);
     let rows = report["write"].as_array().expect("write rows");
     let systems: Vec<&str> = rows.iter().filter_map(|r| r["system"].as_str()).collect();
@@ -278,6 +278,8 @@ fn memory_measures_connections_readers_and_a_stalled_reader() {
         "10",
         "--stalled-mib",
         "2",
+        "--settle-ms",
+        "50",
     ]);
     let memory = &report["memory"];
     assert_eq!(count(memory, "connections"), 10, "{memory}");
@@ -300,15 +302,8 @@ fn every_storage_engine_reads_back_what_it_wrote() {
 
 #[test]
 fn all_quick_reports_the_data_plane_and_its_goals() {
-    let report = bench(&[
-        "all",
-        "--quick",
-        "--no-etcd",
-        "--no-sessions",
-        "--runs",
-        "2",
-    ]);
-    assert_eq!(count(&report, "runs"), 2);
+    let report = bench(&["all", "--quick", "--no-etcd", "--no-sessions"]);
+    assert_eq!(count(&report, "runs"), 1);
     assert!(
         report
             .get("load")
