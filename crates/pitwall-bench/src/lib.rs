@@ -11,19 +11,33 @@
 //! - [`scenario`]: load scenarios: health, create, update, get, end, mixed.
 //! - [`fanout`]: many notification subscribers while sessions are created; delivery checks.
 //! - [`recovery`]: fill a store, restart on it, time to ready and memory per session.
+//! - [`packets`]: the data plane's 1 KiB packets (stamped with writer, sequence and due
+//!   time) and the writer loop that streams them through `WriteDataPackets`.
+//! - [`dataplane`]: packet writes against the transport's and the disk's limits, replay from
+//!   offset 0, live latency to readers, memory per connection and reader and with a stalled
+//!   reader.
+//! - [`noop`]: the in-process no-op `PacketWriterService`, the transport's limit.
+//! - [`engines`]: redb and fjall, a row per packet and chunks, for the packet log.
+//! - [`metrics`]: the server's Prometheus metrics, for packets per commit.
 //! - [`etcd`]: the peer, spawned and driven with `Put` and `Watch`.
 //! - [`report`]: results, medians over runs, goals, markdown tables.
 //! - [`suite`]: everything in one command (`all`), and the peer comparison (`etcd`).
 //! - [`watchers`]: `pitwall.v1` feed watchers kept reading during a load.
 //!
 //! The benchmarks check correctness (no failed request, every notification once and in order,
-//! every session back after a restart) and measure; only the measuring depends on the machine.
+//! every session back after a restart, every packet read back once and in its writer's order)
+//! and measure; only the measuring depends on the machine.
 
 pub mod connection;
+pub mod dataplane;
 pub mod driver;
+pub mod engines;
 pub mod etcd;
 pub mod fanout;
 pub mod latency;
+pub mod metrics;
+pub mod noop;
+pub mod packets;
 pub mod payload;
 pub mod process;
 pub mod recovery;

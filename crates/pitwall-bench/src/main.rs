@@ -1,11 +1,13 @@
-//! `pitwall-bench`: load, fan-out, recovery and peer benchmarks of a Pitwall server; prints
-//! markdown tables. See the library's module map for where each measurement lives.
+//! `pitwall-bench`: load, fan-out, recovery, data-plane and peer benchmarks of a Pitwall
+//! server, and the storage engine comparison for its packet log; prints markdown tables. See the library's module map for where each measurement lives.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use pitwall_bench::dataplane::{self, LiveArgs, MemoryArgs, ReplayArgs, WriteArgs};
+use pitwall_bench::engines::{self, EnginesArgs};
 use pitwall_bench::etcd::EtcdArgs;
 use pitwall_bench::fanout::{self, FanoutArgs};
 use pitwall_bench::recovery::{self, RecoveryArgs};
@@ -19,7 +21,7 @@ use pitwall_bench::watchers::Watchers;
 #[command(
     name = "pitwall-bench",
     version,
-    about = "Benchmarks of the Pitwall session service"
+    about = "Benchmarks of the Pitwall server: sessions and the data plane"
 )]
 struct Cli {
     /// Also write the results as JSON to this file.
@@ -43,6 +45,18 @@ enum Command {
     Recovery(RecoveryCommand),
     /// Pitwall against etcd: durable write rate and notification latency.
     Etcd(EtcdCommand),
+    /// Durable 1 KiB packet writes through WriteDataPackets, against a no-op RPC (the
+    /// transport's limit) and write + fdatasync of the same batches (the disk's limit).
+    Write(WriteCommand),
+    /// Fill a store with packets, then ReadPackets from offset 0 until all came back.
+    Replay(ReplayCommand),
+    /// Readers following the latest packets while packets are written at a fixed rate.
+    Live(LiveCommand),
+    /// Memory per read connection, per idle reader, and with a stalled reader while 1 GiB is
+    /// written.
+    Memory(MemoryCommand),
+    /// redb and fjall, a row per packet and chunks: packet appends and reads in this process.
+    Engines(EnginesArgs),
     /// Everything, with the goals; --runs N for medians.
     All(AllArgs),
 }
@@ -88,6 +102,38 @@ struct EtcdCommand {
     server: ServerArgs,
     #[command(flatten)]
     etcd: EtcdArgs,
+}
+
+#[derive(Debug, Args)]
+struct WriteCommand {
+    #[command(flatten)]
+    write: WriteArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct ReplayCommand {
+    #[command(flatten)]
+    replay: ReplayArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct LiveCommand {
+    #[command(flatten)]
+    live: LiveArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct MemoryCommand {
+    #[command(flatten)]
+    memory: MemoryArgs,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[tokio::main]
@@ -154,10 +200,55 @@ async fn run(cli: &Cli) -> anyhow::Result<Report> {
             suite::run_peer(&args.server, &args.etcd, &args.shape, &args.fanout).await?
         }
         Command::All(args) => suite::run_all(args).await?,
+        Command::Write(args) => {
+            let target = Target::start(&args.server).await?;
+            let write = dataplane::run_write(&target, &args.write).await?;
+            target.stop().await?;
+            with_goals(Report {
+                runs: 1,
+                write,
+                ..Report::default()
+            })
+        }
+        Command::Replay(args) => with_goals(Report {
+            runs: 1,
+            replay: dataplane::run_replay(&args.server, &args.replay).await?,
+            ..Report::default()
+        }),
+        Command::Live(args) => {
+            let target = Target::start(&args.server).await?;
+            let live = dataplane::run_live(&target, &args.live).await?;
+            target.stop().await?;
+            with_goals(Report {
+                runs: 1,
+                live: vec![live],
+                ..Report::default()
+            })
+        }
+        Command::Memory(args) => {
+            let target = Target::start(&args.server).await?;
+            let memory = dataplane::run_memory(&target, &args.memory).await?;
+            target.stop().await?;
+            with_goals(Report {
+                runs: 1,
+                memory: Some(memory),
+                ..Report::default()
+            })
+        }
+        Command::Engines(args) => Report {
+            runs: 1,
+            engines: engines::run(args).await?,
+            ..Report::default()
+        },
     };
     if let Some(path) = &cli.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
+}
+
+fn with_goals(mut report: Report) -> Report {
+    report.goals = suite::goals(&report);
+    report
 }

@@ -74,12 +74,20 @@ pub struct CpuTimes {
 /// The thread of a Pitwall server that commits to the store.
 const WRITER_THREAD: &str = "pitwall-writer";
 
+/// The thread of a Pitwall server that commits packets to the packet log.
+pub const PACKET_WRITER_THREAD: &str = "pitwall-packets";
+
 impl CpuTimes {
     pub fn read(server_pid: Option<u32>) -> CpuTimes {
+        CpuTimes::read_with(server_pid, WRITER_THREAD)
+    }
+
+    /// As [`CpuTimes::read`], with `writer_thread` as the server's writer thread.
+    pub fn read_with(server_pid: Option<u32>, writer_thread: &str) -> CpuTimes {
         let of = |pid: Option<u32>, thread| pid.and_then(|pid| cpu_seconds(pid, thread).ok()?);
         CpuTimes {
             server: of(server_pid, None),
-            writer: of(server_pid, Some(WRITER_THREAD)),
+            writer: of(server_pid, Some(writer_thread)),
             client: of(Some(std::process::id()), None),
         }
     }

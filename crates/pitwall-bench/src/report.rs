@@ -105,6 +105,117 @@ pub struct RecoveryResult {
     pub sample_failures: u64,
 }
 
+/// One row of the packet write comparison: Pitwall, the no-op RPC (the transport's limit) or
+/// `write` + `fdatasync` (the disk's limit).
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteResult {
+    /// `pitwall`, `no-op RPC` or `write+fdatasync`.
+    pub system: String,
+    /// Concurrent `WriteDataPackets` streams (the disk: none).
+    pub streams: usize,
+    pub packets_per_request: usize,
+    /// Packets per `WriteDataPackets` call; 0 for the disk.
+    pub packets_per_call: usize,
+    /// Packets per durable commit: per `write` + `fdatasync` for the disk, the mean of the
+    /// server's commits (from its metrics) for Pitwall.
+    pub packets_per_commit: Option<f64>,
+    pub seconds: f64,
+    /// Packets acknowledged (every packet of an answered call, or of an fdatasync'd write).
+    pub packets: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Packets acknowledged that the no-op server never received.
+    pub lost: u64,
+    pub packets_per_second: f64,
+    /// Megabytes (10^6 bytes) of packets per second.
+    pub mb_per_second: f64,
+    /// Pitwall's packets/s over this row's.
+    pub pitwall_ratio: Option<f64>,
+    /// Duration of one call (one `write` + `fdatasync` for the disk).
+    pub latency: Percentiles,
+    /// CPU per packet: server (its packet writer thread) + benchmark process.
+    pub cpu: CpuPerRequest,
+    pub rss_before_mib: Option<f64>,
+    pub rss_after_mib: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// One replay of stored packets from offset 0 through `ReadPackets`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayResult {
+    /// What the server ran with: `default` or `batching responses` (after a restart).
+    pub label: String,
+    /// Packets stored before the read.
+    pub stored: u64,
+    /// Packets/s while filling (WriteDataPackets, same writer loops as the write benchmark).
+    pub fill_rate: f64,
+    /// Distinct packets received.
+    pub received: u64,
+    /// `ReadPacketsResponse` messages.
+    pub responses: u64,
+    /// From the `ReadPackets` call to the last packet.
+    pub seconds: f64,
+    pub packets_per_second: f64,
+    pub mb_per_second: f64,
+    pub missing: u64,
+    /// Packets that came before one their writer wrote earlier.
+    pub reordered: u64,
+    pub duplicates: u64,
+    /// Packets this run did not write.
+    pub unexpected: u64,
+    /// CPU per packet: server + benchmark process.
+    pub cpu: CpuPerRequest,
+    pub rss_before_mib: Option<f64>,
+    pub rss_after_mib: Option<f64>,
+    /// The packet store's file(s) in MiB, when the data directory is the benchmark's.
+    pub store_mib: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+/// Memory of read connections and readers, and the server's memory with a stalled reader.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryResult {
+    pub rss_idle_mib: f64,
+    /// Read connections opened (`NewConnection`), never read.
+    pub connections: usize,
+    /// (RSS after − before) / connections.
+    pub bytes_per_connection: f64,
+    /// `ReadPackets` calls open on a data source nobody writes to.
+    pub readers: usize,
+    /// (RSS after − before) / readers.
+    pub bytes_per_reader: f64,
+    /// Bytes of packets written while one reader's client read nothing.
+    pub stalled_written_bytes: u64,
+    /// Packets/s of that write.
+    pub stalled_write_rate: f64,
+    pub stalled_write_errors: u64,
+    pub rss_stalled_before_mib: f64,
+    /// Highest RSS sampled (every 100 ms) during the write.
+    pub rss_stalled_peak_mib: f64,
+    pub rss_stalled_after_mib: f64,
+    /// The stalled call still delivered packets once its client read it.
+    pub stalled_reader_alive: bool,
+    pub first_error: Option<String>,
+}
+
+/// One storage engine layout in the engine comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineResult {
+    pub engine: String,
+    pub packets: u64,
+    /// Packets per durable (fdatasync'd) commit.
+    pub batch: usize,
+    pub write_per_second: f64,
+    pub write_mb_per_second: f64,
+    pub read_per_second: f64,
+    /// Packets read back that were missing, out of order or different from what was written.
+    pub read_errors: u64,
+    /// Apparent size of the engine's files.
+    pub file_mib: f64,
+    /// Disk blocks allocated to them.
+    pub disk_mib: f64,
+}
+
 /// A goal from the issue and whether the figure met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Goal {
@@ -120,6 +231,18 @@ pub struct Report {
     pub load: Vec<LoadResult>,
     pub fanout: Vec<FanoutResult>,
     pub recovery: Option<RecoveryResult>,
+    /// Packet writes against the transport's and the disk's limits.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub write: Vec<WriteResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replay: Vec<ReplayResult>,
+    /// Live packet latency to readers (the fan-out result shape).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub live: Vec<FanoutResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<EngineResult>,
     pub goals: Vec<Goal>,
     /// The runs the medians were taken from (JSON only), to see their spread.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -142,7 +265,7 @@ impl Report {
                 ));
             }
         }
-        for f in &self.fanout {
+        for f in self.fanout.iter().chain(&self.live) {
             let wrong = f.write_errors + f.missed + f.reordered + f.duplicates + f.unexpected;
             if wrong + f.stream_errors > 0 || f.delivered != f.expected {
                 problems.push(format!(
@@ -156,6 +279,51 @@ impl Report {
                     f.unexpected,
                     f.stream_errors,
                     f.first_error.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        for w in &self.write {
+            if w.errors + w.lost > 0 {
+                problems.push(format!(
+                    "{} writes: {} failed calls, {} packets lost; first: {}",
+                    w.system,
+                    w.errors,
+                    w.lost,
+                    w.first_error.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        for r in &self.replay {
+            if r.missing + r.reordered + r.duplicates + r.unexpected > 0 || r.received < r.stored {
+                problems.push(format!(
+                    "replay ({}): {} of {} packets received, {} missing, {} reordered, \
+                     {} duplicates, {} unexpected; first: {}",
+                    r.label,
+                    r.received,
+                    r.stored,
+                    r.missing,
+                    r.reordered,
+                    r.duplicates,
+                    r.unexpected,
+                    r.first_error.as_deref().unwrap_or("")
+                ));
+            }
+        }
+        if let Some(m) = &self.memory
+            && (m.stalled_write_errors > 0 || !m.stalled_reader_alive)
+        {
+            problems.push(format!(
+                "memory: {} failed writes, stalled reader alive: {}; first: {}",
+                m.stalled_write_errors,
+                m.stalled_reader_alive,
+                m.first_error.as_deref().unwrap_or("")
+            ));
+        }
+        for e in &self.engines {
+            if e.read_errors > 0 {
+                problems.push(format!(
+                    "engines ({}): {} packets read back wrong",
+                    e.engine, e.read_errors
                 ));
             }
         }
@@ -197,11 +365,57 @@ impl Report {
             })
             .collect();
         let recoveries: Vec<_> = runs.iter().filter_map(|r| r.recovery.as_ref()).collect();
+        let write = (0..first.write.len())
+            .map(|i| {
+                median_write(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.write.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let replay = (0..first.replay.len())
+            .map(|i| {
+                median_replay(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.replay.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let live = (0..first.live.len())
+            .map(|i| {
+                median_fanout(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.live.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let memories: Vec<_> = runs.iter().filter_map(|r| r.memory.as_ref()).collect();
+        let engines = (0..first.engines.len())
+            .map(|i| {
+                median_engine(
+                    &runs
+                        .iter()
+                        .filter_map(|r| r.engines.get(i))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
         Report {
             runs: runs.len(),
             load,
             fanout,
             recovery: (!recoveries.is_empty()).then(|| median_recovery(&recoveries)),
+            write,
+            replay,
+            live,
+            memory: (!memories.is_empty()).then(|| median_memory(&memories)),
+            engines,
             goals: Vec::new(),
             per_run: if runs.len() > 1 {
                 runs.to_vec()
@@ -231,6 +445,37 @@ impl Report {
         if let Some(recovery) = &self.recovery {
             let _ = writeln!(out, "### Recovery and memory{of_runs}\n");
             out.push_str(&recovery_table(recovery));
+            out.push('\n');
+        }
+        if !self.write.is_empty() {
+            let _ = writeln!(out, "### Packet writes{of_runs}\n");
+            out.push_str(&write_table(&self.write));
+            out.push('\n');
+        }
+        if !self.replay.is_empty() {
+            let _ = writeln!(out, "### Replay{of_runs}\n");
+            out.push_str(&replay_table(&self.replay));
+            out.push('\n');
+        }
+        if !self.live.is_empty() {
+            let _ = writeln!(out, "### Live packets to readers{of_runs}\n");
+            // The fan-out's columns, named for packets.
+            let table = fanout_table(&self.live)
+                .replacen("| subscribers |", "| readers |", 1)
+                .replacen("offered writes/s", "offered packets/s", 1)
+                .replacen("send→recv", "due→recv", 1)
+                .replacen("CPU µs/notification", "CPU µs/packet received", 1);
+            out.push_str(&table);
+            out.push('\n');
+        }
+        if let Some(memory) = &self.memory {
+            let _ = writeln!(out, "### Reader memory{of_runs}\n");
+            out.push_str(&memory_table(memory));
+            out.push('\n');
+        }
+        if !self.engines.is_empty() {
+            let _ = writeln!(out, "### Storage engines{of_runs}\n");
+            out.push_str(&engine_table(&self.engines));
             out.push('\n');
         }
         if !self.goals.is_empty() {
@@ -348,6 +593,122 @@ fn recovery_table(r: &RecoveryResult) -> String {
         r.rss_restarted_mib,
         r.bytes_per_session,
     );
+    out
+}
+
+fn write_table(rows: &[WriteResult]) -> String {
+    let mut out = String::from(
+        "| system | streams | packets/request | packets/call | packets/commit | s | packets | errors | packets/s | MB/s | Pitwall ÷ this | call p50 ms | p99 ms | CPU µs/packet server (writer) + client | RSS MiB before → after |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let dash = |n: usize| {
+            if n == 0 {
+                "–".to_owned()
+            } else {
+                n.to_string()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {:.0} | {:.1} | {} | {:.2} | {:.2} | {} | {} → {} |",
+            r.system,
+            dash(r.streams),
+            r.packets_per_request,
+            dash(r.packets_per_call),
+            optional(r.packets_per_commit, 0),
+            r.seconds,
+            r.packets,
+            r.errors + r.lost,
+            r.packets_per_second,
+            r.mb_per_second,
+            optional(r.pitwall_ratio, 2),
+            r.latency.p50,
+            r.latency.p99,
+            cpu_cell(&r.cpu),
+            optional(r.rss_before_mib, 0),
+            optional(r.rss_after_mib, 0),
+        );
+    }
+    out
+}
+
+fn replay_table(rows: &[ReplayResult]) -> String {
+    let mut out = String::from(
+        "| server | packets stored | fill packets/s | received | responses | missing | reordered | s | packets/s | MB/s | CPU µs/packet server + client | RSS MiB before → after | store MiB |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.2} | {:.0} | {:.1} | {} + {} | {} → {} | {} |",
+            r.label,
+            r.stored,
+            r.fill_rate,
+            r.received,
+            r.responses,
+            r.missing,
+            r.reordered + r.duplicates + r.unexpected,
+            r.seconds,
+            r.packets_per_second,
+            r.mb_per_second,
+            optional(r.cpu.server_us, 2),
+            optional(r.cpu.client_us, 2),
+            optional(r.rss_before_mib, 0),
+            optional(r.rss_after_mib, 0),
+            optional(r.store_mib, 0),
+        );
+    }
+    out
+}
+
+fn memory_table(m: &MemoryResult) -> String {
+    let mut out = String::from(
+        "| RSS MiB idle | connections | bytes/connection | readers | bytes/reader | stalled: MiB written | packets/s | RSS MiB before → peak → after | reader alive |\n\
+         |--:|--:|--:|--:|--:|--:|--:|--:|---|\n",
+    );
+    let _ = writeln!(
+        out,
+        "| {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} → {:.0} → {:.0} | {} |",
+        m.rss_idle_mib,
+        m.connections,
+        m.bytes_per_connection,
+        m.readers,
+        m.bytes_per_reader,
+        crate::process::mib(m.stalled_written_bytes),
+        m.stalled_write_rate,
+        m.rss_stalled_before_mib,
+        m.rss_stalled_peak_mib,
+        m.rss_stalled_after_mib,
+        if m.stalled_reader_alive {
+            "yes"
+        } else {
+            "**no**"
+        },
+    );
+    out
+}
+
+fn engine_table(rows: &[EngineResult]) -> String {
+    let mut out = String::from(
+        "| engine, layout | packets | packets/commit | write packets/s | write MB/s | read packets/s | read errors | file MiB | disk MiB |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.0} | {:.1} | {:.0} | {} | {:.0} | {:.0} |",
+            r.engine,
+            r.packets,
+            r.batch,
+            r.write_per_second,
+            r.write_mb_per_second,
+            r.read_per_second,
+            r.read_errors,
+            r.file_mib,
+            r.disk_mib,
+        );
+    }
     out
 }
 
@@ -485,6 +846,102 @@ fn median_recovery(rows: &[&RecoveryResult]) -> RecoveryResult {
         rss_restarted_mib: m(|r| r.rss_restarted_mib),
         bytes_per_session: m(|r| r.bytes_per_session),
         sample_failures: rows.iter().map(|r| r.sample_failures).sum(),
+    }
+}
+
+fn median_cpu(values: &[CpuPerRequest]) -> CpuPerRequest {
+    CpuPerRequest {
+        server_us: median_option(values.iter().map(|c| c.server_us)),
+        writer_us: median_option(values.iter().map(|c| c.writer_us)),
+        client_us: median_option(values.iter().map(|c| c.client_us)),
+    }
+}
+
+fn median_write(rows: &[&WriteResult]) -> WriteResult {
+    let first = rows[0];
+    let m = |f: fn(&WriteResult) -> f64| median(rows.iter().map(|r| f(r)));
+    WriteResult {
+        system: first.system.clone(),
+        streams: first.streams,
+        // The disk's row at Pitwall's commit size has a batch of its own in each run.
+        packets_per_request: median_count(rows.iter().map(|r| r.packets_per_request as u64))
+            as usize,
+        packets_per_call: first.packets_per_call,
+        packets_per_commit: median_option(rows.iter().map(|r| r.packets_per_commit)),
+        seconds: m(|r| r.seconds),
+        packets: median_count(rows.iter().map(|r| r.packets)),
+        errors: rows.iter().map(|r| r.errors).sum(),
+        lost: rows.iter().map(|r| r.lost).sum(),
+        packets_per_second: m(|r| r.packets_per_second),
+        mb_per_second: m(|r| r.mb_per_second),
+        pitwall_ratio: median_option(rows.iter().map(|r| r.pitwall_ratio)),
+        latency: median_percentiles(&rows.iter().map(|r| r.latency).collect::<Vec<_>>()),
+        cpu: median_cpu(&rows.iter().map(|r| r.cpu).collect::<Vec<_>>()),
+        rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
+        rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
+        first_error: rows.iter().find_map(|r| r.first_error.clone()),
+    }
+}
+
+fn median_replay(rows: &[&ReplayResult]) -> ReplayResult {
+    let first = rows[0];
+    let m = |f: fn(&ReplayResult) -> f64| median(rows.iter().map(|r| f(r)));
+    let sum = |f: fn(&ReplayResult) -> u64| rows.iter().map(|r| f(r)).sum::<u64>();
+    ReplayResult {
+        label: first.label.clone(),
+        stored: first.stored,
+        fill_rate: m(|r| r.fill_rate),
+        // The worst run: a lost packet in any run must show.
+        received: rows.iter().map(|r| r.received).min().unwrap_or(0),
+        responses: median_count(rows.iter().map(|r| r.responses)),
+        seconds: m(|r| r.seconds),
+        packets_per_second: m(|r| r.packets_per_second),
+        mb_per_second: m(|r| r.mb_per_second),
+        missing: sum(|r| r.missing),
+        reordered: sum(|r| r.reordered),
+        duplicates: sum(|r| r.duplicates),
+        unexpected: sum(|r| r.unexpected),
+        cpu: median_cpu(&rows.iter().map(|r| r.cpu).collect::<Vec<_>>()),
+        rss_before_mib: median_option(rows.iter().map(|r| r.rss_before_mib)),
+        rss_after_mib: median_option(rows.iter().map(|r| r.rss_after_mib)),
+        store_mib: median_option(rows.iter().map(|r| r.store_mib)),
+        first_error: rows.iter().find_map(|r| r.first_error.clone()),
+    }
+}
+
+fn median_memory(rows: &[&MemoryResult]) -> MemoryResult {
+    let first = rows[0];
+    let m = |f: fn(&MemoryResult) -> f64| median(rows.iter().map(|r| f(r)));
+    MemoryResult {
+        rss_idle_mib: m(|r| r.rss_idle_mib),
+        connections: first.connections,
+        bytes_per_connection: m(|r| r.bytes_per_connection),
+        readers: first.readers,
+        bytes_per_reader: m(|r| r.bytes_per_reader),
+        stalled_written_bytes: first.stalled_written_bytes,
+        stalled_write_rate: m(|r| r.stalled_write_rate),
+        stalled_write_errors: rows.iter().map(|r| r.stalled_write_errors).sum(),
+        rss_stalled_before_mib: m(|r| r.rss_stalled_before_mib),
+        rss_stalled_peak_mib: m(|r| r.rss_stalled_peak_mib),
+        rss_stalled_after_mib: m(|r| r.rss_stalled_after_mib),
+        stalled_reader_alive: rows.iter().all(|r| r.stalled_reader_alive),
+        first_error: rows.iter().find_map(|r| r.first_error.clone()),
+    }
+}
+
+fn median_engine(rows: &[&EngineResult]) -> EngineResult {
+    let first = rows[0];
+    let m = |f: fn(&EngineResult) -> f64| median(rows.iter().map(|r| f(r)));
+    EngineResult {
+        engine: first.engine.clone(),
+        packets: first.packets,
+        batch: first.batch,
+        write_per_second: m(|r| r.write_per_second),
+        write_mb_per_second: m(|r| r.write_mb_per_second),
+        read_per_second: m(|r| r.read_per_second),
+        read_errors: rows.iter().map(|r| r.read_errors).sum(),
+        file_mib: m(|r| r.file_mib),
+        disk_mib: m(|r| r.disk_mib),
     }
 }
 

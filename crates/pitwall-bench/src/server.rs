@@ -105,6 +105,14 @@ impl Target {
         }
     }
 
+    /// The server's admin HTTP address (`/metrics`), when it was spawned here.
+    pub fn metrics_addr(&self) -> Option<&str> {
+        match self {
+            Target::Spawned { process, .. } => process.ready.metrics.as_deref(),
+            Target::Attached { .. } => None,
+        }
+    }
+
     /// Resident memory of the server, when its process is known.
     pub fn resident_bytes(&self) -> anyhow::Result<Option<u64>> {
         self.pid().map(process::resident_bytes).transpose()
@@ -145,6 +153,9 @@ pub struct PitwallProcess {
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Ready {
     pub grpc: String,
+    /// The admin HTTP address (`/metrics`).
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// Sessions read from the store at startup.
     pub sessions: u64,
 }

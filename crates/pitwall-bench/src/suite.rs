@@ -2,10 +2,12 @@
 //! medians, and held against the goals.
 
 use crate::connection;
+use crate::dataplane::{self, LiveArgs, MemoryArgs, ReplayArgs, WriteArgs};
+use crate::engines::{self, EnginesArgs};
 use crate::etcd::{self, EtcdArgs, EtcdTarget};
 use crate::fanout::{self, FanoutArgs};
 use crate::recovery::{self, RecoveryArgs};
-use crate::report::{FanoutResult, Goal, LoadResult, Report};
+use crate::report::{FanoutResult, Goal, LoadResult, Report, WriteResult};
 use crate::scenario::{self, Scenario, Sessions, Shape};
 use crate::server::{ServerArgs, Target};
 
@@ -20,6 +22,15 @@ pub struct AllArgs {
     /// Leave out the etcd peer.
     #[arg(long)]
     pub no_etcd: bool,
+    /// Leave out the session service's benchmarks (load, fan-out, recovery, the etcd peer).
+    #[arg(long)]
+    pub no_sessions: bool,
+    /// Leave out the data plane (packet writes, replay, live readers, reader memory).
+    #[arg(long)]
+    pub no_dataplane: bool,
+    /// Leave out the storage engine comparison.
+    #[arg(long)]
+    pub no_engines: bool,
     /// Seconds each load scenario is measured for [default: 8, quick 0.5].
     #[arg(long)]
     pub duration: Option<f64>,
@@ -29,6 +40,9 @@ pub struct AllArgs {
     /// Notification subscribers [default: 1,000, quick 20].
     #[arg(long)]
     pub subscribers: Option<usize>,
+    /// Packets stored for the replay [default: 1,000,000, quick 2,000].
+    #[arg(long)]
+    pub replay_packets: Option<usize>,
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
@@ -40,6 +54,11 @@ struct Preset {
     shape: Shape,
     fanout: FanoutArgs,
     recovery: RecoveryArgs,
+    write: WriteArgs,
+    replay: ReplayArgs,
+    live: LiveArgs,
+    memory: MemoryArgs,
+    engines: EnginesArgs,
 }
 
 impl AllArgs {
@@ -71,6 +90,40 @@ impl AllArgs {
                 fill_connections: 4,
                 keep_data_dir: None,
             },
+            write: WriteArgs {
+                streams: if self.quick { 2 } else { 8 },
+                packets_per_request: if self.quick { 16 } else { 64 },
+                packets_per_call: if self.quick { 64 } else { 1024 },
+                connections: None,
+                duration: self
+                    .duration
+                    .unwrap_or(if self.quick { 0.3 } else { duration }),
+                warmup: if self.quick { 0.1 } else { warmup },
+                disk_batch: None,
+            },
+            replay: ReplayArgs {
+                packets: self
+                    .replay_packets
+                    .unwrap_or(if self.quick { 2_000 } else { 1_000_000 }),
+                fill_streams: if self.quick { 2 } else { 8 },
+                no_batching_run: false,
+            },
+            live: LiveArgs {
+                readers: if self.quick { 2 } else { 10 },
+                rate: if self.quick { 200.0 } else { 10_000.0 },
+                seconds: if self.quick { 0.5 } else { 10.0 },
+                writers: if self.quick { 4 } else { 128 },
+            },
+            memory: MemoryArgs {
+                connections: if self.quick { 20 } else { 1_000 },
+                readers: if self.quick { 20 } else { 1_000 },
+                stalled_mib: if self.quick { 4 } else { 1_024 },
+                settle_ms: if self.quick { 50 } else { 500 },
+            },
+            engines: EnginesArgs {
+                packets: if self.quick { 2_000 } else { 400_000 },
+                batch: if self.quick { 64 } else { 512 },
+            },
         }
     }
 }
@@ -78,8 +131,8 @@ impl AllArgs {
 /// Everything, `runs` times; the report holds the medians and the goals.
 pub async fn run_all(args: &AllArgs) -> anyhow::Result<Report> {
     let preset = args.preset();
-    let with_etcd = !args.no_etcd && args.etcd.available();
-    if !args.no_etcd && !with_etcd {
+    let with_etcd = !args.no_sessions && !args.no_etcd && args.etcd.available();
+    if !args.no_sessions && !args.no_etcd && !with_etcd {
         eprintln!(
             "etcd: {} not found; the peer comparison is left out (install etcd-server)",
             args.etcd.etcd_bin.display()
@@ -101,6 +154,26 @@ async fn run_once(args: &AllArgs, preset: &Preset, with_etcd: bool) -> anyhow::R
         runs: 1,
         ..Report::default()
     };
+    if !args.no_sessions {
+        run_sessions(args, preset, with_etcd, &mut report).await?;
+    }
+    if !args.no_dataplane {
+        run_dataplane(args, preset, &mut report).await?;
+    }
+    if !args.no_engines {
+        eprintln!("  engines: {} packets each", preset.engines.packets);
+        report.engines = engines::run(&preset.engines).await?;
+    }
+    Ok(report)
+}
+
+/// The session service's benchmarks: load, fan-out, recovery, and the etcd peer.
+async fn run_sessions(
+    args: &AllArgs,
+    preset: &Preset,
+    with_etcd: bool,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let target = Target::start(&args.server).await?;
     eprintln!("  load: {}", names(&Scenario::ALL));
     report.load = scenario::run_load(&target, &preset.shape, &Scenario::ALL).await?;
@@ -136,7 +209,34 @@ async fn run_once(args: &AllArgs, preset: &Preset, with_etcd: bool) -> anyhow::R
         report.load.push(put);
         report.fanout.push(watch);
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The data plane's benchmarks, each on a server of its own (a fresh store, its own memory).
+async fn run_dataplane(args: &AllArgs, preset: &Preset, report: &mut Report) -> anyhow::Result<()> {
+    let target = Target::start(&args.server).await?;
+    report.write = dataplane::run_write(&target, &preset.write).await?;
+    target.stop().await?;
+    let target = Target::start(&args.server).await?;
+    eprintln!(
+        "  live: {} readers, {:.0} packets/s",
+        preset.live.readers, preset.live.rate
+    );
+    report
+        .live
+        .push(dataplane::run_live(&target, &preset.live).await?);
+    target.stop().await?;
+    let target = Target::start(&args.server).await?;
+    if target.pid().is_some() {
+        eprintln!(
+            "  memory: {} connections, {} readers, {} MiB past a stalled reader",
+            preset.memory.connections, preset.memory.readers, preset.memory.stalled_mib
+        );
+        report.memory = Some(dataplane::run_memory(&target, &preset.memory).await?);
+    }
+    target.stop().await?;
+    report.replay = dataplane::run_replay(&args.server, &preset.replay).await?;
+    Ok(())
 }
 
 /// The peer on its own: Pitwall's create and fan-out, then etcd's put and watch, same shape.
@@ -263,6 +363,7 @@ pub fn goals(report: &Report) -> Vec<Goal> {
             met: ratio >= 2.0,
         });
     }
+    dataplane_goals(report, &mut goals);
     if let (Some(pitwall), Some(etcd)) = (pitwall_fanout, find_fanout(&report.fanout, "etcd")) {
         goals.push(Goal {
             goal: "notification p99 no worse than etcd's watch p99".to_owned(),
@@ -276,4 +377,104 @@ pub fn goals(report: &Report) -> Vec<Goal> {
         });
     }
     goals
+}
+
+fn find_write<'a>(rows: &'a [WriteResult], system: &str) -> Option<&'a WriteResult> {
+    rows.iter().find(|r| r.system == system)
+}
+
+/// Peak RSS growth allowed while the stalled reader's data source is written: the packet
+/// store's page cache (64 MiB) and the writes in flight, not the bytes written.
+const STALLED_GROWTH_MIB: f64 = 128.0;
+
+/// The data plane's goals (issue 12), for the figures the report has.
+fn dataplane_goals(report: &Report, goals: &mut Vec<Goal>) {
+    let write = find_write(&report.write, "pitwall");
+    if let Some(w) = write {
+        goals.push(Goal {
+            goal: format!(
+                "durable 1 KiB packet writes, {} streams: ≥ 100,000 packets/s",
+                w.streams
+            ),
+            measured: format!(
+                "{:.0} packets/s ({:.1} MB/s)",
+                w.packets_per_second, w.mb_per_second
+            ),
+            met: w.packets_per_second >= 100_000.0 && w.errors == 0,
+        });
+        if let Some(noop) = find_write(&report.write, "no-op RPC") {
+            let ratio = w.packets_per_second / noop.packets_per_second.max(f64::MIN_POSITIVE);
+            goals.push(Goal {
+                goal: "packet writes ≥ 0.5 × the transport's limit (no-op RPC, same client)"
+                    .to_owned(),
+                measured: format!(
+                    "{:.0} vs {:.0} packets/s = {ratio:.2}×",
+                    w.packets_per_second, noop.packets_per_second
+                ),
+                met: ratio >= 0.5,
+            });
+        }
+    }
+    if let Some(replay) = report.replay.first() {
+        let (rate, of) = match write {
+            Some(w) => (w.packets_per_second, "the write benchmark"),
+            None => (replay.fill_rate, "the fill"),
+        };
+        let ratio = replay.packets_per_second / rate.max(f64::MIN_POSITIVE);
+        goals.push(Goal {
+            goal: format!(
+                "replay of {} packets from offset 0 ≥ 2 × the write rate",
+                replay.stored
+            ),
+            measured: format!(
+                "{:.0} packets/s vs {rate:.0} packets/s written ({of}) = {ratio:.2}×",
+                replay.packets_per_second
+            ),
+            met: ratio >= 2.0 && replay.received == replay.stored,
+        });
+    }
+    if let Some(live) = report.live.first() {
+        let wrong = live.missed + live.reordered + live.duplicates + live.unexpected;
+        goals.push(Goal {
+            goal: format!(
+                "live packets at {:.0}/s to {} readers: p99 ≤ 10 ms, none missed or reordered",
+                live.rate, live.subscribers
+            ),
+            measured: format!(
+                "ack→received p99 {:.2} ms (p50 {:.2}, p99.9 {:.2}); {} missed, {} reordered; {} not sent in time",
+                live.from_ack.p99,
+                live.from_ack.p50,
+                live.from_ack.p999,
+                live.missed,
+                live.reordered,
+                live.unsent
+            ),
+            met: live.from_ack.p99 <= 10.0
+                && wrong == 0
+                && live.delivered == live.expected
+                && live.unsent == 0,
+        });
+    }
+    if let Some(m) = &report.memory {
+        let growth = m.rss_stalled_peak_mib - m.rss_stalled_before_mib;
+        goals.push(Goal {
+            goal: format!(
+                "RSS bounded with a stalled reader while {:.0} MiB are written: peak growth ≤ {STALLED_GROWTH_MIB:.0} MiB",
+                crate::process::mib(m.stalled_written_bytes)
+            ),
+            measured: format!(
+                "{:.0} → peak {:.0} MiB (+{growth:.0}); the reader {}",
+                m.rss_stalled_before_mib,
+                m.rss_stalled_peak_mib,
+                if m.stalled_reader_alive {
+                    "still delivered afterwards"
+                } else {
+                    "did not deliver afterwards"
+                }
+            ),
+            met: growth <= STALLED_GROWTH_MIB
+                && m.stalled_reader_alive
+                && m.stalled_write_errors == 0,
+        });
+    }
 }

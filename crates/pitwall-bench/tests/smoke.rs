@@ -1,6 +1,7 @@
 //! Smoke test of every benchmark against the real `pitwall` binary, with tiny counts for about
 //! a second each. It checks correctness only (no failed request, every notification once and
-//! in order, every session back after a restart), never timings: those depend on the machine.
+//! in order, every session back after a restart, every packet read back once and in order),
+//! never timings: those depend on the machine.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,17 +29,19 @@ fn bench(args: &[&str]) -> Value {
 
 /// The JSON report and what the tool wrote to standard error.
 fn bench_with_log(args: &[&str]) -> (Value, String) {
+    run_bench(args, true)
+}
+
+/// Runs `pitwall-bench --strict <args>`, with `--server-bin` when it spawns a server.
+fn run_bench(args: &[&str], spawns_server: bool) -> (Value, String) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let json = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_pitwall-bench"))
-        .arg("--strict")
-        .arg("--json")
-        .arg(&json)
-        .args(args)
-        .arg("--server-bin")
-        .arg(pitwall_binary())
-        .output()
-        .expect("pitwall-bench runs");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pitwall-bench"));
+    command.arg("--strict").arg("--json").arg(&json).args(args);
+    if spawns_server {
+        command.arg("--server-bin").arg(pitwall_binary());
+    }
+    let output = command.output().expect("pitwall-bench runs");
     assert!(
         output.status.success(),
         "pitwall-bench {args:?} failed:\n{}\n{}",
@@ -184,8 +187,148 @@ fn etcd_peer_runs_when_etcd_is_installed() {
 }
 
 #[test]
+fn packet_writes_are_acknowledged_and_reach_the_transport() {
+    let report = bench(&[
+        "write",
+        "--streams",
+        "2",
+        "--packets-per-request",
+        "8",
+        "--packets-per-call",
+        "32",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+    ]);
+    let rows = report["write"].as_array().expect("write rows");
+    let systems: Vec<&str> = rows.iter().filter_map(|r| r["system"].as_str()).collect();
+    // The disk again at the size of Pitwall's commits, read from its metrics.
+    assert_eq!(
+        systems,
+        [
+            "pitwall",
+            "no-op RPC",
+            "write+fdatasync",
+            "write+fdatasync, Pitwall's commits"
+        ]
+    );
+    for row in rows {
+        assert!(count(row, "packets") > 0, "{row}");
+        assert_eq!(count(row, "errors"), 0, "{row}");
+        assert_eq!(count(row, "lost"), 0, "{row}");
+        assert!(row["pitwall_ratio"].as_f64().is_some(), "{row}");
+    }
+    assert_eq!(rows[2]["packets_per_commit"].as_f64(), Some(16.0));
+}
+
+#[test]
+fn replay_reads_back_every_packet_once_in_order() {
+    let report = bench(&["replay", "--packets", "1000", "--fill-streams", "2"]);
+    let rows = report["replay"].as_array().expect("replay rows");
+    // The server's defaults, then restarted with --batching-responses.
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(count(row, "stored"), 1000, "{row}");
+        assert_eq!(count(row, "received"), 1000, "{row}");
+        for field in ["missing", "reordered", "duplicates", "unexpected"] {
+            assert_eq!(count(row, field), 0, "{field}: {row}");
+        }
+    }
+    // One packet per response by default; fewer, larger responses when batching.
+    assert_eq!(count(&rows[0], "responses"), 1000);
+    assert!(count(&rows[1], "responses") < 1000, "{}", rows[1]);
+}
+
+#[test]
+fn live_readers_receive_every_packet_once_in_order() {
+    let report = bench(&[
+        "live",
+        "--readers",
+        "2",
+        "--rate",
+        "100",
+        "--seconds",
+        "0.5",
+        "--writers",
+        "2",
+    ]);
+    let live = &report["live"][0];
+    assert!(count(live, "writes") > 0, "{live}");
+    assert_eq!(count(live, "expected"), 2 * count(live, "writes"), "{live}");
+    assert_eq!(count(live, "delivered"), count(live, "expected"), "{live}");
+    for field in [
+        "missed",
+        "reordered",
+        "duplicates",
+        "unexpected",
+        "stream_errors",
+    ] {
+        assert_eq!(count(live, field), 0, "{field}: {live}");
+    }
+}
+
+#[test]
+fn memory_measures_connections_readers_and_a_stalled_reader() {
+    let report = bench(&[
+        "memory",
+        "--connections",
+        "10",
+        "--readers",
+        "10",
+        "--stalled-mib",
+        "2",
+        "--settle-ms",
+        "50",
+    ]);
+    let memory = &report["memory"];
+    assert_eq!(count(memory, "connections"), 10, "{memory}");
+    assert_eq!(count(memory, "readers"), 10, "{memory}");
+    assert_eq!(count(memory, "stalled_written_bytes"), 2 << 20, "{memory}");
+    assert_eq!(count(memory, "stalled_write_errors"), 0, "{memory}");
+    assert_eq!(memory["stalled_reader_alive"], true, "{memory}");
+}
+
+#[test]
+fn every_storage_engine_reads_back_what_it_wrote() {
+    let (report, _) = run_bench(&["engines", "--packets", "500", "--batch", "64"], false);
+    let rows = report["engines"].as_array().expect("engine rows");
+    assert_eq!(rows.len(), 4);
+    for row in rows {
+        assert_eq!(count(row, "packets"), 500, "{row}");
+        assert_eq!(count(row, "read_errors"), 0, "{row}");
+    }
+}
+
+#[test]
+fn all_quick_reports_the_data_plane_and_its_goals() {
+    let report = bench(&["all", "--quick", "--no-etcd", "--no-sessions"]);
+    assert_eq!(count(&report, "runs"), 1);
+    assert!(
+        report
+            .get("load")
+            .is_none_or(|rows| rows.as_array().is_some_and(Vec::is_empty))
+    );
+    assert_eq!(report["write"].as_array().map(Vec::len), Some(4));
+    assert_eq!(report["replay"].as_array().map(Vec::len), Some(2));
+    assert_eq!(report["live"].as_array().map(Vec::len), Some(1));
+    assert!(report["memory"].is_object());
+    assert_eq!(report["engines"].as_array().map(Vec::len), Some(4));
+    let goals = report["goals"].as_array().expect("goals");
+    assert_eq!(goals.len(), 5, "{goals:?}");
+}
+
+#[test]
 fn all_quick_reports_every_table_and_goal() {
-    let report = bench(&["all", "--quick", "--no-etcd", "--runs", "2"]);
+    let report = bench(&[
+        "all",
+        "--quick",
+        "--no-etcd",
+        "--no-dataplane",
+        "--no-engines",
+        "--runs",
+        "2",
+    ]);
     assert_eq!(count(&report, "runs"), 2);
     assert!(
         report["load"]
