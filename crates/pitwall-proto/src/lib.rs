@@ -4,7 +4,9 @@
 //! the `SessionManagementService` requests, responses, client and server, `key_generator` the
 //! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. One message is
 //! written by hand, [`watch_response`], so that a server can send an event it encoded once to
-//! every watcher. Logic belongs in `pitwall-core` and `pitwall-server`.
+//! every watcher; [`json`] is the one JSON form of `pitwall.v1` sessions, events and trees
+//! (the command line prints it, the board reads it). Logic belongs in `pitwall-core` and
+//! `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
@@ -28,6 +30,7 @@ pub mod ma {
     }
 }
 
+pub mod json;
 pub mod watch_response;
 
 /// Pitwall's own services, beside the Stream API.
