@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use pitwall_core::EventKind;
 use pitwall_core::lifecycle::{order, sub};
@@ -155,6 +155,12 @@ impl Watcher {
     /// [`Feed::is_closed`]).
     pub async fn recv(&mut self) -> Option<Published> {
         self.subscriber.next().await?.ok()
+    }
+
+    /// The next group if one is waiting; `None` otherwise (or at the end, which the next
+    /// [`Watcher::recv`] reports again).
+    pub fn try_recv(&mut self) -> Option<Published> {
+        self.subscriber.next().now_or_never()??.ok()
     }
 }
 

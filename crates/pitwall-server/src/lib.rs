@@ -8,7 +8,8 @@
 //!   subscribers per data source; [`feed`]: the session feed: sequenced events, the kept
 //!   window, resumable watchers.
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
-//! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree.
+//! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree;
+//!   [`follow`]: the catch-up-then-live loop every feed follower runs.
 //! - [`sweeper`]: the background pass that proposes auto-ends and purges to the writer.
 //! - [`clock`]: the server's time, the system's or a manual one for tests.
 //! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
@@ -35,6 +36,7 @@ pub mod engine;
 pub mod fanout;
 pub mod feed;
 pub mod feed_service;
+pub mod follow;
 pub mod grpc_status;
 pub mod keys;
 pub mod log;
