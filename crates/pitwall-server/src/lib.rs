@@ -12,7 +12,8 @@
 //!   [`follow`]: the catch-up-then-live loop every feed follower runs.
 //! - [`sweeper`]: the background pass that proposes auto-ends and purges to the writer.
 //! - [`clock`]: the server's time, the system's or a manual one for tests.
-//! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them, health, and
+//!   [`board`]: the live session board (its page, JSON and event stream).
 //! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
 //! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
@@ -29,6 +30,7 @@
 pub mod admin;
 pub mod apply;
 pub mod auth;
+pub mod board;
 pub mod clock;
 pub mod config;
 pub mod connections;

@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Readiness};
 use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
+use crate::board::Board;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::connections::accept_tcp;
@@ -114,7 +115,8 @@ pub struct Launched {
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
-    /// Tasks serving one call each (feed watchers): stopped and awaited at shutdown.
+    /// Tasks serving one call each (feed watchers, board event streams): stopped and awaited
+    /// at shutdown.
     calls: TaskTracker,
     grpc_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
@@ -292,6 +294,15 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
     };
+    let board = Board {
+        engine: engine.clone(),
+        feed: feed.clone(),
+        calls: calls.clone(),
+        access: access.clone(),
+        limits: config.limits.clone(),
+        clock: clock.clone(),
+        tls: tls.is_some(),
+    };
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(
             AdminListener {
@@ -300,14 +311,14 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
             },
             metrics.clone(),
             readiness.clone(),
-            access.clone(),
+            board,
             shutdown.clone(),
         )),
         None => tokio::spawn(admin::serve(
             metrics_listener,
             metrics.clone(),
             readiness.clone(),
-            access.clone(),
+            board,
             shutdown.clone(),
         )),
     };
