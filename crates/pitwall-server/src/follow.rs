@@ -23,6 +23,11 @@ pub trait FeedSink: Send {
     /// How long the stream may stay silent before [`FeedSink::keep_alive`] is called.
     const KEEP_ALIVE: Option<Duration> = None;
 
+    /// Once a group arrives, how long to wait for more before sending them together: caps
+    /// how often a follower is written to, whatever the write rate, at the cost of this much
+    /// latency.
+    const LINGER: Option<Duration> = None;
+
     /// Every event up to this sequence has been sent (or filtered out): where a resume
     /// starts.
     fn position(&self) -> u64;
@@ -126,6 +131,12 @@ async fn run<S: FeedSink>(
                 continue;
             }
         };
+        if let Some(linger) = S::LINGER {
+            tokio::select! {
+                () = tokio::time::sleep(linger) => {}
+                () = sink.gone() => return Err(Ended::Gone),
+            }
+        }
         if S::COALESCE > 1 {
             let mut events = group.to_vec();
             for _ in 1..S::COALESCE {

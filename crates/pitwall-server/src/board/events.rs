@@ -51,9 +51,15 @@ const STALLED_AFTER: Duration = Duration::from_secs(10);
 /// each may hold [`COALESCE`] groups.
 const CHUNKS_BUFFERED: usize = 2;
 
-/// Published groups written in one chunk when more are waiting: under load a browser gets
-/// one write for a burst instead of one per group.
-const COALESCE: usize = 16;
+/// After a change, how long a stream waits for more before writing them in one chunk. The
+/// page redraws at most every 250 ms, so this adds nothing a user sees, and it caps the writes
+/// to each browser at 20 a second whatever the write rate: a thousand boards cost a thousand
+/// writes every 50 ms, not a thousand per change.
+const LINGER: Duration = Duration::from_millis(50);
+
+/// Published groups written in one chunk at most (a linger's worth at a high write rate; a
+/// browser that fell behind catches up in chunks of this many).
+const COALESCE: usize = 256;
 
 /// A feed event as the board sends it: decoded once for filtering, and in JSON. Made by the
 /// first stream that sends the event and shared by every other, so a thousand boards render
@@ -62,23 +68,55 @@ const COALESCE: usize = 16;
 pub struct BoardEvent {
     session: Option<Session>,
     json: Bytes,
+    /// The whole `change` message of a store position holding only this event, for a board
+    /// it does not match and for one it does: what almost every board is sent, as is.
+    alone: [Bytes; 2],
 }
 
 impl BoardEvent {
     pub fn of(item: &FeedItem) -> BoardEvent {
-        match SessionEvent::decode(item.bytes.clone()) {
-            Ok(event) => BoardEvent {
-                json: Bytes::from(json::event(&event).to_string()),
-                session: event.session,
-            },
+        let (session, json) = match SessionEvent::decode(item.bytes.clone()) {
+            Ok(event) => {
+                let text = json::event(&event).to_string();
+                (event.session, text)
+            }
             // Events are encoded by this server; one that does not decode is shown as its
             // position alone rather than stopping every board.
-            Err(_) => BoardEvent {
-                session: None,
-                json: Bytes::from(json!({ "sequence": item.sequence }).to_string()),
-            },
+            Err(_) => (None, json!({ "sequence": item.sequence }).to_string()),
+        };
+        let alone = |matching: bool| {
+            let mut message = BytesMut::new();
+            change(&mut message, item.sequence, &[json.as_bytes()], &[matching]);
+            message.freeze()
+        };
+        BoardEvent {
+            alone: [alone(false), alone(true)],
+            session,
+            json: Bytes::from(json),
         }
     }
+}
+
+/// Writes the `change` message of store position `sequence`.
+fn change(chunk: &mut BytesMut, sequence: u64, events: &[&[u8]], matching: &[bool]) {
+    chunk.put_slice(
+        format!("id: {sequence}\nevent: change\ndata: {{\"sequence\":{sequence},\"events\":[")
+            .as_bytes(),
+    );
+    for (index, event) in events.iter().enumerate() {
+        if index > 0 {
+            chunk.put_u8(b',');
+        }
+        chunk.put_slice(event);
+    }
+    chunk.put_slice(b"],\"matching\":[");
+    for (index, matches) in matching.iter().enumerate() {
+        if index > 0 {
+            chunk.put_u8(b',');
+        }
+        chunk.put_slice(if *matches { b"true" } else { b"false" });
+    }
+    chunk.put_slice(b"]}\n\n");
 }
 
 pub type Chunk = Result<Bytes, Infallible>;
@@ -170,34 +208,42 @@ impl EventStream {
         }
     }
 
-    /// One `change` message per store position after `last`, all in one chunk.
+    /// One `change` message per store position after `last`, all in one chunk. A lone event
+    /// (the usual case) is sent as the message every board shares, without rendering it
+    /// again.
     fn changes(&mut self, events: &[Arc<FeedItem>]) -> Bytes {
-        let mut chunk = BytesMut::new();
         let from = self.last;
         let mut events = events.iter().filter(|e| e.sequence > from).peekable();
+        let mut positions: Vec<Vec<&FeedItem>> = Vec::new();
         while let Some(first) = events.next() {
-            let sequence = first.sequence;
-            let mut data = BytesMut::new();
-            let mut matching = Vec::new();
-            for item in std::iter::once(first).chain(std::iter::from_fn(|| {
-                events.next_if(|e| e.sequence == sequence)
-            })) {
-                let event = item.board_event();
-                if !data.is_empty() {
-                    data.put_u8(b',');
-                }
-                data.put_slice(&event.json);
-                matching.push(if self.matches(event) { "true" } else { "false" });
+            let mut position = vec![first.as_ref()];
+            while let Some(next) = events.next_if(|e| e.sequence == first.sequence) {
+                position.push(next);
             }
-            chunk.put_slice(
-                format!(
-                    "id: {sequence}\nevent: change\ndata: {{\"sequence\":{sequence},\"events\":["
-                )
-                .as_bytes(),
-            );
-            chunk.put_slice(&data);
-            chunk.put_slice(format!("],\"matching\":[{}]}}\n\n", matching.join(",")).as_bytes());
-            self.last = sequence;
+            positions.push(position);
+        }
+        let Some(last) = positions.last().map(|position| position[0].sequence) else {
+            return Bytes::new();
+        };
+        self.last = last;
+        if let [position] = positions.as_slice()
+            && let [item] = position.as_slice()
+        {
+            let event = item.board_event();
+            return event.alone[usize::from(self.matches(event))].clone();
+        }
+        let mut chunk = BytesMut::new();
+        for position in positions {
+            if let [item] = position.as_slice() {
+                let event = item.board_event();
+                chunk.put_slice(&event.alone[usize::from(self.matches(event))]);
+                continue;
+            }
+            let rendered: Vec<&BoardEvent> =
+                position.iter().map(|item| item.board_event()).collect();
+            let json: Vec<&[u8]> = rendered.iter().map(|event| event.json.as_ref()).collect();
+            let matching: Vec<bool> = rendered.iter().map(|event| self.matches(event)).collect();
+            change(&mut chunk, position[0].sequence, &json, &matching);
         }
         chunk.freeze()
     }
@@ -214,6 +260,7 @@ impl EventStream {
 impl FeedSink for EventStream {
     const COALESCE: usize = COALESCE;
     const KEEP_ALIVE: Option<Duration> = Some(KEEP_ALIVE);
+    const LINGER: Option<Duration> = Some(LINGER);
 
     fn position(&self) -> u64 {
         self.last
@@ -245,4 +292,69 @@ impl FeedSink for EventStream {
 fn message(id: Option<u64>, event: &str, data: &str) -> Bytes {
     let id = id.map(|id| format!("id: {id}\n")).unwrap_or_default();
     Bytes::from(format!("{id}event: {event}\ndata: {data}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use pitwall_proto::feed::{SessionFilter, SessionState};
+
+    use super::*;
+
+    fn item(sequence: u64, data_source: &str) -> Arc<FeedItem> {
+        Arc::new(FeedItem::encode(&SessionEvent {
+            sequence,
+            data_source: data_source.into(),
+            session: Some(Session {
+                data_source: data_source.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    fn data_lines(chunk: &Bytes) -> Vec<serde_json::Value> {
+        std::str::from_utf8(chunk)
+            .unwrap()
+            .lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_position_is_one_message_whatever_its_events_and_each_event_is_flagged() {
+        let query = Query::new(SessionFilter {
+            data_sources: vec!["Car1".into()],
+            state: SessionState::All as i32,
+            ..Default::default()
+        })
+        .unwrap();
+        let (mut stream, _chunks) = EventStream::new(query, 1);
+        let events = [
+            item(1, "Car1"),
+            item(2, "Car1"),
+            item(3, "Car1"),
+            item(3, "Car2"),
+        ];
+        let chunk = stream.changes(&events);
+        let messages = data_lines(&chunk);
+        assert_eq!(messages.len(), 2, "sequence 1 was sent before");
+        assert_eq!(messages[0]["sequence"], 2);
+        assert_eq!(messages[0]["matching"], serde_json::json!([true]));
+        assert_eq!(messages[1]["sequence"], 3);
+        assert_eq!(messages[1]["events"].as_array().unwrap().len(), 2);
+        assert_eq!(messages[1]["matching"], serde_json::json!([true, false]));
+        assert_eq!(stream.position(), 3);
+        assert!(
+            std::str::from_utf8(&chunk)
+                .unwrap()
+                .starts_with("id: 2\nevent: change\n")
+        );
+
+        // A lone event is the message every board shares.
+        let lone = item(4, "Car2");
+        let sent = stream.changes(std::slice::from_ref(&lone));
+        assert_eq!(sent, lone.board_event().alone[0]);
+        assert_eq!(data_lines(&sent)[0]["matching"], serde_json::json!([false]));
+    }
 }
