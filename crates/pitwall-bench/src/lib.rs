@@ -10,6 +10,7 @@
 //! - [`payload`]: the session-sized create request (five details) both systems store.
 //! - [`scenario`]: load scenarios: health, create, update, get, end, mixed.
 //! - [`fanout`]: many notification subscribers while sessions are created; delivery checks.
+//! - [`board`]: the same with browsers' event streams (the board's Server-Sent Events).
 //! - [`recovery`]: fill a store, restart on it, time to ready and memory per session.
 //! - [`etcd`]: the peer, spawned and driven with `Put` and `Watch`.
 //! - [`report`]: results, medians over runs, goals, markdown tables.
@@ -19,6 +20,7 @@
 //! The benchmarks check correctness (no failed request, every notification once and in order,
 //! every session back after a restart) and measure; only the measuring depends on the machine.
 
+pub mod board;
 pub mod connection;
 pub mod driver;
 pub mod etcd;
