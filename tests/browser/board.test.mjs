@@ -161,12 +161,22 @@ before(async () => {
   browser = await chromium.launch({ executablePath: browserPath, args: CHROMIUM_FLAGS });
 });
 
-after(async () => {
-  if (browser) await browser.close();
+/// Servers a failed test left running: they must not outlive the run (an exit handler runs
+/// even when a hook throws).
+function killServers() {
   for (const server of servers) {
     if (server.child.exitCode === null && server.child.signalCode === null) server.child.kill('SIGKILL');
   }
-  rmSync(scratch, { recursive: true, force: true });
+}
+process.on('exit', killServers);
+
+after(async () => {
+  killServers();
+  try {
+    if (browser) await browser.close();
+  } finally {
+    rmSync(scratch, { recursive: true, force: true });
+  }
 });
 
 test('a session created by a gRPC client shows within a second, updates live, and moves to ended', { timeout: 90000 }, async () => {
