@@ -21,7 +21,7 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::connection::{self, pick};
-use crate::driver::{self, Pace, Step, StepError};
+use crate::driver::{self, Step, StepError};
 use crate::latency::Latencies;
 use crate::process::CpuTimes;
 use crate::report::{CpuPerRequest, FanoutResult};
@@ -107,7 +107,7 @@ pub async fn run<F: Feed, W: Writer>(
         .collect();
     let outcome = driver::run(
         writers,
-        Pace::Open { rate },
+        driver::Pace::Open { rate },
         Duration::from_secs_f64(seconds.max(0.0)),
     )
     .await?;
@@ -197,6 +197,10 @@ pub fn check(
     let mut before_ack = 0u64;
     let mut from_ack = Latencies::default();
     let mut from_send = Latencies::default();
+    let mut write_latency = Latencies::default();
+    for write in &writes.writes {
+        write_latency.record(write.acked.saturating_duration_since(write.sent));
+    }
     let mut seen = vec![false; order.len()];
     for keys in &receipts.keys {
         seen.fill(false);
@@ -252,6 +256,8 @@ pub fn check(
         from_ack: from_ack.percentiles(),
         from_send: from_send.percentiles(),
         before_ack: before_ack as f64 / receipts_total as f64,
+        write_latency: write_latency.percentiles(),
+        writer_us_per_write: None,
         cpu: CpuPerRequest::default(),
         rss_before_mib: None,
         rss_after_mib: None,
@@ -271,30 +277,70 @@ pub fn key_number(key: &str) -> anyhow::Result<u128> {
 
 /// Fan-out on Pitwall: `GetSessionStartNotification` subscribers, `CreateSession` writers.
 pub async fn run_pitwall(target: &Target, args: &FanoutArgs) -> anyhow::Result<FanoutResult> {
-    let data_source = format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let data_source = fresh_data_source("fanout");
     let channels = connection::connect(target.url(), args.subscriber_connections).await?;
     let feeds: Vec<PitwallFeed> = futures::stream::iter(0..args.subscribers)
         .map(|i| subscribe(pick(&channels, i), data_source.clone()))
         .buffer_unordered(SUBSCRIBE_PARALLELISM)
         .try_collect()
         .await?;
+    let creates = Creates {
+        rate: args.create_rate,
+        seconds: args.seconds,
+        writers: args.writers,
+    };
+    measure_pitwall(target, "pitwall", &data_source, feeds, &creates).await
+}
+
+/// A data source no earlier run used.
+pub fn fresh_data_source(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// How sessions are created while subscribers listen.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Creates {
+    /// Sessions created per second while the subscribers listen.
+    #[arg(long = "create-rate", default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of creating.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Loops creating sessions (open loop at --create-rate in total).
+    #[arg(long, default_value_t = 16)]
+    pub writers: usize,
+}
+
+/// Creates sessions in `data_source` as `creates` says while `feeds` (already registered) listen, then
+/// checks what each received against the order Pitwall lists them in, and times it.
+pub async fn measure_pitwall<F: Feed>(
+    target: &Target,
+    system: &str,
+    data_source: &str,
+    feeds: Vec<F>,
+    creates: &Creates,
+) -> anyhow::Result<FanoutResult> {
+    let subscribers = feeds.len();
     let writer_channels = connection::connect(target.url(), 1).await?;
-    let writers: Vec<CreateWriter> = (0..args.writers.max(1))
+    let writers: Vec<CreateWriter> = (0..creates.writers.max(1))
         .map(|i| CreateWriter {
-            create: CreateStep::new(pick(&writer_channels, i), &data_source, i, args.writers),
+            create: CreateStep::new(pick(&writer_channels, i), data_source, i, creates.writers),
             writes: Vec::new(),
         })
         .collect();
     let rss_before = target.resident_bytes()?;
     let cpu_before = CpuTimes::read(target.pid());
-    let (writes, receipts) = run(feeds, writers, args.create_rate, args.seconds).await?;
+    let (writes, receipts) = run(feeds, writers, creates.rate, creates.seconds).await?;
     let cpu_after = CpuTimes::read(target.pid());
     let rss_after = target.resident_bytes()?;
     let mut client =
         SessionClient::new(pick(&writer_channels, 0)).max_decoding_message_size(usize::MAX);
     let listed = client
         .get_current_sessions(GetCurrentSessionsRequest {
-            data_source: data_source.clone(),
+            data_source: data_source.to_owned(),
         })
         .await
         .context("GetCurrentSessions after the fan-out failed")?
@@ -305,14 +351,15 @@ pub async fn run_pitwall(target: &Target, args: &FanoutArgs) -> anyhow::Result<F
         .map(|key| key_number(key))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut result = check(
-        "pitwall",
-        args.subscribers,
-        args.create_rate,
+        system,
+        subscribers,
+        creates.rate,
         &order,
         &writes,
         &receipts,
     );
     result.cpu = cpu_before.per_request(&cpu_after, result.delivered);
+    result.writer_us_per_write = cpu_before.per_request(&cpu_after, result.writes).writer_us;
     result.rss_before_mib = rss_before.map(crate::process::mib);
     result.rss_after_mib = rss_after.map(crate::process::mib);
     Ok(result)

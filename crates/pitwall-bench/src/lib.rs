@@ -10,6 +10,7 @@
 //! - [`payload`]: the session-sized create request (five details) both systems store.
 //! - [`scenario`]: load scenarios: health, create, update, get, end, mixed.
 //! - [`fanout`]: many notification subscribers while sessions are created; delivery checks.
+//! - [`board`]: the same with browsers' event streams (the board's Server-Sent Events).
 //! - [`recovery`]: fill a store, restart on it, time to ready and memory per session.
 //! - [`packets`]: the data plane's 1 KiB packets (stamped with writer, sequence and due
 //!   time) and the writer loop that streams them through `WriteDataPackets`.
@@ -28,6 +29,7 @@
 //! every session back after a restart, every packet read back once and in its writer's order)
 //! and measure; only the measuring depends on the machine.
 
+pub mod board;
 pub mod connection;
 pub mod dataplane;
 pub mod driver;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use pitwall_bench::board::{self, BoardArgs};
 use pitwall_bench::dataplane::{self, LiveArgs, MemoryArgs, ReplayArgs, WriteArgs};
 use pitwall_bench::engines::{self, EnginesArgs};
 use pitwall_bench::etcd::EtcdArgs;
@@ -41,6 +42,9 @@ enum Command {
     Load(LoadCommand),
     /// Start notifications to many subscribers while sessions are created at a fixed rate.
     Fanout(FanoutCommand),
+    /// The board's event stream (SSE) to many browsers while sessions are created at a fixed
+    /// rate.
+    Board(BoardCommand),
     /// Fill a store, restart on it: time to ready and memory per session.
     Recovery(RecoveryCommand),
     /// Pitwall against etcd: durable write rate and notification latency.
@@ -80,6 +84,14 @@ struct LoadCommand {
 struct FanoutCommand {
     #[command(flatten)]
     fanout: FanoutArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct BoardCommand {
+    #[command(flatten)]
+    board: BoardArgs,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -184,6 +196,16 @@ async fn run(cli: &Cli) -> anyhow::Result<Report> {
         Command::Fanout(args) => {
             let target = Target::start(&args.server).await?;
             let result = fanout::run_pitwall(&target, &args.fanout).await?;
+            target.stop().await?;
+            Report {
+                runs: 1,
+                fanout: vec![result],
+                ..Report::default()
+            }
+        }
+        Command::Board(args) => {
+            let target = Target::start(&args.server).await?;
+            let result = board::run(&target, &args.board).await?;
             target.stop().await?;
             Report {
                 runs: 1,

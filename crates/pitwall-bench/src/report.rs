@@ -74,6 +74,10 @@ pub struct FanoutResult {
     pub from_send: Percentiles,
     /// Share of notifications received before their write was acknowledged.
     pub before_ack: f64,
+    /// From when each write was due to be sent to its acknowledgement.
+    pub write_latency: Percentiles,
+    /// CPU of the server's writer thread per write (Pitwall only).
+    pub writer_us_per_write: Option<f64>,
     /// CPU per delivered notification (writes included), by the server and the benchmark.
     pub cpu: CpuPerRequest,
     pub rss_before_mib: Option<f64>,
@@ -540,13 +544,13 @@ fn cpu_cell(cpu: &CpuPerRequest) -> String {
 
 fn fanout_table(rows: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "| system | subscribers | offered writes/s | writes (unsent) | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | CPU µs/notification server + client | RSS MiB before → after |\n\
-         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| system | subscribers | offered writes/s | writes (unsent) | delivered / expected | missed | reordered | ack→recv p50 ms | p90 | p99 | p99.9 | max | send→recv p50 ms | p99 | before ack | write p50 ms | write p99 ms | writer CPU µs/write | CPU µs/notification server + client | RSS MiB before → after |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {} ({}) | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {} + {} | {} → {} |",
+            "| {} | {} | {:.0} | {} ({}) | {} / {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {:.2} | {:.2} | {} | {} + {} | {} → {} |",
             r.system,
             r.subscribers,
             r.rate,
@@ -564,6 +568,9 @@ fn fanout_table(rows: &[FanoutResult]) -> String {
             r.from_send.p50,
             r.from_send.p99,
             r.before_ack * 100.0,
+            r.write_latency.p50,
+            r.write_latency.p99,
+            optional(r.writer_us_per_write, 0),
             optional(r.cpu.server_us, 1),
             optional(r.cpu.client_us, 1),
             optional(r.rss_before_mib, 0),
@@ -819,6 +826,10 @@ fn median_fanout(rows: &[&FanoutResult]) -> FanoutResult {
         from_ack: median_percentiles(&rows.iter().map(|r| r.from_ack).collect::<Vec<_>>()),
         from_send: median_percentiles(&rows.iter().map(|r| r.from_send).collect::<Vec<_>>()),
         before_ack: median(rows.iter().map(|r| r.before_ack)),
+        write_latency: median_percentiles(
+            &rows.iter().map(|r| r.write_latency).collect::<Vec<_>>(),
+        ),
+        writer_us_per_write: median_option(rows.iter().map(|r| r.writer_us_per_write)),
         cpu: CpuPerRequest {
             server_us: median_option(rows.iter().map(|r| r.cpu.server_us)),
             writer_us: median_option(rows.iter().map(|r| r.cpu.writer_us)),

@@ -36,6 +36,10 @@ pub struct ServerArgs {
     /// Process id of the server given by --server, to read its memory.
     #[arg(long, value_name = "PID", requires = "server")]
     pub server_pid: Option<u32>,
+    /// Admin HTTP address (host:port) of the server given by --server, for the board's event
+    /// stream.
+    #[arg(long, value_name = "ADDR", requires = "server")]
+    pub server_admin: Option<String>,
     /// Extra argument for a spawned `pitwall serve` (repeatable), e.g. --server-arg=--max-batch=256.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
@@ -70,8 +74,13 @@ pub enum Target {
         process: PitwallProcess,
         _data_dir: tempfile::TempDir,
     },
-    /// Running elsewhere; only reachable by URL (and memory if its pid was given).
-    Attached { url: String, pid: Option<u32> },
+    /// Running elsewhere; only reachable by URL (memory if its pid was given, the board if
+    /// its admin address was).
+    Attached {
+        url: String,
+        pid: Option<u32>,
+        admin: Option<String>,
+    },
 }
 
 impl Target {
@@ -80,6 +89,7 @@ impl Target {
             return Ok(Target::Attached {
                 url: url.clone(),
                 pid: args.server_pid,
+                admin: args.server_admin.clone(),
             });
         }
         let data_dir = fresh_data_dir()?;
@@ -98,6 +108,16 @@ impl Target {
         }
     }
 
+    /// `host:port` of the admin HTTP port (metrics, health, the board).
+    pub fn admin_addr(&self) -> anyhow::Result<&str> {
+        match self {
+            Target::Spawned { process, .. } => Ok(&process.ready.metrics),
+            Target::Attached { admin, .. } => admin.as_deref().context(
+                "the admin address of the server is not known; pass --server-admin HOST:PORT",
+            ),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         match self {
             Target::Spawned { process, .. } => Some(process.pid),
@@ -108,7 +128,7 @@ impl Target {
     /// The server's admin HTTP address (`/metrics`), when it was spawned here.
     pub fn metrics_addr(&self) -> Option<&str> {
         match self {
-            Target::Spawned { process, .. } => process.ready.metrics.as_deref(),
+            Target::Spawned { process, .. } => Some(process.ready.metrics.as_str()),
             Target::Attached { .. } => None,
         }
     }
@@ -153,9 +173,8 @@ pub struct PitwallProcess {
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Ready {
     pub grpc: String,
-    /// The admin HTTP address (`/metrics`).
-    #[serde(default)]
-    pub metrics: Option<String>,
+    /// The admin HTTP address (metrics, health, the board).
+    pub metrics: String,
     /// Sessions read from the store at startup.
     pub sessions: u64,
 }

@@ -129,7 +129,27 @@ fn fanout_delivers_every_session_to_every_subscriber_in_order() {
         "--seconds",
         "1",
     ]);
-    let fanout = &report["fanout"][0];
+    every_session_to_every_subscriber(&report["fanout"][0]);
+}
+
+#[test]
+fn board_delivers_every_session_to_every_browser_in_order() {
+    let report = bench(&[
+        "board",
+        "--clients",
+        "20",
+        "--create-rate",
+        "200",
+        "--seconds",
+        "1",
+    ]);
+    let board = &report["fanout"][0];
+    assert_eq!(board["system"], "pitwall board (SSE)");
+    every_session_to_every_subscriber(board);
+}
+
+/// 20 subscribers got every write once, in order, with no stream failing.
+fn every_session_to_every_subscriber(fanout: &Value) {
     assert!(count(fanout, "writes") > 0, "{fanout}");
     assert_eq!(count(fanout, "delivered"), count(fanout, "expected"));
     assert_eq!(count(fanout, "expected"), 20 * count(fanout, "writes"));

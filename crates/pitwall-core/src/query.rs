@@ -105,26 +105,72 @@ impl Query {
     }
 
     pub fn matches(&self, session: &Session) -> bool {
+        self.matches_fields(Fields {
+            complete: session.is_complete(),
+            data_source: &session.data_source,
+            identifier: &session.identifier,
+            detail: &|key| session.details.get(key),
+            creation_time: session.creation_time,
+            termination_time: session.termination_time(),
+        })
+    }
+
+    /// [`Query::matches`] for a session as `pitwall.v1` shows it (a feed event's session).
+    pub fn matches_view(&self, session: &feed::Session) -> bool {
+        self.matches_fields(Fields {
+            complete: session.is_complete,
+            data_source: &session.data_source,
+            identifier: &session.identifier,
+            detail: &|key| session.details.get(key),
+            creation_time: session.creation_time,
+            termination_time: session.termination_time,
+        })
+    }
+
+    /// Whether the filter lets every session through (nothing to check per session).
+    pub fn is_everything(&self) -> bool {
+        self.data_sources.is_empty()
+            && self.state == SessionState::All
+            && self.identifier.is_none()
+            && self.details.is_empty()
+            && self.created.from.is_none()
+            && self.created.to.is_none()
+            && self.ended.is_none()
+    }
+
+    fn matches_fields(&self, session: Fields<'_>) -> bool {
         let state = match self.state {
             SessionState::All => true,
-            SessionState::Live => !session.is_complete(),
-            SessionState::Complete => session.is_complete(),
+            SessionState::Live => !session.complete,
+            SessionState::Complete => session.complete,
         };
         state
-            && (self.data_sources.is_empty() || self.data_sources.contains(&session.data_source))
+            && (self.data_sources.is_empty()
+                || self.data_sources.iter().any(|d| d == session.data_source))
             && self
                 .identifier
                 .as_ref()
-                .is_none_or(|glob| glob.is_match(&session.identifier))
+                .is_none_or(|glob| glob.is_match(session.identifier))
             && self
                 .details
                 .iter()
-                .all(|(key, value)| session.details.get(key) == Some(value))
+                .all(|(key, value)| (session.detail)(key) == Some(value))
             && self.created.contains(session.creation_time)
-            && self.ended.as_ref().is_none_or(|ended| {
-                session.is_complete() && ended.contains(session.termination_time())
-            })
+            && self
+                .ended
+                .as_ref()
+                .is_none_or(|ended| session.complete && ended.contains(session.termination_time))
     }
+}
+
+/// What a filter looks at, from either form of a session.
+struct Fields<'a> {
+    complete: bool,
+    data_source: &'a str,
+    identifier: &'a str,
+    detail: &'a dyn Fn(&str) -> Option<&'a String>,
+    creation_time: Option<Timestamp>,
+    termination_time: Option<Timestamp>,
 }
 
 /// How much one page may cost.
@@ -198,6 +244,102 @@ pub fn page(
         sessions,
         next_page_token,
     })
+}
+
+/// The sessions a live board shows for a filter: the live ones, oldest first, up to a cap, and
+/// the ones that ended last. Gathered a step at a time, so that the projection's lock is held
+/// briefly however many sessions there are; a session that changes between steps is shown as
+/// one step saw it, and the feed events after the first step's position bring it up to date.
+#[derive(Debug)]
+pub struct BoardListing {
+    query: Query,
+    /// Creation sequence of the last session looked at.
+    after: Option<u64>,
+    live: Vec<feed::Session>,
+    max_live: usize,
+    /// Live sessions matching beyond `max_live`.
+    more_live: usize,
+    /// Candidates for the latest ends, trimmed to `max_ended` whenever twice that gathered.
+    ended: Vec<(EndOrder, feed::Session)>,
+    max_ended: usize,
+    /// Once `max_ended` are kept, an end no later than this cannot make the list.
+    threshold: Option<EndOrder>,
+}
+
+/// Termination time, then creation sequence: the order of "ended last".
+type EndOrder = ((i64, i32), u64);
+
+/// What a [`BoardListing`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoardSessions {
+    /// Oldest first.
+    pub live: Vec<feed::Session>,
+    /// Live sessions that matched beyond the cap.
+    pub more_live: usize,
+    /// The latest end first.
+    pub ended: Vec<feed::Session>,
+}
+
+impl BoardListing {
+    /// `query`'s state is ignored: the board shows live and ended sessions apart.
+    pub fn new(mut query: Query, max_live: usize, max_ended: usize) -> BoardListing {
+        query.state = SessionState::All;
+        BoardListing {
+            query,
+            after: None,
+            live: Vec::new(),
+            max_live,
+            more_live: 0,
+            ended: Vec::new(),
+            max_ended,
+            threshold: None,
+        }
+    }
+
+    /// Looks at up to `budget` more sessions; true once every session has been looked at.
+    pub fn step(&mut self, projection: &Projection, budget: usize) -> bool {
+        let mut candidates = projection.in_creation_order(&self.query.data_sources, self.after);
+        for _ in 0..budget {
+            let Some(session) = candidates.next() else {
+                return true;
+            };
+            self.after = Some(session.sequence);
+            if !self.query.matches(session) {
+                continue;
+            }
+            match session.termination_time() {
+                None if self.live.len() < self.max_live => self.live.push(session.to_view()),
+                None => self.more_live += 1,
+                Some(ended) => {
+                    let at = (order(ended), session.sequence);
+                    if self.threshold.is_none_or(|threshold| at > threshold) {
+                        self.ended.push((at, session.to_view()));
+                        if self.ended.len() >= 2 * self.max_ended.max(1) {
+                            self.trim_ended();
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    pub fn finish(mut self) -> BoardSessions {
+        self.trim_ended();
+        BoardSessions {
+            live: self.live,
+            more_live: self.more_live,
+            ended: self.ended.into_iter().map(|(_, session)| session).collect(),
+        }
+    }
+
+    fn trim_ended(&mut self) {
+        self.ended.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        self.ended.truncate(self.max_ended);
+        if self.ended.len() == self.max_ended {
+            self.threshold = self.ended.last().map(|(at, _)| *at);
+        }
+    }
 }
 
 fn parse_token(page_token: &str) -> Result<Option<u64>, Rejection> {
@@ -366,6 +508,15 @@ mod tests {
             let p = projection(40);
             prop_assert_eq!(all_pages(&p, filter.clone(), size), model(40, &filter));
         }
+
+        #[test]
+        fn a_filter_reads_both_forms_of_a_session_alike(filter in filter_strategy()) {
+            let p = projection(40);
+            let query = Query::new(filter).unwrap();
+            for session in p.sessions() {
+                prop_assert_eq!(query.matches(session), query.matches_view(&session.to_view()));
+            }
+        }
     }
 
     #[test]
@@ -418,6 +569,42 @@ mod tests {
         let page = page(&p, &query, "", PageLimits::for_request(0, 1)).unwrap();
         assert_eq!(page.sessions.len(), 1);
         assert!(!page.next_page_token.is_empty());
+    }
+
+    #[test]
+    fn a_board_lists_live_sessions_oldest_first_and_the_latest_ends_first() {
+        let p = projection(40);
+        let query = Query::new(SessionFilter {
+            data_sources: vec!["ds0".into(), "ds1".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut listing = BoardListing::new(query, 5, 3);
+        // A step at a time, as the server takes the lock.
+        while !listing.step(&p, 4) {}
+        let board = listing.finish();
+        let keys = |sessions: &[feed::Session]| {
+            sessions
+                .iter()
+                .map(|s| s.session_key.clone())
+                .collect::<Vec<_>>()
+        };
+        // Live: i % 4 != 0 and i % 3 != 2, oldest first.
+        assert_eq!(keys(&board.live), ["k1", "k3", "k6", "k7", "k9"]);
+        assert_eq!(board.more_live, 20 - 5);
+        // Ended: i % 4 == 0 and i % 3 != 2, ended at i + 10, latest first.
+        assert_eq!(keys(&board.ended), ["k36", "k28", "k24"]);
+        let everything = Query::new(SessionFilter::default()).unwrap();
+        assert!(everything.is_everything());
+        assert!(everything.matches_view(&board.live[0]));
+        let glob = Query::new(SessionFilter {
+            identifier_glob: "run 3*".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!glob.is_everything());
+        assert!(glob.matches_view(&board.live[1]));
+        assert!(!glob.matches_view(&board.live[0]));
     }
 
     #[test]

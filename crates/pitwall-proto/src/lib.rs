@@ -6,7 +6,8 @@
 //! remote key generator's client, `feed` Pitwall's own `pitwall.v1` service. Three messages are
 //! written by hand: [`watch_response`], so that a server can send an event it encoded once to
 //! every watcher, and the two of [`raw_packet`], so that a client's packet is kept as the bytes it
-//! sent. Logic belongs in `pitwall-core` and `pitwall-server`.
+//! sent; [`json`] is the one JSON form of `pitwall.v1` sessions, events and trees (the command
+//! line prints it, the board reads it). Logic belongs in `pitwall-core` and `pitwall-server`.
 
 /// The generated modules, nested as their protobuf packages (generated code refers across
 /// packages by relative paths, so the nesting must match).
@@ -32,6 +33,7 @@ pub mod ma {
     }
 }
 
+pub mod json;
 pub mod raw_packet;
 pub mod watch_response;
 

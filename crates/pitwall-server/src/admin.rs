@@ -1,5 +1,6 @@
-//! The admin HTTP port: `/metrics` for Prometheus, `/healthz` (the process is up) and
-//! `/readyz` (the store is open and replayed and the server is not shutting down).
+//! The admin HTTP port: `/metrics` for Prometheus, `/healthz` (the process is up), `/readyz`
+//! (the store is open and replayed and the server is not shutting down), and the live session
+//! board ([`crate::board`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use axum::routing::get;
 use tracing::warn;
 
 use crate::auth::{Access, Denied, http_rule};
+use crate::board::{self, Board};
 use crate::metrics::{CONTENT_TYPE, Metrics};
 use crate::shutdown::Shutdown;
 
@@ -38,22 +40,26 @@ struct AdminState {
 }
 
 /// Serves the admin endpoints on `listener` (plain TCP or TLS) until shutdown.
+/// Board event streams end by themselves once the feed closes at shutdown, so graceful
+/// shutdown can wait for them like for any other response.
 pub async fn serve<L>(
     listener: L,
     metrics: Metrics,
     readiness: Readiness,
-    access: Access,
+    board: Board,
     shutdown: Shutdown,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
+    let access = board.access.clone();
     let app = Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_page))
         .with_state(AdminState { metrics, readiness })
+        .merge(board::routes(board))
         .layer(axum::middleware::from_fn_with_state(access, authorize));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.wait().await })
@@ -75,13 +81,19 @@ async fn ready_page(State(state): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-/// Checks the request's bearer token against the path's rule.
+/// Checks the request's bearer token (or, where the board reads, the board's cookie) against
+/// the path's rule.
 async fn authorize(State(access): State<Access>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
-    match access.check(
-        http_rule(&path),
-        request.headers().get(header::AUTHORIZATION),
-    ) {
+    let rule = http_rule(&path);
+    let headers = request.headers();
+    let checked = match headers.get(header::AUTHORIZATION) {
+        None if board::takes_cookie(&path) => {
+            access.check_token(rule, board::cookie_token(headers).as_deref())
+        }
+        authorization => access.check(rule, authorization),
+    };
+    match checked {
         Ok(()) => next.run(request).await,
         Err(denied) => {
             warn!(path, reason = denied.message(), "admin request denied");

@@ -178,26 +178,34 @@ pub const GRPC_RULES: &[(&str, Rule)] = &[
     ),
 ];
 
-/// The rule of every admin HTTP path; other paths need `admin`.
+/// The rule of every admin HTTP path; other paths need `admin`, unless a prefix rule applies.
 pub const HTTP_RULES: &[(&str, Rule)] = &[
     ("/metrics", Rule::Needs(Role::Admin)),
     ("/healthz", Rule::Open),
     ("/readyz", Rule::Open),
+    ("/", Rule::Open),
 ];
 
+/// Rules of the admin HTTP paths under a prefix, where no exact rule applies: the board's
+/// assets and sign-in are open (they hold no session); what it reads is under `/api/`.
+pub const HTTP_PREFIX_RULES: &[(&str, Rule)] =
+    &[("/board/", Rule::Open), ("/api/", Rule::Needs(Role::Read))];
+
 pub fn grpc_rule(path: &str) -> Rule {
-    lookup(GRPC_RULES, path)
+    find(GRPC_RULES, |method| method == path).unwrap_or(Rule::Needs(Role::Admin))
 }
 
 pub fn http_rule(path: &str) -> Rule {
-    lookup(HTTP_RULES, path)
+    find(HTTP_RULES, |exact| exact == path)
+        .or_else(|| find(HTTP_PREFIX_RULES, |prefix| path.starts_with(prefix)))
+        .unwrap_or(Rule::Needs(Role::Admin))
 }
 
-fn lookup(rules: &[(&str, Rule)], path: &str) -> Rule {
+fn find(rules: &[(&str, Rule)], applies: impl Fn(&str) -> bool) -> Option<Rule> {
     rules
         .iter()
-        .find(|(p, _)| *p == path)
-        .map_or(Rule::Needs(Role::Admin), |(_, rule)| *rule)
+        .find(|(path, _)| applies(path))
+        .map(|(_, rule)| *rule)
 }
 
 #[derive(Debug, Error)]
@@ -339,6 +347,15 @@ impl Access {
 
     /// Checks a request against `rule`, given its `authorization` header.
     pub fn check(&self, rule: Rule, authorization: Option<&HeaderValue>) -> Result<(), Denied> {
+        let token = authorization
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        self.check_token(rule, token)
+    }
+
+    /// Checks a token, however it came (a bearer header, the board's cookie), against `rule`.
+    pub fn check_token(&self, rule: Rule, token: Option<&str>) -> Result<(), Denied> {
         let Rule::Needs(needed) = rule else {
             return Ok(());
         };
@@ -346,10 +363,6 @@ impl Access {
         let Some(tokens) = guard.as_ref() else {
             return Ok(());
         };
-        let token = authorization
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
         let Some(token) = token else {
             return Err(Denied::Unauthenticated(format!(
                 "a bearer token with role '{}' or higher is needed (authorization: Bearer …)",
@@ -501,5 +514,15 @@ mod tests {
         assert_eq!(grpc_rule("/some.New/Rpc"), Rule::Needs(Role::Admin));
         assert_eq!(http_rule("/debug"), Rule::Needs(Role::Admin));
         assert_eq!(http_rule("/healthz"), Rule::Open);
+    }
+
+    #[test]
+    fn the_board_page_is_open_and_what_it_reads_needs_read() {
+        assert_eq!(http_rule("/"), Rule::Open);
+        assert_eq!(http_rule("/board/board.js"), Rule::Open);
+        assert_eq!(http_rule("/api/events"), Rule::Needs(Role::Read));
+        assert_eq!(http_rule("/api/board"), Rule::Needs(Role::Read));
+        assert_eq!(http_rule("/apix"), Rule::Needs(Role::Admin));
+        assert_eq!(http_rule("/metrics"), Rule::Needs(Role::Admin));
     }
 }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use pitwall_core::EventKind;
 use pitwall_core::lifecycle::{order, sub};
@@ -21,6 +21,7 @@ use prost::Message;
 use prost::bytes::Bytes;
 use prost_types::Timestamp;
 
+use crate::board::events::BoardEvent;
 use crate::fanout::{CutOffNotice, Fanout, Subscriber};
 use crate::metrics::Metrics;
 
@@ -29,13 +30,25 @@ pub type Published = Arc<[Arc<FeedItem>]>;
 
 /// An event as the feed keeps it: encoded once, sent as these bytes to every watcher (and, on
 /// the embedded store, stored as them), with what filtering and trimming need beside.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct FeedItem {
     pub sequence: u64,
     pub data_source: String,
     pub time: Option<Timestamp>,
     /// The encoded `pitwall.v1.SessionEvent`.
     pub bytes: Bytes,
+    /// The event as board streams send it, made when the first one needs it.
+    board: OnceLock<Arc<BoardEvent>>,
+}
+
+impl PartialEq for FeedItem {
+    /// The event, not whether a board has rendered it yet.
+    fn eq(&self, other: &Self) -> bool {
+        self.sequence == other.sequence
+            && self.data_source == other.data_source
+            && self.time == other.time
+            && self.bytes == other.bytes
+    }
 }
 
 impl FeedItem {
@@ -45,6 +58,7 @@ impl FeedItem {
             data_source: event.data_source.clone(),
             time: event.time,
             bytes: Bytes::from(event.encode_to_vec()),
+            board: OnceLock::new(),
         }
     }
 
@@ -55,7 +69,14 @@ impl FeedItem {
             data_source: event.data_source,
             time: event.time,
             bytes,
+            board: OnceLock::new(),
         })
+    }
+
+    /// The event as the board's event stream sends it: rendered by the first stream that
+    /// sends it, then shared by every other.
+    pub fn board_event(&self) -> &BoardEvent {
+        self.board.get_or_init(|| Arc::new(BoardEvent::of(self)))
     }
 }
 
@@ -155,6 +176,12 @@ impl Watcher {
     /// [`Feed::is_closed`]).
     pub async fn recv(&mut self) -> Option<Published> {
         self.subscriber.next().await?.ok()
+    }
+
+    /// The next group if one is waiting; `None` otherwise (or at the end, which the next
+    /// [`Watcher::recv`] reports again).
+    pub fn try_recv(&mut self) -> Option<Published> {
+        self.subscriber.next().now_or_never()??.ok()
     }
 }
 

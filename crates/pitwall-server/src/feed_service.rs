@@ -25,12 +25,10 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::engine::Engine;
-use crate::feed::{Compacted, Feed, FeedItem, Follow, HistoryError, Published};
+use crate::feed::{Compacted, Feed, FeedItem};
+use crate::follow::{Ended, FeedSink, Gone, follow};
 use crate::metrics::Metrics;
 use crate::service::{answer_status, starting};
-
-/// Events read from the disk history per step of a catch-up.
-const HISTORY_PAGE: usize = 512;
 
 /// A filtered watcher that has been sent nothing for this long is sent its position, so it can
 /// resume from there instead of from a sequence that may have left the window.
@@ -114,14 +112,13 @@ impl SessionFeed for FeedService {
             };
             let (sender, receiver) = mpsc::channel(WATCH_RESPONSES_BUFFERED);
             let watch = Watch {
-                feed: self.feed.clone(),
                 data_source: request.data_source,
                 last: after,
                 budget: self.message_budget,
                 sender,
                 last_sent: Instant::now(),
             };
-            self.tasks.spawn(watch.run());
+            self.tasks.spawn(watch.run(self.feed.clone()));
             Ok(Box::pin(ReceiverStream::new(receiver)) as WatchStream)
         });
         answer_status(&self.metrics, "Watch", started, result)
@@ -179,7 +176,6 @@ impl SessionFeed for FeedService {
 
 /// One watcher: catches up from history, then follows the live feed.
 struct Watch {
-    feed: Arc<Feed>,
     data_source: String,
     /// Everything up to this sequence has been sent (or filtered out).
     last: u64,
@@ -188,80 +184,38 @@ struct Watch {
     last_sent: Instant,
 }
 
-/// Why a watch ended early.
-enum Ended {
-    /// The client went away or the server is stopping: nothing more to say.
-    Quietly,
-    /// Tell the client.
-    With(Status),
-}
-
 impl Watch {
-    async fn run(mut self) {
-        match self.follow().await {
-            Ok(()) | Err(Ended::Quietly) => {}
-            Err(Ended::With(status)) => {
-                debug!(code = ?status.code(), message = status.message(), "watch ended");
-                let _ = self.sender.send(Err(status)).await;
-            }
-        }
+    async fn run(mut self, feed: Arc<Feed>) {
+        let status = match follow(&feed, &mut self).await {
+            Ended::Closed | Ended::Gone => return,
+            Ended::Compacted(e) => compacted(e),
+            Ended::CutOff { queue } => Status::resource_exhausted(format!(
+                "this watcher fell more than {queue} updates behind and was cut off; resume \
+                 with from_sequence = {}",
+                self.last
+            )),
+            Ended::Unavailable(reason) => Status::unavailable(reason),
+            Ended::Internal(reason) => Status::internal(reason),
+        };
+        debug!(code = ?status.code(), message = status.message(), "watch ended");
+        let _ = self.sender.send(Err(status)).await;
     }
 
-    async fn follow(&mut self) -> Result<(), Ended> {
-        let mut live = loop {
-            match self.feed.follow(self.last) {
-                Err(e) => return Err(Ended::With(compacted(e))),
-                Ok(Follow::Live { tail, live }) => {
-                    self.send_events(&tail).await?;
-                    break live;
-                }
-                Ok(Follow::Behind) => {
-                    let (feed, after) = (self.feed.clone(), self.last);
-                    let page = tokio::task::spawn_blocking(move || {
-                        feed.history_after(after, HISTORY_PAGE)
-                    })
-                    .await
-                    .map_err(|e| Ended::With(Status::internal(e.to_string())))?;
-                    let page = match page {
-                        Ok(page) => page,
-                        Err(HistoryError::Compacted(e)) => return Err(Ended::With(compacted(e))),
-                        Err(e) => return Err(Ended::With(Status::unavailable(e.to_string()))),
-                    };
-                    if page.is_empty() {
-                        // Nothing on disk after `last`: memory has caught up meanwhile.
-                        continue;
-                    }
-                    let page: Vec<Arc<FeedItem>> = page.into_iter().map(Arc::new).collect();
-                    self.send_events(&page).await?;
-                }
-            }
-        };
-        // Caught up: say so, so the client knows its position even if nothing matched.
-        self.send(Vec::new()).await?;
-        loop {
-            let group: Published = tokio::select! {
-                group = live.recv() => match group {
-                    Some(group) => group,
-                    // Shutdown: closed once every acknowledged write's events were queued.
-                    None if self.feed.is_closed() => return Ok(()),
-                    None => {
-                        return Err(Ended::With(Status::resource_exhausted(format!(
-                            "this watcher fell more than {} updates behind and was cut off; \
-                             resume with from_sequence = {}",
-                            self.feed.queue(),
-                            self.last
-                        ))));
-                    }
-                },
-                () = self.sender.closed() => return Err(Ended::Quietly),
-            };
-            self.send_events(&group).await?;
-        }
+    async fn respond(&mut self, events: Vec<Bytes>) -> Result<(), Gone> {
+        let response = WatchResponse::encoded(events, self.last);
+        self.last_sent = Instant::now();
+        self.sender.send(Ok(response)).await.map_err(|_| Gone)
+    }
+}
+
+impl FeedSink for Watch {
+    fn position(&self) -> u64 {
+        self.last
     }
 
     /// Sends the events after `last` that match the filter, in responses that fit the message
     /// limit without splitting a sequence; a filtered watcher gets its position now and then.
-    async fn send_events(&mut self, events: &[Arc<FeedItem>]) -> Result<(), Ended> {
+    async fn send(&mut self, events: &[Arc<FeedItem>]) -> Result<(), Gone> {
         let mut batch: Vec<Bytes> = Vec::new();
         let mut bytes = 0;
         let mut advanced = false;
@@ -271,7 +225,7 @@ impl Watch {
             if event.sequence != self.last && bytes >= self.budget / 4 {
                 let full = std::mem::take(&mut batch);
                 bytes = 0;
-                self.send(full).await?;
+                self.respond(full).await?;
             }
             self.last = event.sequence;
             advanced = true;
@@ -282,18 +236,18 @@ impl Watch {
             }
         }
         if !batch.is_empty() || (advanced && self.last_sent.elapsed() >= PROGRESS_EVERY) {
-            self.send(batch).await?;
+            self.respond(batch).await?;
         }
         Ok(())
     }
 
-    async fn send(&mut self, events: Vec<Bytes>) -> Result<(), Ended> {
-        let response = WatchResponse::encoded(events, self.last);
-        self.last_sent = Instant::now();
-        self.sender
-            .send(Ok(response))
-            .await
-            .map_err(|_| Ended::Quietly)
+    /// Says so, so the client knows its position even if nothing matched.
+    async fn caught_up(&mut self) -> Result<(), Gone> {
+        self.respond(Vec::new()).await
+    }
+
+    async fn gone(&self) {
+        self.sender.closed().await
     }
 }
 

@@ -8,10 +8,12 @@
 //!   subscribers per data source; [`feed`]: the session feed: sequenced events, the kept
 //!   window, resumable watchers.
 //! - [`service`]: the `SessionManagementService` RPCs: validation, answers, refusal reasons.
-//! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree.
+//! - [`feed_service`]: `pitwall.v1.SessionFeed`: Watch, ListSessions, GetSessionTree;
+//!   [`follow`]: the catch-up-then-live loop every feed follower runs.
 //! - [`sweeper`]: the background pass that proposes auto-ends and purges to the writer.
 //! - [`clock`]: the server's time, the system's or a manual one for tests.
-//! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them and health.
+//! - [`metrics`]: Prometheus metrics; [`admin`]: the HTTP port serving them, health, and
+//!   [`board`]: the live session board (its page, JSON and event stream).
 //! - [`grpc_status`]: status codes mapped to what grpc-core clients expect.
 //! - [`keys`]: new session keys, local UUIDs or the remote key generator.
 //! - [`server`]: startup (open, replay, bind, ready) and graceful shutdown.
@@ -28,6 +30,7 @@
 pub mod admin;
 pub mod apply;
 pub mod auth;
+pub mod board;
 pub mod clock;
 pub mod config;
 pub mod connections;
@@ -36,6 +39,7 @@ pub mod engine;
 pub mod fanout;
 pub mod feed;
 pub mod feed_service;
+pub mod follow;
 pub mod grpc_status;
 pub mod keys;
 pub mod log;

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::admin::{self, Readiness};
 use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
+use crate::board::Board;
 use crate::clock::Clock;
 use crate::config::{Config, StoreConfig};
 use crate::connections::accept_tcp;
@@ -146,8 +147,8 @@ pub struct Launched {
     health: HealthReporter,
     readiness: Readiness,
     shutdown: Shutdown,
-    /// Background tasks of the ports: accept loops, TLS handshakes, feed watchers. Each ends
-    /// at shutdown (watchers once the feed closes); shutdown waits for them.
+    /// Background tasks of the ports: accept loops, TLS handshakes, feed watchers, board event
+    /// streams. Each ends at shutdown (watchers once the feed closes); shutdown waits for them.
     tasks: TaskTracker,
     grpc_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     admin_task: Option<JoinHandle<std::io::Result<()>>>,
@@ -395,6 +396,15 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
             tokio::spawn(router.serve_with_incoming_shutdown(connections, stop_serving))
         }
     };
+    let board = Board {
+        engine: engine.clone(),
+        feed: feed.clone(),
+        calls: tasks.clone(),
+        access: access.clone(),
+        limits: config.limits.clone(),
+        clock: clock.clone(),
+        tls: tls.is_some(),
+    };
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(
             AdminListener {
@@ -403,14 +413,14 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
             },
             metrics.clone(),
             readiness.clone(),
-            access.clone(),
+            board,
             shutdown.clone(),
         )),
         None => tokio::spawn(admin::serve(
             metrics_listener,
             metrics.clone(),
             readiness.clone(),
-            access.clone(),
+            board,
             shutdown.clone(),
         )),
     };

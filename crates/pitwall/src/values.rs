@@ -1,5 +1,6 @@
 //! Text forms of the values the command line reads and prints: details, UTC offsets, times.
 
+pub use pitwall_proto::json::{format_time, format_utc_offset};
 use prost_types::{Duration, Timestamp};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -35,12 +36,6 @@ pub fn parse_utc_offset(text: &str) -> Result<Duration, String> {
     })
 }
 
-pub fn format_utc_offset(offset: &Duration) -> String {
-    let sign = if offset.seconds < 0 { '-' } else { '+' };
-    let minutes = offset.seconds.unsigned_abs() / 60;
-    format!("{sign}{:02}:{:02}", minutes / 60, minutes % 60)
-}
-
 /// An RFC 3339 time, e.g. `2026-05-01T14:03:00Z` or `2026-05-01T16:03:00+02:00`.
 pub fn parse_time(text: &str) -> Result<Timestamp, String> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
@@ -50,15 +45,6 @@ pub fn parse_time(text: &str) -> Result<Timestamp, String> {
         seconds: nanos.div_euclid(1_000_000_000) as i64,
         nanos: nanos.rem_euclid(1_000_000_000) as i32,
     })
-}
-
-/// RFC 3339 in UTC; the raw seconds if the time cannot be shown that way.
-pub fn format_time(timestamp: &Timestamp) -> String {
-    let nanos = i128::from(timestamp.seconds) * 1_000_000_000 + i128::from(timestamp.nanos);
-    OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("{}s", timestamp.seconds))
 }
 
 #[cfg(test)]

@@ -4,17 +4,18 @@
 use std::time::Duration;
 
 use pitwall_proto::feed::{
-    EventKind, GetSessionTreeRequest, ListSessionsRequest, SessionEvent, SessionFilter,
-    SessionNode, WatchRequest, WatchResponse,
+    GetSessionTreeRequest, ListSessionsRequest, SessionEvent, SessionFilter, SessionNode,
+    WatchRequest, WatchResponse,
 };
-use serde_json::{Value, json};
+use pitwall_proto::json::{self, kind_name};
+use serde_json::Value;
 use tonic::{Code, Status, Streaming};
 
 use super::Session;
 use crate::cli::Output;
 use crate::client::{ClientError, root_cause};
 use crate::output;
-use crate::values::{format_time, format_utc_offset};
+use crate::values::format_time;
 
 /// Sessions asked for per `ListSessions` page (the server's cap).
 const PAGE_SIZE: u32 = 1000;
@@ -87,7 +88,7 @@ impl Session {
                 );
             }
             Output::Json => {
-                output::json(&Value::Array(sessions.iter().map(session_json).collect()))
+                output::json(&Value::Array(sessions.iter().map(json::session).collect()))
             }
         }
         Ok(())
@@ -111,7 +112,7 @@ impl Session {
                 ))
             })?;
         match self.output {
-            Output::Json => output::json(&node_json(&root)),
+            Output::Json => output::json(&json::tree(&root)),
             Output::Table => {
                 let mut lines = vec![node_label(&root)];
                 section("associates", &root.children, |n| &n.children, &mut lines);
@@ -308,14 +309,7 @@ impl Session {
                     .trim_end(),
                 )
             }
-            Output::Json => output::json_line(&json!({
-                "sequence": event.sequence,
-                "kind": kind,
-                "session_key": event.session_key,
-                "data_source": event.data_source,
-                "time": event.time.as_ref().map(format_time),
-                "session": event.session.as_ref().map(session_json),
-            })),
+            Output::Json => output::json_line(&json::event(event)),
         }
     }
 
@@ -350,14 +344,6 @@ fn is_lost(status: &Status) -> bool {
         status.code(),
         Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
     ) || std::error::Error::source(status).is_some()
-}
-
-fn kind_name(kind: i32) -> String {
-    match EventKind::try_from(kind) {
-        Ok(EventKind::Unspecified) => "UNSPECIFIED".to_owned(),
-        Ok(kind) => kind.as_str_name().to_owned(),
-        Err(_) => format!("KIND_{kind}"),
-    }
 }
 
 /// `KEY  identifier (data_source, live|complete)`, `KEY  (unknown)` or `KEY  (cycle)`.
@@ -410,32 +396,4 @@ fn indented(
     for child in next(node) {
         indented(child, level + 1, next, lines);
     }
-}
-
-fn node_json(node: &SessionNode) -> Value {
-    json!({
-        "session_key": node.session_key,
-        "session": node.session.as_ref().map(session_json),
-        "cycle": node.cycle,
-        "children": node.children.iter().map(node_json).collect::<Vec<_>>(),
-        "parents": node.parents.iter().map(node_json).collect::<Vec<_>>(),
-    })
-}
-
-fn session_json(session: &pitwall_proto::feed::Session) -> Value {
-    json!({
-        "session_key": session.session_key,
-        "data_source": session.data_source,
-        "identifier": session.identifier,
-        "type": session.r#type,
-        "version": session.version,
-        "is_complete": session.is_complete,
-        "creation_time": session.creation_time.as_ref().map(format_time),
-        "termination_time": session.termination_time.as_ref().map(format_time),
-        "last_activity_time": session.last_activity_time.as_ref().map(format_time),
-        "utc_offset": format_utc_offset(&session.utc_offset.unwrap_or_default()),
-        "associate_session_keys": session.associate_session_keys,
-        "details": session.details,
-        "topic_partition_offsets": session.topic_partition_offsets,
-    })
 }

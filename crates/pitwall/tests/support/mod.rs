@@ -189,6 +189,11 @@ impl TestServer {
         self.running().metrics_addr()
     }
 
+    /// The access check, to reload its token file.
+    pub fn access(&self) -> pitwall_server::auth::Access {
+        self.running().access()
+    }
+
     pub fn shutdown_handle(&self) -> pitwall_server::Shutdown {
         self.running().shutdown_handle()
     }
@@ -298,9 +303,26 @@ pub fn reason<T>(response: &tonic::Response<T>) -> Option<String> {
 }
 
 pub async fn create(client: &mut Client, data_source: &str) -> String {
+    create_with(client, data_source, "", &[], &[]).await
+}
+
+/// Creates a session with an identifier, details and associates.
+pub async fn create_with(
+    client: &mut Client,
+    data_source: &str,
+    identifier: &str,
+    details: &[(&str, &str)],
+    associates: &[&str],
+) -> String {
     let response = client
         .create_session(CreateSessionRequest {
             data_source: data_source.into(),
+            identifier: identifier.into(),
+            details: details
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+            associate_session_key: associates.iter().map(|a| a.to_string()).collect(),
             ..Default::default()
         })
         .await
@@ -402,6 +424,167 @@ pub async fn http_get_with_token(addr: &str, path: &str, token: Option<&str>) ->
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// An answer to [`http_request`].
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request on its own connection, with the given headers, answered whole.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpAnswer {
+    let response = send_http(addr, method, path, headers, body.to_owned(), None).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .expect("the body arrives whole")
+        .to_bytes();
+    HttpAnswer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Sends one request and returns once the response head arrived. `receive_buffer` shrinks
+/// the socket's receive buffer (set before connecting), so that a client that stops reading
+/// stalls the server's writes after little data.
+async fn send_http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+    receive_buffer: Option<u32>,
+) -> http::Response<hyper::body::Incoming> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(bytes) = receive_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    let stream = socket.connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    // Ends with the connection (the response body dropped, or the server closing it).
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(prost::bytes::Bytes::from(body)))
+        .unwrap();
+    tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("no answer in time")
+        .unwrap()
+}
+
+/// One message of a Server-Sent Events stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseMessage {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseMessage {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// The board's event stream (`/api/events`), read a message at a time.
+pub struct SseStream {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    body: hyper::body::Incoming,
+    /// Bytes received and not yet a whole message (a frame may end inside a character).
+    pending: Vec<u8>,
+}
+
+impl SseStream {
+    pub async fn open(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        SseStream::open_with(addr, path, headers, None).await
+    }
+
+    /// [`SseStream::open`] on a socket whose receive buffer is `receive_buffer` bytes.
+    pub async fn open_with(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        receive_buffer: Option<u32>,
+    ) -> Self {
+        let response = send_http(addr, "GET", path, headers, String::new(), receive_buffer).await;
+        SseStream {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            body: response.into_body(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// The next message with an event name (comments and `retry` alone are skipped), or
+    /// `None` when the stream ended; nothing within [`PATIENCE`] is a failure.
+    pub async fn next(&mut self) -> Option<SseMessage> {
+        tokio::time::timeout(PATIENCE, self.read())
+            .await
+            .expect("no event-stream message in time")
+    }
+
+    async fn read(&mut self) -> Option<SseMessage> {
+        loop {
+            while let Some(end) = self.pending.windows(2).position(|pair| pair == b"\n\n") {
+                let block: Vec<u8> = self.pending.drain(..end + 2).collect();
+                let block = String::from_utf8(block).expect("the stream is UTF-8");
+                let mut message = SseMessage {
+                    id: None,
+                    event: String::new(),
+                    data: String::new(),
+                };
+                for line in block.lines() {
+                    let (field, value) = line.split_once(": ").unwrap_or((line, ""));
+                    match field {
+                        "id" => message.id = Some(value.to_owned()),
+                        "event" => message.event = value.to_owned(),
+                        "data" if message.data.is_empty() => message.data = value.to_owned(),
+                        "data" => message.data = format!("{}\n{value}", message.data),
+                        _ => {}
+                    }
+                }
+                if !message.event.is_empty() {
+                    return Some(message);
+                }
+            }
+            let frame = http_body_util::BodyExt::frame(&mut self.body).await?;
+            if let Ok(data) = frame.expect("the stream reads").into_data() {
+                self.pending.extend_from_slice(&data);
+            }
+        }
+    }
 }
 
 /// The value of one sample line of a Prometheus text exposition, e.g.
