@@ -39,7 +39,7 @@ use crate::apply::{Applier, read};
 use crate::auth::{Access, GrpcAuthLayer, Tokens};
 use crate::board::Board;
 use crate::clock::Clock;
-use crate::config::{Config, StoreConfig};
+use crate::config::Config;
 use crate::connections::accept_tcp;
 use crate::dataplane::DataPlane;
 use crate::dataplane::connections::{ConnectionService, Connections, ReadConnectionsService};
@@ -52,7 +52,6 @@ use crate::feed_service::FeedService;
 use crate::grpc_status::{GrpcContentTypeLayer, oversize_as_resource_exhausted};
 use crate::keys::KeySource;
 use crate::log::packets::PacketLog;
-use crate::log::packets::embedded::EmbeddedPacketLog;
 use crate::log::{self, LogHealth, Opened, StartLogError};
 use crate::metrics::Metrics;
 use crate::notify::Hub;
@@ -132,8 +131,8 @@ pub struct Launched {
     clock: Clock,
     started: Instant,
     opened: Option<Opened>,
-    /// The embedded packet log (none on a broker store yet), closed at shutdown.
-    packets: Option<Arc<EmbeddedPacketLog>>,
+    /// The packet log, closed at shutdown.
+    packets: Option<Arc<dyn PacketLog>>,
     /// The data formats of the packet log, rebuilt before the server reports ready; their
     /// followers stop at shutdown.
     formats: Option<Arc<Formats>>,
@@ -218,21 +217,9 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     };
     let opened =
         tokio::task::spawn_blocking(move || log::open(&store, &data_dir, store_options)).await??;
-    let packets = match &config.store {
-        StoreConfig::Embedded => {
-            let (data_dir, options) = (config.data_dir.clone(), config.packets.clone());
-            let (layout, clock, metrics) =
-                (config.stream_layout.clone(), clock.clone(), metrics.clone());
-            Some(Arc::new(
-                tokio::task::spawn_blocking(move || {
-                    EmbeddedPacketLog::open(&data_dir, options, layout, clock, metrics)
-                })
-                .await?
-                .map_err(StartLogError::from)?,
-            ))
-        }
-        _ => None,
-    };
+    let (packets, rebuild_formats) =
+        log::packets::open(&config, clock.clone(), metrics.clone()).await?;
+    let packets = Some(packets);
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let metrics_listener = bind(config.metrics_listen, "metrics").await?;
@@ -319,16 +306,14 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
     .max_encoding_message_size(config.max_message_bytes);
     // The rebuild starts now, beside the session replay; `finish` waits for it.
     let formats = packets.clone().map(|packets| {
-        let formats = Formats::new(
-            packets as Arc<dyn PacketLog>,
-            clock.clone(),
-            metrics.clone(),
-        );
-        formats.start();
+        let formats = Formats::new(packets, clock.clone(), metrics.clone());
+        if rebuild_formats {
+            formats.start();
+        }
         formats
     });
     let plane = DataPlane {
-        packets: packets.clone().map(|packets| packets as Arc<dyn PacketLog>),
+        packets: packets.clone(),
         formats: formats.clone(),
         connections: Arc::new(Connections::new(
             config.max_read_connections,
@@ -488,10 +473,7 @@ impl Launched {
             layout: self.config.stream_layout.clone(),
             feed_window: self.config.feed_window,
             shutdown: self.shutdown.clone(),
-            packets: self
-                .packets
-                .clone()
-                .map(|packets| packets as Arc<dyn PacketLog>),
+            packets: self.packets.clone(),
         };
         let opened = self.opened.take().expect("finish runs once");
         let log = tokio::task::spawn_blocking(move || opened.start(context))

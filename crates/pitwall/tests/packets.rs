@@ -1,18 +1,18 @@
 //! The data plane's reference scenarios (DATA-PLANE.md §7.2), over gRPC on loopback: packets
 //! written through PacketWriterService come back through PacketReaderService with their stream
 //! labels, filtered by session key, essentials copied and read to their end, in the partition
-//! and topic layouts, with response batching off and on.
+//! and topic layouts, with response batching off and on; on the embedded store, and on Kafka
+//! when the suite has a broker (each test on data-plane topics of its own).
 
 mod support;
 
 use pitwall_proto::api::*;
 use pitwall_proto::open_data::Packet;
-use pitwall_server::config::{StoreConfig, StreamLayout};
+use pitwall_server::config::StreamLayout;
 use support::*;
 use tokio::time::timeout;
 use tonic::{Code, Streaming};
 
-const DATA_SOURCE: &str = "IntegrationDs";
 const STREAM_1: &str = "AppGroup1Stream";
 const STREAM_2: &str = "AppGroup2Stream";
 /// The record key readers filter on; the packets carry another session key on purpose.
@@ -27,6 +27,7 @@ enum Layout {
 
 struct Plane {
     _server: TestServer,
+    data_source: String,
     writer: WriterClient,
     reader: ReaderClient,
     connections: ConnectionClient,
@@ -34,8 +35,6 @@ struct Plane {
 
 async fn plane(layout: Layout, batching: bool) -> Plane {
     let server = TestServer::start_with(|c| {
-        // The data plane runs on the embedded store.
-        c.store = StoreConfig::Embedded;
         c.stream_layout = match layout {
             Layout::Partitions => {
                 StreamLayout::PartitionBased(vec![(STREAM_1.into(), 1), (STREAM_2.into(), 2)])
@@ -47,6 +46,7 @@ async fn plane(layout: Layout, batching: bool) -> Plane {
     .await;
     let (writer, reader, connections) = server.data_plane().await;
     Plane {
+        data_source: data_source_for("IntegrationDs", server.data_dir()),
         _server: server,
         writer,
         reader,
@@ -68,7 +68,12 @@ impl Plane {
     async fn write(&mut self, stream: &str, key: &str, packet: &Packet) {
         self.writer
             .write_data_packet(WriteDataPacketRequest {
-                detail: Some(DataPacketDetails::new(packet, DATA_SOURCE, stream, key)),
+                detail: Some(DataPacketDetails::new(
+                    packet,
+                    &self.data_source,
+                    stream,
+                    key,
+                )),
             })
             .await
             .unwrap();
@@ -76,13 +81,14 @@ impl Plane {
 
     /// Writes every packet through one WriteDataPackets stream, a few per message.
     async fn write_stream(&mut self, packets: Vec<(String, Packet)>) {
+        let data_source = self.data_source.clone();
         let requests: Vec<WriteDataPacketsRequest> = packets
             .chunks(7)
             .map(|chunk| WriteDataPacketsRequest {
                 details: chunk
                     .iter()
                     .map(|(stream, packet)| {
-                        DataPacketDetails::new(packet, DATA_SOURCE, stream, KEY)
+                        DataPacketDetails::new(packet, &data_source, stream, KEY)
                     })
                     .collect(),
             })
@@ -98,7 +104,7 @@ impl Plane {
         self.connections
             .new_connection(NewConnectionRequest {
                 details: Some(ConnectionDetails {
-                    data_source: DATA_SOURCE.into(),
+                    data_source: self.data_source.clone(),
                     session_key: KEY.into(),
                     streams: vec![STREAM_1.into(), STREAM_2.into()],
                     stream_offsets: vec![0, 0],
@@ -374,19 +380,20 @@ async fn bad_packets_and_names_are_refused_and_change_nothing() {
         }
     };
     let good = packet("p", false);
+    let data_source = plane.data_source.clone();
     let cases = [
         DataPacketDetails {
             message: None,
-            ..DataPacketDetails::new(&good, DATA_SOURCE, STREAM_1, KEY)
+            ..DataPacketDetails::new(&good, &data_source, STREAM_1, KEY)
         },
         DataPacketDetails {
             message: Some(prost::bytes::Bytes::from_static(&[0xff, 0xff])),
-            ..DataPacketDetails::new(&good, DATA_SOURCE, STREAM_1, KEY)
+            ..DataPacketDetails::new(&good, &data_source, STREAM_1, KEY)
         },
         DataPacketDetails::new(&good, "", STREAM_1, KEY),
         DataPacketDetails::new(&good, "a b", STREAM_1, KEY),
-        DataPacketDetails::new(&good, DATA_SOURCE, "bad/stream", KEY),
-        DataPacketDetails::new(&good, DATA_SOURCE, "@stream@::_essential", KEY),
+        DataPacketDetails::new(&good, &data_source, "bad/stream", KEY),
+        DataPacketDetails::new(&good, &data_source, "@stream@::_essential", KEY),
     ];
     for details in cases {
         let status = refused(details.clone()).await;
@@ -459,8 +466,9 @@ async fn a_read_from_an_offset_starts_there_and_offsets_beyond_the_end_wait_for_
             .write(STREAM_1, KEY, &packet(&format!("p{i}"), false))
             .await;
     }
+    let data_source = plane.data_source.clone();
     let from = |offset: i64| ConnectionDetails {
-        data_source: DATA_SOURCE.into(),
+        data_source: data_source.clone(),
         streams: vec![STREAM_1.into()],
         stream_offsets: vec![offset],
         exclude_main_stream: true,

@@ -12,7 +12,15 @@
 //! to the end of the essentials (so a definition already stored is found, not duplicated), the
 //! definition is appended and made durable, and the follower is brought up to it again before
 //! the answer, which is the content's first id in log order: the same answer a restart gives.
-//! Every id of a content resolves; ids are scoped per data source and kind.
+//! Every id of a content resolves; ids are scoped per data source and kind. Servers sharing a
+//! broker can pick the same tick for different contents: after its definition is merged, an
+//! allocation checks that its id is bound to its content, and takes another id when an earlier
+//! definition in the log bound it first (which every server keeps, replay included).
+//!
+//! On the embedded store every data source's formats are rebuilt before the server is ready;
+//! on a broker each data source is rebuilt on its first use (a lookup, a new id, a
+//! `ReadDataPackets`) and followed from then on, so that a server does not hold one consumer
+//! per data source the cluster has ever seen.
 //!
 //! Packet retention does not lose formats: the embedded log carries the definitions of the
 //! essentials it removes forward into the same commit (see the packet log), and a follower
@@ -59,6 +67,10 @@ const TICKS_AT_UNIX_EPOCH: u64 = 621_355_968_000_000_000;
 /// follower that cannot reach the end (packets removed before it read them).
 const SYNC_PATIENCE: Duration = Duration::from_secs(5);
 
+/// Ids one request tries before giving up, when other servers take each one first (ids are
+/// clock ticks, so two servers allocating at the same tick pick the same id).
+const MAX_ALLOCATIONS: usize = 8;
+
 /// How long a follower waits before reading again after the packet log failed a read.
 const RETRY_READ: Duration = Duration::from_secs(1);
 
@@ -72,6 +84,8 @@ pub enum FormatError {
          directory are exhausted"
     )]
     Exhausted(u64),
+    #[error("{0} ids in a row were taken by other servers at the same time; retry")]
+    Contended(usize),
 }
 
 /// The data formats of every data source, and the followers that keep them.
@@ -299,32 +313,44 @@ impl Formats {
         }
         // New ids stay above every id stored: wait until the startup rebuild has seen them.
         self.ready_quietly().await;
-        let id = self.next_id()?;
-        let packet = Packet {
-            r#type: DEFINITION_TYPE.into(),
-            session_key: String::new(),
-            is_essential: true,
-            content: content.definition(id).encode_to_vec(),
-            id: 0,
-        };
-        let durable = self.packets.append(vec![PacketWrite {
-            data_source: data_source.to_owned(),
-            stream: String::new(),
-            session_key: String::new(),
-            packet: Bytes::from(packet.encode_to_vec()),
-            essential: true,
-        }])?;
-        durable.await.unwrap_or_else(|_| {
-            Err(PacketLogError::Unavailable(
-                "the server is shutting down".into(),
-            ))
-        })?;
-        // The follower merges the definition after whatever came before it in the log, so the
-        // answer is the one a restart would give. Merging it here too is a no-op then, and
-        // keeps read-your-writes should the follower not get there in time.
-        self.sync(&source).await;
-        self.merge(&source, id, content);
-        Ok(source.first_id(&key).unwrap_or(id))
+        for _ in 0..MAX_ALLOCATIONS {
+            let id = self.next_id()?;
+            let packet = Packet {
+                r#type: DEFINITION_TYPE.into(),
+                session_key: String::new(),
+                is_essential: true,
+                content: content.definition(id).encode_to_vec(),
+                id: 0,
+            };
+            let durable = self.packets.append(vec![PacketWrite {
+                data_source: data_source.to_owned(),
+                stream: String::new(),
+                session_key: String::new(),
+                packet: Bytes::from(packet.encode_to_vec()),
+                essential: true,
+            }])?;
+            durable.await.unwrap_or_else(|_| {
+                Err(PacketLogError::Unavailable(
+                    "the server is shutting down".into(),
+                ))
+            })?;
+            // The follower merges the definition after whatever came before it in the log, so
+            // the answer is the one a restart would give.
+            self.sync(&source).await;
+            if let Some(bound) = source.get(content.kind(), id)
+                && *bound != content
+            {
+                // Another server gave the same id to other content, earlier in the log: the
+                // first binding stands on every server, so this content takes another id.
+                warn!(%data_source, id, "a data format id was taken by another server; allocating again");
+                continue;
+            }
+            // Merging here too is a no-op after the follower, and keeps read-your-writes should
+            // the follower not get there in time.
+            self.merge(&source, id, content.clone());
+            return Ok(source.first_id(&key).unwrap_or(id));
+        }
+        Err(FormatError::Contended(MAX_ALLOCATIONS))
     }
 
     async fn ready_quietly(&self) {
@@ -525,7 +551,7 @@ impl FormatService {
     fn formats(&self) -> Result<&Arc<Formats>, Status> {
         self.plane.packets()?;
         self.plane.formats.as_ref().ok_or_else(|| {
-            Status::unavailable("data formats run on the embedded store's packet log")
+            Status::unavailable("this server keeps no data formats: it has no packet log")
         })
     }
 
@@ -545,6 +571,7 @@ impl FormatService {
             .map_err(|e| match e {
                 FormatError::Log(e) => status_of(e),
                 e @ FormatError::Exhausted(_) => Status::resource_exhausted(e.to_string()),
+                e @ FormatError::Contended(_) => Status::aborted(e.to_string()),
             })
     }
 

@@ -32,7 +32,7 @@ use formats::Formats;
 /// What the data-plane services share.
 #[derive(Clone)]
 pub struct DataPlane {
-    /// `None` where the store has no packet log yet (a broker store): the RPCs say so.
+    /// `None` only for a server built without a packet log: the RPCs say so.
     pub packets: Option<Arc<dyn PacketLog>>,
     /// The data formats of the packet log's data sources (with the packet log).
     pub formats: Option<Arc<Formats>>,
@@ -68,9 +68,7 @@ impl Default for Batching {
 impl DataPlane {
     fn packets(&self) -> Result<&Arc<dyn PacketLog>, Status> {
         self.packets.as_ref().ok_or_else(|| {
-            Status::unavailable(
-                "this server's store keeps sessions only: the data plane runs on the embedded store",
-            )
+            Status::unavailable("this server has no packet log: the data plane is not served")
         })
     }
 }

@@ -196,6 +196,8 @@ pub enum StartLogError {
     Store(#[from] pitwall_store::StoreError),
     #[error(transparent)]
     Kafka(#[from] pitwall_store::kafka::KafkaStoreError),
+    #[error("cannot open the packet log: {0}")]
+    PacketLog(String),
     #[error("cannot register the log's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot start the log's {what} thread: {source}")]

@@ -75,6 +75,15 @@ pub fn topic_for(data_dir: &Path) -> String {
     format!("pitwall-test{name}")
 }
 
+/// A data source of a test's own: on a broker, data-plane topics are shared by every test, so
+/// each test writes to topics no other test reads.
+pub fn data_source_for(prefix: &str, data_dir: &Path) -> String {
+    format!(
+        "{prefix}{}",
+        topic_for(data_dir).trim_start_matches("pitwall-test")
+    )
+}
+
 pub fn store_for(data_dir: &Path) -> StoreConfig {
     match kafka_broker() {
         Some(brokers) => StoreConfig::Kafka {

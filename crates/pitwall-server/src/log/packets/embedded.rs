@@ -12,7 +12,9 @@
 //! commit when they have caught up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -141,20 +143,7 @@ impl Shared {
     }
 
     fn space_of(&self, stream: &str) -> Space {
-        if stream.is_empty() {
-            return Space::Main;
-        }
-        match &self.layout {
-            StreamLayout::TopicBased => Space::Stream(stream.to_owned()),
-            StreamLayout::PartitionBased(mappings) => {
-                if mappings.iter().any(|(mapped, _)| mapped == stream) {
-                    Space::Stream(stream.to_owned())
-                } else {
-                    // Unmapped streams go to the main stream, as the reference routes them.
-                    Space::Main
-                }
-            }
-        }
+        super::space_of(&self.layout, stream)
     }
 }
 
@@ -240,7 +229,7 @@ impl EmbeddedPacketLog {
     }
 
     /// Ends every read, then finishes the writes queued and stops the writer.
-    pub async fn close(&self) {
+    async fn shut(&self) {
         self.stopping.cancel();
         self.readers.close();
         self.readers.wait().await;
@@ -324,6 +313,10 @@ impl PacketLog for EmbeddedPacketLog {
             }
         });
         receiver
+    }
+
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.shut())
     }
 }
 

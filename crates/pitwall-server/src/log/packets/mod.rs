@@ -2,13 +2,18 @@
 //! data source, in the reference's offset spaces (main, one per stream, essentials).
 //!
 //! [`PacketLog`] is all the data-plane services know of a store: [`embedded`] keeps packets in
-//! a redb file beside the sessions. Writes are queued to the log and answered once durable
+//! a redb file beside the sessions; [`kafka`] keeps them in the reference's topics of a Kafka
+//! cluster, shared by every instance pointed at it. Writes are queued to the log and answered once durable
 //! (group commit); reads are owned tasks that follow the log from a start offset into a bounded
 //! channel, so a slow client slows only its own read.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use prost::bytes::Bytes;
 use thiserror::Error;
@@ -17,6 +22,64 @@ use tokio_util::sync::CancellationToken;
 
 pub use pitwall_core::validate::RESERVED_STREAM;
 pub use pitwall_store::packets::Space;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::log::{StartLogError, StoreConfig, StreamLayout};
+use crate::metrics::Metrics;
+
+/// The packet log of the configured store, and whether data formats are rebuilt for every
+/// data source before the server is ready (the embedded store, which has them at hand) or on
+/// each data source's first use (a broker, where each would be one more consumer).
+pub async fn open(
+    config: &Config,
+    clock: Clock,
+    metrics: Metrics,
+) -> Result<(Arc<dyn PacketLog>, bool), StartLogError> {
+    let layout = config.stream_layout.clone();
+    Ok(match &config.store {
+        StoreConfig::Embedded => {
+            let (data_dir, options) = (config.data_dir.clone(), config.packets.clone());
+            let log = tokio::task::spawn_blocking(move || {
+                embedded::EmbeddedPacketLog::open(&data_dir, options, layout, clock, metrics)
+            })
+            .await
+            .map_err(|e| StartLogError::PacketLog(e.to_string()))??;
+            (Arc::new(log), true)
+        }
+        StoreConfig::Kafka {
+            brokers, timeout, ..
+        } => {
+            let settings = kafka::KafkaPacketSettings {
+                brokers: brokers.clone(),
+                timeout: *timeout,
+                layout,
+            };
+            let log =
+                kafka::KafkaPacketLog::open(settings, clock).map_err(StartLogError::PacketLog)?;
+            (Arc::new(log), false)
+        }
+    })
+}
+
+/// The space a stream's packets go to under `layout`: the main stream for `""`, and for a
+/// stream the layout does not give a space of its own (an unmapped stream under
+/// `PartitionBased`, routed to the main stream as the reference routes it).
+pub fn space_of(layout: &StreamLayout, stream: &str) -> Space {
+    if stream.is_empty() {
+        return Space::Main;
+    }
+    match layout {
+        StreamLayout::TopicBased => Space::Stream(stream.to_owned()),
+        StreamLayout::PartitionBased(mappings) => {
+            if mappings.iter().any(|(mapped, _)| mapped == stream) {
+                Space::Stream(stream.to_owned())
+            } else {
+                Space::Main
+            }
+        }
+    }
+}
 
 /// One packet to append.
 #[derive(Debug, Clone)]
@@ -127,4 +190,8 @@ pub trait PacketLog: Send + Sync {
     /// Starts a read following `plan`; it stops when the receiver is dropped, `cancel` fires,
     /// or the server stops.
     fn read(&self, plan: ReadPlan, cancel: CancellationToken) -> PacketStream;
+
+    /// Ends every read, then finishes the writes queued (made durable, or answered with why
+    /// not) and stops the log's threads.
+    fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
