@@ -19,22 +19,22 @@ use support::*;
 use tokio::time::timeout;
 use tonic::{Code, Streaming};
 
-const DATA_SOURCE: &str = "IntegrationDs";
 /// The record key readers filter on, with a leading space as in the reference's tests.
 const KEY: &str = " data packets run";
 
 struct Plane {
     server: TestServer,
+    /// The test's own data source: on a broker, every test's data-plane topics are apart.
+    data_source: String,
     writer: WriterClient,
     reader: ReaderClient,
     connections: ConnectionClient,
     formats: FormatClient,
 }
 
-/// A server on the embedded store with the topic layout, as the reference's data-packet tests.
+/// A server with the topic layout, as the reference's data-packet tests.
 async fn plane() -> Plane {
     let server = TestServer::start_with(|c| {
-        c.store = StoreConfig::Embedded;
         c.stream_layout = StreamLayout::TopicBased;
     })
     .await;
@@ -210,6 +210,7 @@ impl Plane {
         let (writer, reader, connections) = server.data_plane().await;
         let formats = server.data_formats().await;
         Plane {
+            data_source: data_source_for("IntegrationDs", server.data_dir()),
             server,
             writer,
             reader,
@@ -225,7 +226,7 @@ impl Plane {
     async fn parameter_id(&mut self, parameters: &[&str]) -> u64 {
         self.formats
             .get_parameter_data_format_id(GetParameterDataFormatIdRequest {
-                data_source: DATA_SOURCE.into(),
+                data_source: self.data_source.clone(),
                 parameters: strings(parameters),
             })
             .await
@@ -237,7 +238,7 @@ impl Plane {
     async fn event_id(&mut self, event: &str) -> u64 {
         self.formats
             .get_event_data_format_id(GetEventDataFormatIdRequest {
-                data_source: DATA_SOURCE.into(),
+                data_source: self.data_source.clone(),
                 event: event.into(),
             })
             .await
@@ -249,7 +250,7 @@ impl Plane {
     async fn parameters_of(&mut self, id: u64) -> Vec<String> {
         self.formats
             .get_parameters_list(GetParametersListRequest {
-                data_source: DATA_SOURCE.into(),
+                data_source: self.data_source.clone(),
                 data_format_identifier: id,
             })
             .await
@@ -261,7 +262,7 @@ impl Plane {
     async fn event_of(&mut self, id: u64) -> String {
         self.formats
             .get_event(GetEventRequest {
-                data_source: DATA_SOURCE.into(),
+                data_source: self.data_source.clone(),
                 data_format_identifier: id,
             })
             .await
@@ -274,7 +275,7 @@ impl Plane {
     async fn write_keyed(&mut self, key: &str, packet: &Packet) {
         self.writer
             .write_data_packet(WriteDataPacketRequest {
-                detail: Some(DataPacketDetails::new(packet, DATA_SOURCE, "", key)),
+                detail: Some(DataPacketDetails::new(packet, &self.data_source, "", key)),
             })
             .await
             .unwrap();
@@ -289,7 +290,7 @@ impl Plane {
         self.connections
             .new_connection(NewConnectionRequest {
                 details: Some(ConnectionDetails {
-                    data_source: DATA_SOURCE.into(),
+                    data_source: self.data_source.clone(),
                     session_key: KEY.into(),
                     ..Default::default()
                 }),
@@ -324,7 +325,7 @@ impl Plane {
             .connections
             .new_connection(NewConnectionRequest {
                 details: Some(ConnectionDetails {
-                    data_source: DATA_SOURCE.into(),
+                    data_source: self.data_source.clone(),
                     ..Default::default()
                 }),
             })
@@ -552,7 +553,7 @@ async fn a_thousand_data_packets_are_all_delivered_in_order() {
         .map(|chunk| WriteDataPacketsRequest {
             details: chunk
                 .iter()
-                .map(|p| DataPacketDetails::new(p, DATA_SOURCE, "", KEY))
+                .map(|p| DataPacketDetails::new(p, &plane.data_source, "", KEY))
                 .collect(),
         })
         .collect();
@@ -756,10 +757,11 @@ async fn concurrent_requests_for_one_new_content_get_one_id() {
     let plane = plane().await;
     let asks = (0..32).map(|_| {
         let mut formats = plane.formats.clone();
+        let data_source = plane.data_source.clone();
         tokio::spawn(async move {
             formats
                 .get_parameter_data_format_id(GetParameterDataFormatIdRequest {
-                    data_source: DATA_SOURCE.into(),
+                    data_source,
                     parameters: strings(&["raced", "list"]),
                 })
                 .await
@@ -808,7 +810,7 @@ async fn a_new_format_is_stored_as_the_reference_stores_it() {
         .connections
         .new_connection(NewConnectionRequest {
             details: Some(ConnectionDetails {
-                data_source: DATA_SOURCE.into(),
+                data_source: plane.data_source.clone(),
                 ..Default::default()
             }),
         })
@@ -837,7 +839,8 @@ async fn a_new_format_is_stored_as_the_reference_stores_it() {
     let metrics = plane.server.metrics().await;
     assert!(
         metrics.contains(&format!(
-            "stream_api_data_formats_total{{data_source=\"{DATA_SOURCE}\"}} 1"
+            "stream_api_data_formats_total{{data_source=\"{}\"}} 1",
+            plane.data_source
         )),
         "{metrics}"
     );
@@ -854,7 +857,7 @@ async fn unknown_ids_and_data_sources_answer_empty() {
     let elsewhere = plane
         .formats
         .get_parameters_list(GetParametersListRequest {
-            data_source: "ElsewhereDs".into(),
+            data_source: format!("{}-elsewhere", plane.data_source),
             data_format_identifier: id,
         })
         .await
@@ -868,7 +871,7 @@ async fn bad_format_requests_are_refused_and_store_nothing() {
     let mut plane = plane().await;
     let refused = [
         GetParameterDataFormatIdRequest {
-            data_source: DATA_SOURCE.into(),
+            data_source: plane.data_source.clone(),
             parameters: Vec::new(),
         },
         GetParameterDataFormatIdRequest {
@@ -880,15 +883,15 @@ async fn bad_format_requests_are_refused_and_store_nothing() {
             parameters: strings(&["p"]),
         },
         GetParameterDataFormatIdRequest {
-            data_source: DATA_SOURCE.into(),
+            data_source: plane.data_source.clone(),
             parameters: strings(&["p", ""]),
         },
         GetParameterDataFormatIdRequest {
-            data_source: DATA_SOURCE.into(),
+            data_source: plane.data_source.clone(),
             parameters: strings(&["line\nbreak"]),
         },
         GetParameterDataFormatIdRequest {
-            data_source: DATA_SOURCE.into(),
+            data_source: plane.data_source.clone(),
             parameters: vec!["p".repeat(1025)],
         },
     ];
@@ -904,7 +907,7 @@ async fn bad_format_requests_are_refused_and_store_nothing() {
     let empty_event = plane
         .formats
         .get_event_data_format_id(GetEventDataFormatIdRequest {
-            data_source: DATA_SOURCE.into(),
+            data_source: plane.data_source.clone(),
             event: String::new(),
         })
         .await
@@ -919,6 +922,7 @@ async fn definitions_another_writer_adds_are_followed_without_a_restart() {
     // A data source the server already follows, and one it has never seen.
     plane.parameter_id(&["followed"]).await;
     let id = 638_000_000_000_000_020;
+    let new_data_source = format!("{}-new", plane.data_source);
     plane.write(&event_definition(id, "added live")).await;
     assert_eq!(plane.event_of(id).await, "added live");
     assert_eq!(plane.event_id("added live").await, id);
@@ -927,7 +931,7 @@ async fn definitions_another_writer_adds_are_followed_without_a_restart() {
         .write_data_packet(WriteDataPacketRequest {
             detail: Some(DataPacketDetails::new(
                 &event_definition(id, "elsewhere"),
-                "NewDs",
+                &new_data_source,
                 "",
                 "",
             )),
@@ -937,7 +941,7 @@ async fn definitions_another_writer_adds_are_followed_without_a_restart() {
     let elsewhere = plane
         .formats
         .get_event(GetEventRequest {
-            data_source: "NewDs".into(),
+            data_source: new_data_source.clone(),
             data_format_identifier: id,
         })
         .await
@@ -999,16 +1003,17 @@ async fn under_partitions_the_formats_of_every_data_source_survive_a_restart() {
     // The reference's partition layout routes only its first data source and loses the
     // definitions of every other one.
     let server = TestServer::start_with(|c| {
-        c.store = StoreConfig::Embedded;
         c.stream_layout = StreamLayout::PartitionBased(vec![("AppGroup1Stream".into(), 1)]);
     })
     .await;
     let mut formats = server.data_formats().await;
     let mut ids = Vec::new();
-    for data_source in ["FirstDs", "SecondDs", "ThirdDs"] {
+    let names =
+        ["FirstDs", "SecondDs", "ThirdDs"].map(|name| data_source_for(name, server.data_dir()));
+    for data_source in &names {
         let id = formats
             .get_parameter_data_format_id(GetParameterDataFormatIdRequest {
-                data_source: data_source.into(),
+                data_source: data_source.clone(),
                 parameters: strings(&[data_source, "shared"]),
             })
             .await
@@ -1022,13 +1027,13 @@ async fn under_partitions_the_formats_of_every_data_source_survive_a_restart() {
     for (data_source, id) in ids {
         let parameters = formats
             .get_parameters_list(GetParametersListRequest {
-                data_source: data_source.into(),
+                data_source: data_source.clone(),
                 data_format_identifier: id,
             })
             .await
             .unwrap()
             .into_inner()
             .parameters;
-        assert_eq!(parameters, [data_source, "shared"]);
+        assert_eq!(parameters, [data_source.as_str(), "shared"]);
     }
 }
