@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod outage;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -210,11 +212,17 @@ impl TestServer {
     /// On Kafka, another instance on the same topic (its own data directory and ports), on
     /// the same clock.
     pub async fn another_instance(&self) -> TestServer {
+        self.another_instance_with(|_| {}).await
+    }
+
+    /// Like [`TestServer::another_instance`], with its configuration adjusted.
+    pub async fn another_instance_with(&self, adjust: impl FnOnce(&mut Config)) -> TestServer {
         let dir = Arc::new(tempfile::tempdir().unwrap());
-        let config = Config {
+        let mut config = Config {
             data_dir: dir.path().to_owned(),
             ..self.config.clone()
         };
+        adjust(&mut config);
         TestServer::start_config(config, dir, self.clock.clone(), self.hand.clone()).await
     }
 

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -52,11 +52,9 @@ pub struct KafkaPacketSettings {
 pub struct KafkaPacketLog {
     /// Dropped at close, which ends the writer thread once it has routed what was queued.
     queue: Mutex<Option<SyncSender<writer::Job>>>,
-    producer: FutureProducer,
     topics: Arc<Topics>,
     client: ClientConfig,
     runtime: Handle,
-    timeout: Duration,
     readers: TaskTracker,
     deliveries: TaskTracker,
     stopping: CancellationToken,
@@ -79,22 +77,21 @@ impl KafkaPacketLog {
     pub fn open(settings: KafkaPacketSettings, clock: Clock) -> Result<KafkaPacketLog, String> {
         let client = client_config(&settings);
         let timeout_ms = settings.timeout.as_millis().max(1).to_string();
-        let producer: FutureProducer = client
-            .clone()
+        let mut producer_config = client.clone();
+        producer_config
             .set("acks", "all")
             .set("enable.idempotence", "true")
             // A write is answered UNAVAILABLE once this passes without an acknowledgement.
             .set("message.timeout.ms", &timeout_ms)
             .set("linger.ms", "1")
             .set("compression.type", "zstd")
-            .set("queue.buffering.max.kbytes", PRODUCER_QUEUE_KIB)
-            .create()
-            .map_err(|e| {
-                format!(
-                    "cannot create a Kafka producer for {}: {e}",
-                    settings.brokers
-                )
-            })?;
+            .set("queue.buffering.max.kbytes", PRODUCER_QUEUE_KIB);
+        let producer: FutureProducer = producer_config.create().map_err(|e| {
+            format!(
+                "cannot create a Kafka producer for {}: {e}",
+                settings.brokers
+            )
+        })?;
         let topics = Arc::new(
             Topics::new(&client, settings.timeout, settings.layout.clone()).map_err(|e| {
                 format!("cannot create a Kafka client for {}: {e}", settings.brokers)
@@ -104,11 +101,14 @@ impl KafkaPacketLog {
         let deliveries = TaskTracker::new();
         let (queue, jobs) = std::sync::mpsc::sync_channel(WRITE_QUEUE);
         let writer = writer::Writer {
-            producer: producer.clone(),
+            producer_config,
+            producer,
+            timeout: settings.timeout,
             topics: topics.clone(),
             clock,
             runtime: runtime.clone(),
             deliveries: deliveries.clone(),
+            fenced: Arc::default(),
         };
         let thread = std::thread::Builder::new()
             .name("pitwall-kafka-packets".into())
@@ -117,11 +117,9 @@ impl KafkaPacketLog {
         info!(brokers = %settings.brokers, "packets go to the data-plane topics of Kafka");
         Ok(KafkaPacketLog {
             queue: Mutex::new(Some(queue)),
-            producer,
             topics,
             client,
             runtime,
-            timeout: settings.timeout,
             readers: TaskTracker::new(),
             deliveries,
             stopping: CancellationToken::new(),
@@ -129,8 +127,8 @@ impl KafkaPacketLog {
         })
     }
 
-    /// Ends every read, routes the writes queued, waits for their acknowledgements (up to
-    /// the timeout) and stops the writer.
+    /// Ends every read, routes the writes queued, stops the writer once the producer has
+    /// delivered them (up to the timeout), and waits until each is answered.
     async fn shut(&self) {
         self.stopping.cancel();
         self.readers.close();
@@ -140,8 +138,6 @@ impl KafkaPacketLog {
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        let (producer, timeout) = (self.producer.clone(), self.timeout);
-        let _ = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
         self.deliveries.close();
         self.deliveries.wait().await;
     }

@@ -8,13 +8,17 @@
 //! and answers. Nothing waits on the thread but the write queue.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
+use std::time::Duration;
 
+use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use super::topics::{Place, Topics};
 use crate::clock::Clock;
@@ -26,18 +30,53 @@ pub struct Job {
 }
 
 pub struct Writer {
+    /// How to make the producer again after a fatal error.
+    pub producer_config: ClientConfig,
     pub producer: FutureProducer,
+    /// How long the last acknowledgements may take once the log closes.
+    pub timeout: Duration,
     pub topics: Arc<Topics>,
     pub clock: Clock,
     pub runtime: Handle,
     /// The tasks awaiting acknowledgements; the log waits for them when it closes.
     pub deliveries: TaskTracker,
+    /// Set when the broker fenced the producer: the next write makes a new one.
+    pub fenced: Arc<AtomicBool>,
 }
 
 impl Writer {
-    pub fn run(self, jobs: Receiver<Job>) {
+    /// Routes jobs until the queue closes, then waits (up to the timeout) for what the
+    /// producer still holds.
+    pub fn run(mut self, jobs: Receiver<Job>) {
         for job in jobs {
+            self.renew_if_fenced();
             self.route(job);
+        }
+        let _ = self.producer.flush(self.timeout);
+    }
+
+    /// An idempotent producer that hit a fatal error (the broker fenced it after records
+    /// timed out while it was away) takes no more records: make a new one. The writes the old
+    /// one held were answered with its error.
+    fn renew_if_fenced(&mut self) {
+        let fatal = self.producer.client().fatal_error();
+        let fenced = self.fenced.swap(false, Ordering::AcqRel);
+        let (code, reason) = match fatal {
+            Some((code, reason)) => (code, reason),
+            None if fenced => (
+                RDKafkaErrorCode::ProducerFenced,
+                "fenced by the broker".into(),
+            ),
+            None => return,
+        };
+        match self.producer_config.create::<FutureProducer>() {
+            Ok(producer) => {
+                warn!(?code, %reason, "the Kafka producer failed fatally; writes go through a new one");
+                self.producer = producer;
+            }
+            Err(e) => {
+                warn!(?code, %reason, error = %e, "the Kafka producer failed fatally and cannot be made again");
+            }
         }
     }
 
@@ -81,10 +120,10 @@ impl Writer {
                 }
             }
         }
-        let (reply, topics) = (job.reply, self.topics.clone());
+        let (reply, topics, fenced) = (job.reply, self.topics.clone(), self.fenced.clone());
         self.deliveries.spawn_on(
             async move {
-                let _ = reply.send(settle(&topics, produced, refused, total).await);
+                let _ = reply.send(settle(&topics, &fenced, produced, refused, total).await);
             },
             &self.runtime,
         );
@@ -106,6 +145,7 @@ fn refusal(place: &Place, error: KafkaError) -> PacketLogError {
 /// acknowledged. Otherwise the answer says what became of it.
 async fn settle(
     topics: &Topics,
+    fenced: &AtomicBool,
     produced: Vec<(Place, DeliveryFuture)>,
     refused: Option<PacketLogError>,
     total: usize,
@@ -119,6 +159,9 @@ async fn settle(
                 acknowledged += 1;
             }
             Ok(Err((e, _))) => {
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced) {
+                    fenced.store(true, Ordering::Release);
+                }
                 failure
                     .get_or_insert_with(|| format!("the broker did not acknowledge {place}: {e}"));
             }
