@@ -46,6 +46,8 @@ pub const RESERVED_STREAM: &str = "@stream@::_essential";
 
 /// Session keys are UUIDs here and short strings elsewhere; anything longer is a mistake.
 pub const MAX_SESSION_KEY_BYTES: usize = 1024;
+/// A consumer group name of a read connection at most (a broker keeps it with every commit).
+pub const MAX_CONSUMER_GROUP_BYTES: usize = 255;
 
 /// Seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z: protobuf's valid timestamp range.
 const MIN_TIMESTAMP_SECONDS: i64 = -62_135_596_800;
@@ -160,6 +162,12 @@ impl Limits {
             )));
         }
         self.check_packet_session_key(&details.session_key)?;
+        check_len(
+            "consumer_group",
+            &details.consumer_group,
+            MAX_CONSUMER_GROUP_BYTES,
+        )?;
+        check_no_control("consumer_group", &details.consumer_group)?;
         if details.exclude_main_stream && details.streams.is_empty() {
             return Err(Rejection::invalid(
                 "exclude_main_stream with no streams leaves nothing to read; name a stream or read the \

@@ -513,6 +513,7 @@ impl Formats {
             }],
             session_key: String::new(),
             finite,
+            consumer_group: String::new(),
         };
         let mut read = self.packets.read(plan, self.stopping.child_token());
         while let Some(batch) = read.recv().await {

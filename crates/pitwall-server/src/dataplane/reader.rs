@@ -67,7 +67,7 @@ impl PacketReader {
             spaces.push(ReadSpace {
                 space: Space::Main,
                 label: String::new(),
-                start: Start::from_api(details.main_offset),
+                start: Start::from_api(details.main_offset, &details.consumer_group),
             });
         }
         for (index, stream) in details.streams.iter().enumerate() {
@@ -80,7 +80,10 @@ impl PacketReader {
             spaces.push(ReadSpace {
                 space,
                 label: stream.clone(),
-                start: Start::from_api(details.stream_offsets.get(index).copied().unwrap_or(0)),
+                start: Start::from_api(
+                    details.stream_offsets.get(index).copied().unwrap_or(0),
+                    &details.consumer_group,
+                ),
             });
         }
         Ok(ReadPlan {
@@ -88,11 +91,19 @@ impl PacketReader {
             spaces,
             session_key: details.session_key.clone(),
             finite: false,
+            consumer_group: details.consumer_group.clone(),
         })
     }
 
-    fn start(&self, open: &Open, plan: ReadPlan) -> Result<PacketStream, Status> {
-        Ok(self.plane.packets()?.read(plan, open.closed.clone()))
+    /// Starts the read, and returns once its start positions are fixed: the call is answered
+    /// then, so a client that writes after it gets its packets.
+    async fn start(&self, open: &Open, plan: ReadPlan) -> Result<PacketStream, Status> {
+        let mut stream = self.plane.packets()?.read(plan, open.closed.clone());
+        match stream.recv().await {
+            Some(Err(e)) => Err(status_of(e)),
+            // The read's first message is empty (it only says the read has started).
+            Some(Ok(_)) | None => Ok(stream),
+        }
     }
 }
 
@@ -169,10 +180,10 @@ impl PacketReaderService for PacketReader {
         request: Request<ReadPacketsRequest>,
     ) -> Result<Response<Self::ReadPacketsStream>, Status> {
         let started = Instant::now();
-        let result = (|| {
+        let result = async {
             let open = self.connection(request.into_inner().connection)?;
             let plan = self.plan(&open)?;
-            let stream = self.start(&open, plan)?;
+            let stream = self.start(&open, plan).await?;
             Ok(responses(
                 &self.plane,
                 open.details.data_source.clone(),
@@ -180,7 +191,8 @@ impl PacketReaderService for PacketReader {
                 Some(self.plane.batching),
                 |response| ReadPacketsResponse { response },
             ))
-        })();
+        }
+        .await;
         answer_status(&self.plane.metrics, "ReadPackets", started, result)
     }
 
@@ -191,7 +203,7 @@ impl PacketReaderService for PacketReader {
         request: Request<ReadEssentialsRequest>,
     ) -> Result<Response<Self::ReadEssentialsStream>, Status> {
         let started = Instant::now();
-        let result = (|| {
+        let result = async {
             let open = self.connection(request.into_inner().connection)?;
             let details = &open.details;
             let plan = ReadPlan {
@@ -199,12 +211,14 @@ impl PacketReaderService for PacketReader {
                 spaces: vec![ReadSpace {
                     space: Space::Essentials,
                     label: String::new(),
-                    start: Start::from_api(details.essentials_offset),
+                    // A finite read of what is there: nothing of it is committed.
+                    start: Start::from_api(details.essentials_offset, ""),
                 }],
                 session_key: details.session_key.clone(),
                 finite: true,
+                consumer_group: String::new(),
             };
-            let stream = self.start(&open, plan)?;
+            let stream = self.start(&open, plan).await?;
             // Never batched, as in the reference: one packet per response.
             Ok(responses(
                 &self.plane,
@@ -213,7 +227,8 @@ impl PacketReaderService for PacketReader {
                 None,
                 |response| ReadEssentialsResponse { response },
             ))
-        })();
+        }
+        .await;
         answer_status(&self.plane.metrics, "ReadEssentials", started, result)
     }
 
@@ -236,12 +251,12 @@ impl PacketReaderService for PacketReader {
             let open = self.connection(request.connection)?;
             let plan = self.plan(&open)?;
             let formats = self.plane.formats.clone().ok_or_else(|| {
-                Status::unavailable("data formats run on the embedded store's packet log")
+                Status::unavailable("this server keeps no data formats: it has no packet log")
             })?;
             let data_source = open.details.data_source.clone();
             // Every definition stored before the call is merged before its first packet.
             let resolver = formats.resolver(&data_source).await;
-            let packets = self.start(&open, plan)?;
+            let packets = self.start(&open, plan).await?;
             let read = DataRead {
                 packets,
                 filter,

@@ -349,7 +349,7 @@ async fn follow(
             let (first, end) = head.map_or((0, 0), |h| (h.first, h.next));
             let next = match read.start {
                 Start::At(offset) => offset.clamp(first, end),
-                Start::Latest => end,
+                Start::Latest | Start::Committed => end,
             };
             Cursor {
                 name,
@@ -359,6 +359,9 @@ async fn follow(
             }
         })
         .collect();
+    if sender.send(Ok(Vec::new())).await.is_err() {
+        return;
+    }
     loop {
         changes.borrow_and_update();
         let mut progressed = false;

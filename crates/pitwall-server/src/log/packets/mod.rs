@@ -123,12 +123,20 @@ pub enum Start {
     At(u64),
     /// Only what is written from now on.
     Latest,
+    /// Where the read's consumer group left off (its committed offset), the end when it has
+    /// none. Only a broker keeps groups: elsewhere the end.
+    Committed,
 }
 
 impl Start {
-    /// The Stream API's offsets: `≥ 0` absolute, negative "the end".
-    pub fn from_api(offset: i64) -> Start {
-        u64::try_from(offset).map_or(Start::Latest, Start::At)
+    /// The Stream API's offsets: `≥ 0` absolute, negative "the end", or where the connection's
+    /// consumer group left off when it names one (DATA-PLANE.md §9.4).
+    pub fn from_api(offset: i64, consumer_group: &str) -> Start {
+        match u64::try_from(offset) {
+            Ok(offset) => Start::At(offset),
+            Err(_) if consumer_group.is_empty() => Start::Latest,
+            Err(_) => Start::Committed,
+        }
     }
 }
 
@@ -150,6 +158,9 @@ pub struct ReadPlan {
     /// Stop at the end each space had when the read started (ReadEssentials); follow for ever
     /// otherwise.
     pub finite: bool,
+    /// The consumer group the read commits what its client has taken to, and resumes from
+    /// ([`Start::Committed`]); none when empty. Only a broker keeps groups.
+    pub consumer_group: String,
 }
 
 /// A packet as a reader gets it.
@@ -188,7 +199,8 @@ pub trait PacketLog: Send + Sync {
     fn session_streams(&self, session_key: &str) -> Vec<String>;
 
     /// Starts a read following `plan`; it stops when the receiver is dropped, `cancel` fires,
-    /// or the server stops.
+    /// or the server stops. Its first message is an empty batch, sent once its start positions
+    /// are fixed: whatever is written after it arrives is read.
     fn read(&self, plan: ReadPlan, cancel: CancellationToken) -> PacketStream;
 
     /// Ends every read, then finishes the writes queued (made durable, or answered with why

@@ -8,21 +8,27 @@
 //! the ends the partitions had when it started. A record removed by retention while the read
 //! waits for it resumes at the first kept one. While the broker is away the consumer keeps its
 //! positions and goes on from them when it returns: no gap, no duplicate.
+//!
+//! A read of a connection that names a `consumer_group` (§9.5) reads under that group: it
+//! still assigns its partitions itself (the group holds offsets, it does not share partitions
+//! out), starts a negative offset where the group left off, and commits what its client has
+//! taken from the call's channel. It commits at least every [`POLL`], so a client that goes away
+//! may be sent again what it took in its last moments (at least once, never a gap).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prost::bytes::Bytes;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::topics::Topics;
+use super::topics::{Place, Topics};
 use crate::log::packets::{PacketLogError, ReadPacket, ReadPlan, Start};
 
 /// How long a poll waits for a record before the read looks at its cancellation again.
@@ -44,6 +50,55 @@ struct Assigned {
     done: bool,
 }
 
+type Partition = (String, i32);
+
+/// What a grouped read has sent and not committed yet: per batch sent, oldest first, the
+/// positions (next offsets) it brings its partitions to.
+#[derive(Default)]
+struct Commits {
+    /// Positions consumed since the last batch sent (records a filter dropped included).
+    consumed: HashMap<Partition, i64>,
+    sent: VecDeque<HashMap<Partition, i64>>,
+}
+
+impl Commits {
+    fn consumed(&mut self, partition: Partition, offset: i64) {
+        self.consumed.insert(partition, offset + 1);
+    }
+
+    fn sent(&mut self) {
+        self.sent.push_back(std::mem::take(&mut self.consumed));
+    }
+
+    /// Commits the positions of every batch the client has taken from the channel: those sent
+    /// before the ones still in it.
+    fn commit_taken(&mut self, consumer: &BaseConsumer, sender: &Sender, mode: CommitMode) {
+        if sender.is_closed() {
+            // Dropped with what it held: what was taken is not known.
+            return;
+        }
+        let waiting = sender.max_capacity() - sender.capacity();
+        let mut taken: HashMap<Partition, i64> = HashMap::new();
+        while self.sent.len() > waiting {
+            if let Some(positions) = self.sent.pop_front() {
+                taken.extend(positions);
+            }
+        }
+        if taken.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in &taken {
+            let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        }
+        if let Err(e) = consumer.commit(&list, mode) {
+            warn!(error = %e, "cannot commit a consumer group's offsets; they are committed with the next ones");
+            // Kept, so that the next commit carries them.
+            self.sent.push_front(taken);
+        }
+    }
+}
+
 /// Runs the read until it is done, cancelled, its receiver is dropped, or `stopping` fires.
 /// Blocking.
 pub fn run(
@@ -63,8 +118,22 @@ pub fn run(
             return;
         }
     };
+    // The start positions are fixed (assigned): say so, so that the call is answered.
+    if !deliver(&sender, Ok(Vec::new()), &cancel, &stopping) {
+        return;
+    }
+    let grouped = !plan.consumer_group.is_empty();
+    let mut commits = Commits::default();
     let mut last_error: Option<String> = None;
     loop {
+        if grouped {
+            let mode = if stopped() {
+                CommitMode::Sync
+            } else {
+                CommitMode::Async
+            };
+            commits.commit_taken(&consumer, &sender, mode);
+        }
         if plan.finite && assigned.values().all(|a| a.done) {
             return;
         }
@@ -97,6 +166,9 @@ pub fn run(
                 continue;
             };
             let offset = message.offset();
+            if grouped {
+                commits.consumed(key, offset);
+            }
             if let Some(end) = partition.end {
                 if offset >= end {
                     partition.done = true;
@@ -123,8 +195,13 @@ pub fn run(
                 packet: payload,
             });
         }
-        if !batch.is_empty() && !deliver(&sender, Ok(batch), &cancel, &stopping) {
-            return;
+        if !batch.is_empty() {
+            if !deliver(&sender, Ok(batch), &cancel, &stopping) {
+                return;
+            }
+            if grouped {
+                commits.sent();
+            }
         }
     }
 }
@@ -145,7 +222,7 @@ fn deliver(
     })
 }
 
-type Assignment = HashMap<(String, i32), Assigned>;
+type Assignment = HashMap<Partition, Assigned>;
 
 /// A consumer assigned the plan's partitions from their start offsets.
 fn assign(
@@ -153,6 +230,23 @@ fn assign(
     topics: &Topics,
     plan: &ReadPlan,
 ) -> Result<(BaseConsumer, Assignment), PacketLogError> {
+    let group = if plan.consumer_group.is_empty() {
+        // Never joined and never committed to: no group is left on the broker.
+        "pitwall-readers"
+    } else {
+        plan.consumer_group.as_str()
+    };
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_uncommitted")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.max.messages.kbytes", PREFETCH_KIB)
+        .create()
+        .map_err(|e| PacketLogError::Unavailable(format!("cannot create a Kafka consumer: {e}")))?;
     let mut list = TopicPartitionList::new();
     let mut assigned = HashMap::new();
     for read in &plan.spaces {
@@ -161,6 +255,9 @@ fn assign(
         let start = match read.start {
             Start::At(offset) => i64::try_from(offset).unwrap_or(i64::MAX).clamp(first, end),
             Start::Latest => end,
+            Start::Committed => {
+                committed(&consumer, &place, topics)?.map_or(end, |offset| offset.clamp(first, end))
+            }
         };
         list.add_partition_offset(&place.topic, place.partition, Offset::Offset(start))
             .map_err(|e| PacketLogError::Unavailable(format!("cannot read {place}: {e}")))?;
@@ -174,19 +271,31 @@ fn assign(
             },
         );
     }
-    let consumer: BaseConsumer = client
-        .clone()
-        // Never joined and never committed to: no group is left on the broker.
-        .set("group.id", "pitwall-readers")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
-        .set("queued.max.messages.kbytes", PREFETCH_KIB)
-        .create()
-        .map_err(|e| PacketLogError::Unavailable(format!("cannot create a Kafka consumer: {e}")))?;
     consumer
         .assign(&list)
         .map_err(|e| PacketLogError::Unavailable(format!("cannot assign the read: {e}")))?;
     Ok((consumer, assigned))
+}
+
+/// The offset the consumer's group committed for `place`, if any.
+fn committed(
+    consumer: &BaseConsumer,
+    place: &Place,
+    topics: &Topics,
+) -> Result<Option<i64>, PacketLogError> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&place.topic, place.partition);
+    let committed = consumer
+        .committed_offsets(list, topics.timeout())
+        .map_err(|e| {
+            PacketLogError::Unavailable(format!(
+                "cannot read where the consumer group left {place}: {e}"
+            ))
+        })?;
+    Ok(committed
+        .find_partition(&place.topic, place.partition)
+        .and_then(|p| match p.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }))
 }

@@ -117,6 +117,11 @@ impl Topics {
         &self.layout
     }
 
+    /// How long a broker request may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn known(&self, topic: &str) -> Option<i32> {
         self.known
             .lock()

@@ -121,13 +121,25 @@ impl Writer {
             }
         }
         let (reply, topics, fenced) = (job.reply, self.topics.clone(), self.fenced.clone());
+        let deadline = Deadline {
+            at: tokio::time::Instant::now() + self.timeout,
+            length: self.timeout,
+        };
         self.deliveries.spawn_on(
             async move {
-                let _ = reply.send(settle(&topics, &fenced, produced, refused, total).await);
+                let answer = settle(&topics, &fenced, deadline, produced, refused, total).await;
+                let _ = reply.send(answer);
             },
             &self.runtime,
         );
     }
+}
+
+/// When a write is answered at the latest.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    length: Duration,
 }
 
 /// Why the producer did not take a record.
@@ -146,6 +158,7 @@ fn refusal(place: &Place, error: KafkaError) -> PacketLogError {
 async fn settle(
     topics: &Topics,
     fenced: &AtomicBool,
+    deadline: Deadline,
     produced: Vec<(Place, DeliveryFuture)>,
     refused: Option<PacketLogError>,
     total: usize,
@@ -153,7 +166,18 @@ async fn settle(
     let mut acknowledged = 0usize;
     let mut failure: Option<String> = None;
     for (place, delivery) in produced {
-        match delivery.await {
+        // librdkafka times a record out only between its retries: the answer keeps the
+        // deadline itself.
+        let Ok(delivered) = tokio::time::timeout_at(deadline.at, delivery).await else {
+            failure.get_or_insert_with(|| {
+                format!(
+                    "the broker did not acknowledge {place} within {} ms",
+                    deadline.length.as_millis()
+                )
+            });
+            continue;
+        };
+        match delivered {
             Ok(Ok(delivery)) => {
                 topics.acknowledge(&place, delivery.offset);
                 acknowledged += 1;
