@@ -331,8 +331,8 @@ pub struct ServeArgs {
     /// A reference-format AppConfig.json.
     #[arg(long, env = "PITWALL_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Where sessions are kept: the embedded store in --data-dir, or a Kafka topic shared by
-    /// every instance.
+    /// Where sessions and packets are kept: the embedded store in --data-dir, or Kafka topics
+    /// shared by every instance.
     #[arg(long, env = "PITWALL_STORE", value_enum, default_value_t = StoreKind::Embedded)]
     pub store: StoreKind,
     /// Kafka bootstrap servers, host:port[,host:port…] [default: BrokerUrl from --config, else
