@@ -1,6 +1,7 @@
 //! One read of the Kafka packet log: its own consumer, assigned the read's topic partitions by
-//! hand (no consumer group, no commits, so nothing is left on the broker), on a blocking
-//! thread owned by the log, copying records into the call's bounded channel.
+//! hand (unless its connection names a consumer group: no group and no commits, so nothing is
+//! left on the broker), on a blocking thread owned by the log, copying records into the call's
+//! bounded channel.
 //!
 //! Start offsets follow DATA-PLANE.md §9.4: an absolute offset below the first kept one reads
 //! from the first kept one (retention removed the rest), beyond the end from the end; a
@@ -250,7 +251,11 @@ fn assign(
     let mut list = TopicPartitionList::new();
     let mut assigned = HashMap::new();
     for read in &plan.spaces {
-        let place = topics.ensure(&plan.data_source, &read.space)?;
+        let place = topics.ensure(
+            &plan.data_source,
+            &read.space,
+            std::time::Instant::now() + topics.timeout(),
+        )?;
         let (first, end) = topics.watermarks(&place)?;
         let start = match read.start {
             Start::At(offset) => i64::try_from(offset).unwrap_or(i64::MAX).clamp(first, end),

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -131,13 +131,13 @@ impl Topics {
     }
 
     /// The topic's partition count, `None` when it does not exist.
-    fn partitions(&self, topic: &str) -> Result<Option<i32>, PacketLogError> {
+    fn partitions(&self, topic: &str, timeout: Duration) -> Result<Option<i32>, PacketLogError> {
         if let Some(count) = self.known(topic) {
             return Ok(Some(count));
         }
         let metadata = self
             .queries
-            .fetch_metadata(Some(topic), self.timeout)
+            .fetch_metadata(Some(topic), timeout)
             .map_err(|e| unavailable(format!("cannot read the metadata of topic {topic}: {e}")))?;
         let count = metadata
             .topics()
@@ -155,12 +155,36 @@ impl Topics {
     }
 
     /// Makes sure `space` of `data_source` has its topic partition: creates the topic when it
-    /// is missing, fails with the reason when it exists without the partition. Blocking.
-    pub fn ensure(&self, data_source: &str, space: &Space) -> Result<Place, PacketLogError> {
+    /// is missing, fails with the reason when it exists without the partition. Blocking, until
+    /// `deadline` at the latest (a topic already seen costs nothing).
+    pub fn ensure(
+        &self,
+        data_source: &str,
+        space: &Space,
+        deadline: Instant,
+    ) -> Result<Place, PacketLogError> {
         let place = place_of(&self.layout, data_source, space);
-        let count = match self.partitions(&place.topic)? {
+        let remaining = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        let count = match self.partitions(&place.topic, remaining())? {
             Some(count) => count,
-            None => self.create(&place.topic, partitions_to_create(&self.layout, space))?,
+            None => {
+                let wanted = partitions_to_create(&self.layout, space);
+                self.create(&place.topic, wanted, remaining())?;
+                // The broker may not list a topic it just created yet: the count asked for
+                // stands until a produce says otherwise.
+                let count = self
+                    .partitions(&place.topic, remaining())?
+                    .unwrap_or(wanted);
+                self.known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(place.topic.clone(), count);
+                count
+            }
         };
         if place.partition >= count {
             let reason = format!(
@@ -175,17 +199,21 @@ impl Topics {
             );
             warn!(topic = %place.topic, count, partition = place.partition, "partition count mismatch");
             // Asked again next time: partitions may have been added meanwhile.
-            self.known
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&place.topic);
+            self.forget(&place.topic);
             return Err(unavailable(reason));
         }
         Ok(place)
     }
 
-    fn create(&self, topic: &str, partitions: i32) -> Result<i32, PacketLogError> {
-        let options = AdminOptions::new().operation_timeout(Some(self.timeout));
+    fn create(
+        &self,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> Result<(), PacketLogError> {
+        let options = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
         // -1 asks for the broker's default replication factor; brokers that do not know it
         // get 1.
         for replication in [-1, 1] {
@@ -196,9 +224,9 @@ impl Topics {
             match result.into_iter().next() {
                 Some(Ok(_)) => {
                     info!(topic, partitions, "created a data-plane topic");
-                    break;
+                    return Ok(());
                 }
-                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break,
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => return Ok(()),
                 Some(Err((_, RDKafkaErrorCode::InvalidReplicationFactor))) if replication < 0 => {
                     continue;
                 }
@@ -212,8 +240,17 @@ impl Topics {
                 }
             }
         }
-        // Another writer may have created it first, with another partition count.
-        Ok(self.partitions(topic)?.unwrap_or(partitions))
+        Err(unavailable(format!(
+            "cannot create topic {topic}: the broker refused every replication factor"
+        )))
+    }
+
+    /// Forgets what is known of `topic`: it is looked up again when next needed.
+    pub fn forget(&self, topic: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(topic);
     }
 
     /// Notes that the broker acknowledged the record at `offset` of `place`.
@@ -238,7 +275,7 @@ impl Topics {
     }
 
     fn broker_watermarks(&self, place: &Place) -> Result<(i64, i64), PacketLogError> {
-        match self.partitions(&place.topic)? {
+        match self.partitions(&place.topic, self.timeout)? {
             Some(count) if place.partition < count => self
                 .queries
                 .fetch_watermarks(&place.topic, place.partition, self.timeout)

@@ -81,6 +81,12 @@ impl Writer {
     }
 
     fn route(&self, job: Job) {
+        // The whole write, topic checks included, is answered within the timeout.
+        let ensure_by = std::time::Instant::now() + self.timeout;
+        let deadline = Deadline {
+            at: tokio::time::Instant::now() + self.timeout,
+            length: self.timeout,
+        };
         let now = self.clock.now();
         let timestamp_ms = now.seconds * 1000 + i64::from(now.nanos) / 1_000_000;
         let mut produced: Vec<(Place, DeliveryFuture)> = Vec::new();
@@ -99,7 +105,7 @@ impl Writer {
             }
             spaces.push(space_of(self.topics.layout(), &write.stream));
             for space in spaces {
-                let place = match self.topics.ensure(&write.data_source, &space) {
+                let place = match self.topics.ensure(&write.data_source, &space, ensure_by) {
                     Ok(place) => place,
                     Err(e) => {
                         refused = Some(e);
@@ -121,10 +127,6 @@ impl Writer {
             }
         }
         let (reply, topics, fenced) = (job.reply, self.topics.clone(), self.fenced.clone());
-        let deadline = Deadline {
-            at: tokio::time::Instant::now() + self.timeout,
-            length: self.timeout,
-        };
         self.deliveries.spawn_on(
             async move {
                 let answer = settle(&topics, &fenced, deadline, produced, refused, total).await;
@@ -183,8 +185,11 @@ async fn settle(
                 acknowledged += 1;
             }
             Ok(Err((e, _))) => {
-                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::ProducerFenced) {
-                    fenced.store(true, Ordering::Release);
+                match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::ProducerFenced) => fenced.store(true, Ordering::Release),
+                    // Deleted under us: the next write checks the topic again (and creates it).
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => topics.forget(&place.topic),
+                    _ => {}
                 }
                 failure
                     .get_or_insert_with(|| format!("the broker did not acknowledge {place}: {e}"));
