@@ -245,6 +245,17 @@ async fn records_are_the_reference_s_in_both_directions() {
         .create()
         .unwrap();
     let foreign = packet("from the reference");
+    // Not a Packet: skipped, and the read goes on.
+    producer
+        .send(
+            FutureRecord::to(&data_source)
+                .partition(0)
+                .key(KEY)
+                .payload(&[0xff_u8, 0xff][..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     producer
         .send(
             FutureRecord::to(&data_source)

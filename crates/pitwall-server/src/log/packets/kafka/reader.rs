@@ -20,6 +20,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use pitwall_proto::raw_packet::PacketHeader;
+use prost::Message as _;
 use prost::bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -126,6 +128,7 @@ pub fn run(
     let grouped = !plan.consumer_group.is_empty();
     let mut commits = Commits::default();
     let mut last_error: Option<String> = None;
+    let mut warned_undecodable = false;
     loop {
         if grouped {
             let mode = if stopped() {
@@ -185,6 +188,21 @@ pub fn run(
                 continue;
             }
             let payload = Bytes::copy_from_slice(message.payload().unwrap_or_default());
+            // Another writer of the topic may have put anything there: a record that is not a
+            // Packet is skipped (the reference ends the whole read on it).
+            if PacketHeader::decode(payload.clone()).is_err() {
+                if !warned_undecodable {
+                    warn!(
+                        data_source = %plan.data_source,
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset,
+                        "a record that is not a Packet is skipped (said once per read)"
+                    );
+                    warned_undecodable = true;
+                }
+                continue;
+            }
             bytes += payload.len();
             batch.push(ReadPacket {
                 stream: partition.label.clone(),
