@@ -157,14 +157,14 @@ impl AppConfig {
         match config.integrate_data_format_management {
             Some(true) => config.notes.push(
                 "IntegrateDataFormatManagement is true: data formats are rebuilt from each data \
-                 source's essentials at startup and followed while the server runs (Pitwall \
-                 always does so)"
+                 source's essentials (at startup; on a broker at the data source's first use) \
+                 and followed while the server runs (Pitwall always does so)"
                     .to_owned(),
             ),
             Some(false) => config.notes.push(
                 "IntegrateDataFormatManagement is false, which Pitwall does not follow: data \
-                 formats are always rebuilt from each data source's essentials at startup, so \
-                 that their ids stay valid across restarts"
+                 formats are always rebuilt from each data source's essentials, so that their \
+                 ids stay valid across restarts"
                     .to_owned(),
             ),
             None => {}
@@ -236,29 +236,14 @@ impl AppConfig {
         Ok(())
     }
 
-    /// Keys read but without effect with this store, for the startup log.
+    /// Keys read but without effect with this store, for the startup log. The stream layout
+    /// keys apply to both stores: the embedded packet log keeps the same spaces.
     pub fn unused_here(&self, store: &StoreConfig) -> Vec<String> {
         let embedded = *store == StoreConfig::Embedded;
         let mut unused = Vec::new();
         if self.broker_url.is_some() && embedded {
             unused.push(
                 "BrokerUrl is ignored: the embedded store needs no broker (choose a broker store with --store)"
-                    .to_owned(),
-            );
-        }
-        if embedded
-            && (self.stream_creation_strategy.is_some() || !self.partition_mappings.is_empty())
-        {
-            unused.push(
-                "StreamCreationStrategy and PartitionMappings are ignored: without a broker \
-                 sessions have no streams"
-                    .to_owned(),
-            );
-        }
-        if self.integrate_data_format_management.is_some() && !embedded {
-            unused.push(
-                "IntegrateDataFormatManagement is ignored: data formats run on the embedded \
-                 store's packet log"
                     .to_owned(),
             );
         }
@@ -565,8 +550,9 @@ mod tests {
         }
         let broker = StoreConfig::broker("b:9092".into(), "t".into(), Duration::from_secs(1));
         let config = parse(r#"{"IntegrateDataFormatManagement": true}"#).unwrap();
+        // Both stores keep data formats.
         assert!(config.unused_here(&StoreConfig::Embedded).is_empty());
-        assert_eq!(config.unused_here(&broker).len(), 1);
+        assert!(config.unused_here(&broker).is_empty());
     }
 
     #[test]
