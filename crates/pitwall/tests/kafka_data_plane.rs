@@ -485,3 +485,49 @@ async fn a_consumer_group_commits_what_was_delivered_and_resumes_there() {
     write(&mut writer, &data_source, "", &newest).await;
     assert_eq!(receive(&mut latest, 1).await, [newest]);
 }
+
+#[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
+async fn reads_without_a_consumer_group_leave_no_group_on_the_broker() {
+    let broker = required_broker();
+    let server = TestServer::start().await;
+    let data_source = data_source_for("Groupless", server.data_dir());
+    let (mut writer, mut reader, mut connections) = server.data_plane().await;
+    let mut essential = packet("Configuration");
+    essential.is_essential = true;
+    write(&mut writer, &data_source, "", &essential).await;
+    let mut read = read_main(&mut connections, &mut reader, &data_source).await;
+    assert_eq!(receive(&mut read, 1).await, [essential]);
+    // A grouped read beside it, so the listing is seen to show groups that exist.
+    let group = format!("{data_source}-listed");
+    let mut grouped = grouped_read(&server, &data_source, &group, 0).await;
+    receive(&mut grouped, 1).await;
+    let lister: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .create()
+        .unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let names = loop {
+        let groups = lister
+            .fetch_group_list(None, Duration::from_secs(10))
+            .unwrap();
+        let names: BTreeSet<String> = groups
+            .groups()
+            .iter()
+            .map(|g| g.name().to_owned())
+            .collect();
+        if names.contains(&group) {
+            break names;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the grouped read's group is not listed: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pitwall_groups: Vec<&String> = names
+        .iter()
+        .filter(|name| name.starts_with("pitwall"))
+        .collect();
+    assert!(pitwall_groups.is_empty(), "{pitwall_groups:?}");
+}
