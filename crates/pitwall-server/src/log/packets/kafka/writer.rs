@@ -33,7 +33,8 @@ pub struct Writer {
     /// How to make the producer again after a fatal error.
     pub producer_config: ClientConfig,
     pub producer: FutureProducer,
-    /// How long the last acknowledgements may take once the log closes.
+    /// How long a write may take to be acknowledged (it is answered `UNAVAILABLE` then), and
+    /// the last acknowledgements once the log closes.
     pub timeout: Duration,
     pub topics: Arc<Topics>,
     pub clock: Clock,
@@ -97,8 +98,9 @@ impl Writer {
             .map(|w| if w.essential { 2 } else { 1 })
             .sum();
         'writes: for write in &job.writes {
-            // The essentials copy first, as the reference routes it: a reader of the stream
-            // that sees the packet finds it in the essentials too.
+            // The essentials copy first, as the reference routes it. The two records go to
+            // different partitions and are acknowledged apart: the write succeeds only with
+            // both.
             let mut spaces = Vec::with_capacity(2);
             if write.essential {
                 spaces.push(Space::Essentials);
