@@ -4,6 +4,10 @@
 // on every reconnect, so it neither misses nor repeats a change. When the server no longer
 // keeps the history it needs, it lists again and says so.
 //
+// A session's page also polls its telemetry (/api/telemetry: its streams, packets and rates)
+// about once a second while the session is live and the page is visible; leaving the page,
+// the session ending or the tab being hidden stops it.
+//
 // Everything a view shows is in its URL (filters, columns, large type, the session shown), so
 // a view can be shared. Session fields are only ever set as text, never as markup.
 'use strict';
@@ -21,6 +25,10 @@
   const RETRY_MAX_MS = 5000;
   /// How long a changed row stays highlighted.
   const FLASH_MS = 1500;
+  /// How often a live session's telemetry is asked for: its rates are over whole seconds.
+  const TELEMETRY_EVERY_MS = 1000;
+  /// The stream `""` is the main stream.
+  const MAIN_STREAM = 'main';
 
   const state = {
     view: 'board',
@@ -45,13 +53,16 @@
     retryTimer: 0,
     renderTimer: 0,
     treeTimer: 0,
+    telemetry: null,
+    telemetryTimer: 0,
     generation: 0,
   };
 
   // Counts for whoever watches the page (and the end-to-end tests): changes applied,
   // changes received twice (there should be none), listings loaded, reconnects.
   const stats = { applied: 0, duplicates: 0, listings: 0, reconnects: 0, lastSequence: 0 };
-  window.pitwallBoard = { stats };
+  // Whether a telemetry question is waiting to be asked: none once its page is left.
+  window.pitwallBoard = { stats, telemetryScheduled: () => state.telemetryTimer !== 0 };
 
   // ---- the URL ----
 
@@ -114,6 +125,7 @@
     state.events = null;
     clearTimeout(state.retryTimer);
     clearTimeout(state.treeTimer);
+    stopTelemetry();
   }
 
   async function load() {
@@ -148,6 +160,7 @@
     stats.lastSequence = listed.sequence;
     showOnly(state.view === 'session' ? 'session-view' : 'board-view');
     render();
+    if (state.view === 'session') startTelemetry();
     if (listed.feed_unavailable) {
       setStatus('error', 'no live updates');
       notice(`Live updates are not available on this server: ${listed.feed_unavailable}`);
@@ -350,6 +363,111 @@
         // The event stream reports an unreachable server; the next change retries.
       }
     }, 100);
+  }
+
+  // ---- a session's telemetry ----
+
+  /// Shows the session's telemetry afresh and polls it while the session is live.
+  function startTelemetry() {
+    stopTelemetry();
+    state.telemetry = null;
+    renderTelemetry();
+    pollTelemetry(state.generation);
+  }
+
+  function stopTelemetry() {
+    clearTimeout(state.telemetryTimer);
+    state.telemetryTimer = 0;
+  }
+
+  /// One answer, then the next after a second while the session is live. A timeout rather
+  /// than an interval: a slow answer is never overtaken by the next question.
+  async function pollTelemetry(generation) {
+    let again = true;
+    try {
+      const url = `/api/telemetry?${new URLSearchParams({ session_key: state.sessionKey })}`;
+      const response = await fetch(url, { cache: 'no-store' });
+      if (generation !== state.generation) return;
+      if (response.ok) {
+        state.telemetry = await response.json();
+        if (generation !== state.generation) return;
+        again = state.telemetry.live;
+        renderTelemetry();
+      } else {
+        // Gone, or signed out (the event stream handles signing in): nothing to poll.
+        again = response.status === 503;
+      }
+    } catch (e) {
+      // Unreachable: the event stream says so; try again while the page is shown.
+    }
+    if (generation !== state.generation || !again || document.hidden) return;
+    clearTimeout(state.telemetryTimer);
+    state.telemetryTimer = setTimeout(() => {
+      state.telemetryTimer = 0;
+      pollTelemetry(generation);
+    }, TELEMETRY_EVERY_MS);
+  }
+
+  /// A hidden tab asks for nothing; shown again, it catches up at once.
+  function onVisibility() {
+    if (document.hidden) {
+      stopTelemetry();
+    } else if (state.view === 'session' && state.tree && (!state.telemetry || state.telemetry.live)) {
+      stopTelemetry();
+      pollTelemetry(state.generation);
+    }
+  }
+
+  function renderTelemetry() {
+    const telemetry = state.telemetry;
+    const body = $('telemetry');
+    const note = $('telemetry-note');
+    if (!telemetry) {
+      body.replaceChildren();
+      note.textContent = 'Loading…';
+      return;
+    }
+    const rows = telemetry.streams.map((stream) => {
+      const row = document.createElement('tr');
+      row.dataset.stream = stream.stream;
+      const name = text(stream.stream || MAIN_STREAM, stream.stream ? 'stream' : 'stream main');
+      if (!stream.stream) name.title = 'the main stream (no stream name)';
+      const rate = text(formatRate(stream.packets_per_second), 'number rate');
+      if (stream.packets_per_second > 0) rate.classList.add('has-live');
+      row.append(name, text(wholeNumbers.format(stream.packets), 'number packets'), rate,
+        text(formatBytes(stream.bytes), 'number wide'));
+      return row;
+    });
+    if (!rows.length) {
+      const row = document.createElement('tr');
+      const cell = text(telemetry.live ? 'No packets written yet' : 'No packets written', 'empty');
+      cell.colSpan = 4;
+      row.append(cell);
+      rows.push(row);
+    }
+    body.replaceChildren(...rows);
+    const since = `Counted since ${formatTime(telemetry.counted_since)} (when the server started)`;
+    note.textContent = telemetry.live
+      ? `${since}; rates over the last ${telemetry.window_seconds} s.`
+      : `${since}. The session has ended.`;
+  }
+
+  const wholeNumbers = new Intl.NumberFormat(undefined);
+
+  function formatRate(perSecond) {
+    if (perSecond >= 100) return wholeNumbers.format(Math.round(perSecond));
+    return perSecond.toFixed(1);
+  }
+
+  function formatBytes(bytes) {
+    const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+    let value = bytes;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
   }
 
   // ---- drawing ----
@@ -770,6 +888,7 @@
     $('sign-in').addEventListener('submit', signIn);
     $('sign-out').addEventListener('click', signOut);
     window.addEventListener('popstate', start);
+    document.addEventListener('visibilitychange', onVisibility);
     setInterval(tick, 1000);
     start();
   }
