@@ -222,7 +222,7 @@ test('a session created by a gRPC client shows within a second, updates live, an
   await waitRow(page, 'live', key, WITHIN_A_SECOND);
   const cells = await page.$$eval(`${row('live', key)} td`, (tds) => tds.map((td) => td.textContent));
   assert.deepEqual(cells.slice(0, 4), ['FP1', 'Car1', 'Practice', '2']);
-  assert.deepEqual(cells.slice(6), ['Alex', '1', 'medium']);
+  assert.deepEqual(cells.slice(6), ['Alex', '1', 'medium'], 'no packet rate column: nothing is writing');
   assert.match(cells[5], /^0:00:0\d$/, 'a ticking duration');
 
   await server.session('update', key, '--detail', 'lap=2');
@@ -510,12 +510,14 @@ test('a live session\'s page shows its streams and their packet rates, and asks 
   await tv.context().close();
 
   // Leaving the page stops its questions: none while a second passes on the board (two ticks
-  // of a live duration), though the session is still live.
+  // of a live duration), though the session is still live. The board shows its rate.
   await page.click('#back');
   await page.waitForSelector('#board-view:not([hidden])');
   await waitRow(page, 'live', key);
-  assert.equal(await page.evaluate(() => window.pitwallBoard.telemetryScheduled()), false);
   const askedBefore = asked.length;
+  await page.waitForFunction((selector) => parseFloat(document.querySelector(selector)?.textContent) > 0,
+    `${row('live', key)} td.rate`, { timeout: WITHIN_A_COUPLE_OF_SECONDS });
+  await shoot(page, 'board-rates');
   const duration = `${row('live', key)} td.duration`;
   for (let tick = 0; tick < 2; tick += 1) {
     const shown = await page.textContent(duration);

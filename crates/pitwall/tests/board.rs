@@ -282,6 +282,13 @@ async fn telemetry_counts_each_stream_of_a_session_and_its_rate_by_the_servers_c
         .map(|stream| stream.3)
         .collect();
     assert_eq!(rates, [15.0, 11.0], "packets over the two whole seconds");
+    let writing = get(&server, "/api/rates").await;
+    assert_eq!(writing.status, 200, "{}", writing.body);
+    assert_eq!(
+        writing.json()["sessions"],
+        serde_json::json!({ session.as_str(): 26.0, other.as_str(): 2.5 }),
+        "each session's streams together, for the live table"
+    );
     server.advance(Duration::from_secs(60));
     let rates: Vec<f64> = telemetry(&server, &session)
         .await
@@ -290,6 +297,11 @@ async fn telemetry_counts_each_stream_of_a_session_and_its_rate_by_the_servers_c
         .collect();
     assert_eq!(rates, [0.0, 0.0], "the writers stopped");
     assert_eq!(telemetry(&server, &other).await[0].1, 5);
+    assert_eq!(
+        get(&server, "/api/rates").await.json()["sessions"],
+        serde_json::json!({}),
+        "no session is writing"
+    );
 
     let answer = get(&server, &format!("/api/telemetry?session_key={session}")).await;
     assert_eq!(answer.json()["live"], true);

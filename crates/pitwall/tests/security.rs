@@ -165,6 +165,7 @@ async fn every_admin_path_answers_each_role_by_its_rule() {
         "/api/board".to_owned(),
         format!("/api/tree?session_key={session_key}"),
         format!("/api/telemetry?session_key={session_key}"),
+        "/api/rates".to_owned(),
     ];
     let paths = HTTP_RULES
         .iter()

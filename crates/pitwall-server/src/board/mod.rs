@@ -9,6 +9,8 @@
 //! - `GET /api/tree?session_key=KEY`: a session with its associates and parents.
 //! - `GET /api/telemetry?session_key=KEY`: the session's streams, the packets made durable on
 //!   each since the server started, and their rate (the session page polls it while live).
+//! - `GET /api/rates`: the packets per second of every session writing (the board's live
+//!   table polls it).
 //! - `GET /api/events?after=SEQ&…filter`: the event stream ([`events`]).
 //! - `POST /board/sign-in` (`token=…`), `POST /board/sign-out`: with tokens configured, the
 //!   page signs in once and the token travels in an `HttpOnly`, `SameSite=Strict` cookie
@@ -116,6 +118,7 @@ pub fn routes(board: Board) -> Router {
         .route("/api/board", get(listing))
         .route("/api/tree", get(tree))
         .route("/api/telemetry", get(telemetry))
+        .route("/api/rates", get(rates))
         .route("/api/events", get(events))
         .with_state(board)
 }
@@ -348,6 +351,25 @@ async fn telemetry(State(board): State<Board>, uri: Uri) -> Result<Response, Ref
             "at": json::format_time(&board.clock.now()),
         }),
     ))
+}
+
+/// The packets per second of every session with packets in the rate window, by session key.
+/// Worked out once per second however many boards ask; at most one entry per counted pair.
+async fn rates(State(board): State<Board>) -> Response {
+    let sessions: serde_json::Map<String, Value> = board
+        .rates
+        .sessions()
+        .iter()
+        .map(|(session_key, rate)| (session_key.clone(), json!(rate)))
+        .collect();
+    answer(
+        StatusCode::OK,
+        &json!({
+            "sessions": sessions,
+            "window_seconds": WINDOW_SECONDS,
+            "at": json::format_time(&board.clock.now()),
+        }),
+    )
 }
 
 /// The event stream after `Last-Event-ID` (a browser reconnecting), else `after`, else from

@@ -8,7 +8,7 @@
 //! is younger than that, so a test that moves a manual clock gets exact rates.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prost_types::Timestamp;
 
@@ -32,6 +32,8 @@ pub struct Rates {
     /// session's streams for a read), never across an await. The one longer hold is an
     /// eviction pass, once per eighth of the capacity of new pairs when full.
     pairs: Mutex<Pairs>,
+    /// Every active session's rate, and the clock's second it is for.
+    by_session: Mutex<Option<(i64, SessionRates)>>,
 }
 
 /// Packets and bytes of one batch for one (session key, stream).
@@ -42,6 +44,10 @@ pub struct Written {
     pub packets: u64,
     pub bytes: u64,
 }
+
+/// Packets per second of each session writing, in session key order; shared by every board
+/// asking within the same second.
+pub type SessionRates = Arc<Vec<(String, f64)>>;
 
 /// What a session's stream has had made durable, as the board reads it.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +125,7 @@ impl Rates {
             clock,
             capacity: capacity.max(1),
             pairs: Mutex::new(Pairs::default()),
+            by_session: Mutex::new(None),
         }
     }
 
@@ -185,24 +192,46 @@ impl Rates {
         };
         let mut rates: Vec<StreamRate> = streams
             .iter()
-            .map(|(stream, counts)| {
-                // Whole seconds only: the second under way would read low until it ends.
-                let seconds = (now - counts.first_second).clamp(0, WINDOW_SECONDS);
-                let packets_per_second = if seconds == 0 {
-                    0.0
-                } else {
-                    counts.window.packets_in(now - seconds, now - 1) as f64 / seconds as f64
-                };
-                StreamRate {
-                    stream: stream.clone(),
-                    packets: counts.packets,
-                    bytes: counts.bytes,
-                    packets_per_second,
-                }
+            .map(|(stream, counts)| StreamRate {
+                stream: stream.clone(),
+                packets: counts.packets,
+                bytes: counts.bytes,
+                packets_per_second: counts.per_second(now),
             })
             .collect();
         rates.sort_by(|a, b| a.stream.cmp(&b.stream));
         rates
+    }
+
+    /// Packets per second of every session with packets in the window (its streams together),
+    /// in key order: worked out at most once per second of the clock, however many boards ask.
+    pub fn sessions(&self) -> SessionRates {
+        let now = self.clock.now().seconds;
+        // Held while working it out, so that boards asking at once wait for one pass rather
+        // than each making its own.
+        let mut cached = self.by_session.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((second, sessions)) = &*cached
+            && *second == now
+        {
+            return sessions.clone();
+        }
+        let mut sessions: Vec<(String, f64)> = {
+            let pairs = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
+            pairs
+                .sessions
+                .iter()
+                .map(|(session_key, streams)| {
+                    let rate = streams.values().map(|counts| counts.per_second(now)).sum();
+                    (session_key, rate)
+                })
+                .filter(|(_, rate)| *rate > 0.0)
+                .map(|(session_key, rate)| (session_key.clone(), rate))
+                .collect()
+        };
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        let sessions = Arc::new(sessions);
+        *cached = Some((now, sessions.clone()));
+        sessions
     }
 
     /// Pairs counted now.
@@ -212,6 +241,18 @@ impl Rates {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Counts {
+    /// Packets per second over the window's whole seconds (the second under way would read
+    /// low until it ends), or over the stream's life while it is younger.
+    fn per_second(&self, now: i64) -> f64 {
+        let seconds = (now - self.first_second).clamp(0, WINDOW_SECONDS);
+        if seconds == 0 {
+            return 0.0;
+        }
+        self.window.packets_in(now - seconds, now - 1) as f64 / seconds as f64
     }
 }
 
@@ -315,6 +356,33 @@ mod tests {
         hand.advance(Duration::from_secs(60));
         assert_eq!(rate_of(&rates, "s1", ""), Some(0.0));
         assert_eq!(rates.session("s1")[0].packets, 18, "the count stays");
+    }
+
+    #[test]
+    fn session_rates_add_up_their_streams_and_are_worked_out_once_a_second() {
+        let (clock, hand) = manual();
+        let rates = Rates::new(clock, 100);
+        rates.record(&[
+            written("s1", "", 8),
+            written("s1", "laps", 2),
+            written("s2", "", 1),
+        ]);
+        hand.advance(Duration::from_secs(1));
+        let first = rates.sessions();
+        assert_eq!(*first, [("s1".to_owned(), 10.0), ("s2".to_owned(), 1.0)]);
+        rates.record(&[written("s3", "", 5)]);
+        assert!(
+            Arc::ptr_eq(&first, &rates.sessions()),
+            "the same second's answer"
+        );
+        hand.advance(Duration::from_secs(10));
+        rates.record(&[written("s3", "", 4)]);
+        hand.advance(Duration::from_secs(1));
+        assert_eq!(
+            *rates.sessions(),
+            [("s3".to_owned(), 4.0 / 5.0)],
+            "only sessions with packets in the window"
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 // keeps the history it needs, it lists again and says so.
 //
 // A session's page also polls its telemetry (/api/telemetry: its streams, packets and rates)
-// about once a second while the session is live and the page is visible; leaving the page,
-// the session ending or the tab being hidden stops it.
+// about once a second while the session is live and the page is visible, and the board the
+// packet rate of every session writing (/api/rates); leaving the view, the session ending or
+// the tab being hidden stops it.
 //
 // Everything a view shows is in its URL (filters, columns, large type, the session shown), so
 // a view can be shared. Session fields are only ever set as text, never as markup.
@@ -54,14 +55,17 @@
     renderTimer: 0,
     treeTimer: 0,
     telemetry: null,
+    // Session key → packets per second, of the sessions writing (the board's live table).
+    rates: new Map(),
     telemetryTimer: 0,
+    telemetryWanted: false,
     generation: 0,
   };
 
   // Counts for whoever watches the page (and the end-to-end tests): changes applied,
   // changes received twice (there should be none), listings loaded, reconnects.
   const stats = { applied: 0, duplicates: 0, listings: 0, reconnects: 0, lastSequence: 0 };
-  // Whether a telemetry question is waiting to be asked: none once its page is left.
+  // Whether a telemetry question (a session's, or the board's rates) is waiting to be asked.
   window.pitwallBoard = { stats, telemetryScheduled: () => state.telemetryTimer !== 0 };
 
   // ---- the URL ----
@@ -126,6 +130,7 @@
     clearTimeout(state.retryTimer);
     clearTimeout(state.treeTimer);
     stopTelemetry();
+    state.telemetryWanted = false;
   }
 
   async function load() {
@@ -160,7 +165,7 @@
     stats.lastSequence = listed.sequence;
     showOnly(state.view === 'session' ? 'session-view' : 'board-view');
     render();
-    if (state.view === 'session') startTelemetry();
+    startTelemetry();
     if (listed.feed_unavailable) {
       setStatus('error', 'no live updates');
       notice(`Live updates are not available on this server: ${listed.feed_unavailable}`);
@@ -365,13 +370,16 @@
     }, 100);
   }
 
-  // ---- a session's telemetry ----
+  // ---- telemetry: a session's streams, and the board's packet rates ----
 
-  /// Shows the session's telemetry afresh and polls it while the session is live.
+  /// Shows the view's telemetry afresh and polls it: a session's while it is live, the
+  /// board's rates while it is shown.
   function startTelemetry() {
     stopTelemetry();
     state.telemetry = null;
-    renderTelemetry();
+    state.rates = new Map();
+    state.telemetryWanted = true;
+    if (state.view === 'session') renderTelemetry();
     pollTelemetry(state.generation);
   }
 
@@ -380,19 +388,26 @@
     state.telemetryTimer = 0;
   }
 
-  /// One answer, then the next after a second while the session is live. A timeout rather
-  /// than an interval: a slow answer is never overtaken by the next question.
+  /// One answer, then the next after a second while it is wanted. A timeout rather than an
+  /// interval: a slow answer is never overtaken by the next question.
   async function pollTelemetry(generation) {
     let again = true;
     try {
-      const url = `/api/telemetry?${new URLSearchParams({ session_key: state.sessionKey })}`;
+      const url = state.view === 'session'
+        ? `/api/telemetry?${new URLSearchParams({ session_key: state.sessionKey })}`
+        : '/api/rates';
       const response = await fetch(url, { cache: 'no-store' });
       if (generation !== state.generation) return;
       if (response.ok) {
-        state.telemetry = await response.json();
+        const answer = await response.json();
         if (generation !== state.generation) return;
-        again = state.telemetry.live;
-        renderTelemetry();
+        if (state.view === 'session') {
+          state.telemetry = answer;
+          again = answer.live;
+          renderTelemetry();
+        } else {
+          takeRates(answer.sessions);
+        }
       } else {
         // Gone, or signed out (the event stream handles signing in): nothing to poll.
         again = response.status === 503;
@@ -400,7 +415,9 @@
     } catch (e) {
       // Unreachable: the event stream says so; try again while the page is shown.
     }
-    if (generation !== state.generation || !again || document.hidden) return;
+    if (generation !== state.generation) return;
+    state.telemetryWanted = again;
+    if (!again || document.hidden) return;
     clearTimeout(state.telemetryTimer);
     state.telemetryTimer = setTimeout(() => {
       state.telemetryTimer = 0;
@@ -412,10 +429,19 @@
   function onVisibility() {
     if (document.hidden) {
       stopTelemetry();
-    } else if (state.view === 'session' && state.tree && (!state.telemetry || state.telemetry.live)) {
+    } else if (state.telemetryWanted) {
       stopTelemetry();
       pollTelemetry(state.generation);
     }
+  }
+
+  /// The board's rates, redrawn only when one changed: an idle data plane redraws nothing.
+  function takeRates(sessions) {
+    const rates = new Map(Object.entries(sessions));
+    const same = rates.size === state.rates.size
+      && [...rates].every(([key, rate]) => state.rates.get(key) === rate);
+    state.rates = rates;
+    if (!same) scheduleRender();
   }
 
   function renderTelemetry() {
@@ -453,6 +479,12 @@
   }
 
   const wholeNumbers = new Intl.NumberFormat(undefined);
+
+  function rateCell(perSecond) {
+    const cell = text(perSecond ? formatRate(perSecond) : '', 'number rate');
+    if (perSecond) cell.classList.add('has-live');
+    return cell;
+  }
 
   function formatRate(perSecond) {
     if (perSecond >= 100) return wholeNumbers.format(Math.round(perSecond));
@@ -496,14 +528,20 @@
       a.data_source.localeCompare(b.data_source) || parseTime(a.creation_time) - parseTime(b.creation_time));
     const hiddenLive = Math.max(0, live.length - LIVE_SHOWN) + state.moreLive;
     $('live-count').textContent = String(live.length + state.moreLive);
-    fillHead('live-head', ['Identifier', 'Data source', 'Type', 'Version', 'Started', 'Duration']);
-    fillRows('live', live.slice(0, LIVE_SHOWN), (session) => [
+    const shown = live.slice(0, LIVE_SHOWN);
+    // A packet rate column only while a session shown is writing: a board of sessions
+    // alone keeps its width for details.
+    const rated = shown.some((session) => state.rates.has(session.session_key));
+    fillHead('live-head', ['Identifier', 'Data source', 'Type', 'Version', 'Started', 'Duration',
+      ...(rated ? ['Pkt/s'] : [])]);
+    fillRows('live', shown, (session) => [
       identifierCell(session),
       text(session.data_source, 'wide'),
       text(session.type, 'wide'),
       text(String(session.version), 'number wide'),
       timeCell(session.creation_time),
       durationCell(session.creation_time, null),
+      ...(rated ? [rateCell(state.rates.get(session.session_key))] : []),
     ], 'No live sessions');
     $('live-more').hidden = hiddenLive === 0;
     $('live-more').textContent = `${hiddenLive} more live sessions are not shown; narrow the filter to see them.`;
@@ -556,7 +594,8 @@
       const cell = document.createElement('th');
       cell.textContent = title;
       if (['Type', 'Version', 'Data source'].includes(title)) cell.className = 'wide';
-      if (title === 'Version') cell.classList.add('number');
+      if (title === 'Version' || title === 'Pkt/s') cell.classList.add('number');
+      if (title === 'Pkt/s') cell.title = 'packets per second written for the session, over the last 5 s';
       row.append(cell);
     }
     $(id).replaceChildren(row);
