@@ -1,6 +1,7 @@
 // End-to-end tests of the board in headless Chromium (Debian's `chromium`, driven by
 // playwright-core), against the real `pitwall` binary, changed by its gRPC client (`pitwall
-// session …`). A screenshot of each view is written to target/board-screenshots/.
+// session …`, `pitwall packets send`). A screenshot of each view is written to
+// target/board-screenshots/.
 //
 //   node --test tests/browser/        (scripts/test runs it after building target/debug/pitwall)
 //
@@ -30,12 +31,17 @@ const CHROMIUM_FLAGS = [
 ];
 /// What the issue promises: a change shows within a second.
 const WITHIN_A_SECOND = 1000;
+/// How soon a stream's rate must show once packets flow: rates are over whole seconds and the
+/// page asks once a second, so two seconds, with room for the writers' own start.
+const WITHIN_A_FEW_SECONDS = 5000;
 /// Upper bound for anything else a test waits for; reaching it fails the test.
 const PATIENCE = 20000;
 
 const scratch = mkdtempSync(join(tmpdir(), 'pitwall-board-'));
 let browser;
 const servers = [];
+/// `pitwall packets send` processes still writing.
+const senders = [];
 
 /// A free loopback port (asked of the kernel, then released for the server to take).
 function freePort() {
@@ -107,6 +113,29 @@ class Server {
     return this.session(...args);
   }
 
+  /// `pitwall packets send ARGS…` writing in the background; `stop()` ends it as Ctrl-C does
+  /// and gives the number of packets it printed as acknowledged.
+  sendPackets(...args) {
+    const env = { ...process.env, PITWALL_SERVER: `http://127.0.0.1:${this.grpcPort}` };
+    if (this.token) env.PITWALL_TOKEN = this.token;
+    const child = spawn(binary, ['packets', 'send', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    child.stdout.on('data', (chunk) => { output += chunk; });
+    child.stderr.on('data', (chunk) => { output += chunk; });
+    const exited = new Promise((resolveExit) => child.on('exit', (code, signal) => resolveExit({ code, signal })));
+    senders.push(child);
+    return {
+      async stop() {
+        child.kill('SIGINT');
+        const { code, signal } = await exited;
+        assert.equal(code, 0, `packets send exited with ${code ?? signal}:\n${output}`);
+        const match = output.match(/^(\d+) packets acknowledged$/m);
+        assert.ok(match, output);
+        return Number(match[1]);
+      },
+    };
+  }
+
   /// What the server lists now (its sequence, counts, sessions).
   async listing(query = '') {
     const headers = this.readToken ? { authorization: `Bearer ${this.readToken}` } : {};
@@ -164,8 +193,8 @@ before(async () => {
 /// Servers a failed test left running: they must not outlive the run (an exit handler runs
 /// even when a hook throws).
 function killServers() {
-  for (const server of servers) {
-    if (server.child.exitCode === null && server.child.signalCode === null) server.child.kill('SIGKILL');
+  for (const child of [...senders, ...servers.map((server) => server.child)]) {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   }
 }
 process.on('exit', killServers);
@@ -193,7 +222,7 @@ test('a session created by a gRPC client shows within a second, updates live, an
   await waitRow(page, 'live', key, WITHIN_A_SECOND);
   const cells = await page.$$eval(`${row('live', key)} td`, (tds) => tds.map((td) => td.textContent));
   assert.deepEqual(cells.slice(0, 4), ['FP1', 'Car1', 'Practice', '2']);
-  assert.deepEqual(cells.slice(6), ['Alex', '1', 'medium']);
+  assert.deepEqual(cells.slice(6), ['Alex', '1', 'medium'], 'no packet rate column: nothing is writing');
   assert.match(cells[5], /^0:00:0\d$/, 'a ticking duration');
 
   await server.session('update', key, '--detail', 'lap=2');
@@ -428,6 +457,91 @@ test('with tokens, the board asks for a read token once and never puts it in the
   await waitRow(page, 'live', key, WITHIN_A_SECOND);
   await page.click('#sign-out');
   await page.waitForSelector('#sign-in-view:not([hidden])');
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+  await server.stop();
+});
+
+/// A stream's row of the telemetry panel: its cells' text by column.
+function telemetryRow(page, stream) {
+  return page.$$eval(`#telemetry tr[data-stream="${stream}"] td`, (tds) => tds.map((td) => td.textContent));
+}
+
+function packetsShown(text) {
+  return Number(text.replace(/\D/g, ''));
+}
+
+test('a live session\'s page shows its streams and their packet rates, and asks only while shown and live', { timeout: 90000 }, async () => {
+  const server = await new Server('telemetry').start();
+  const key = await server.create('Car1', 'FP1', { driver: 'Alex' }, ['--type', 'Practice']);
+  const mainWriter = server.sendPackets('--data-source', 'Car1', '--session', key, '--count', '1000000', '--rate', '40');
+  const lapWriter = server.sendPackets('--data-source', 'Car1', '--session', key, '--stream', 'laps', '--count', '1000000', '--rate', '4');
+  const page = await openPage(`${server.base}/?session=${key}`);
+  const asked = [];
+  page.on('request', (request) => {
+    if (request.url().includes('/api/telemetry')) asked.push(request.url());
+  });
+  await page.waitForSelector('#session-view:not([hidden])');
+  await waitLive(page);
+  const flowing = (streams) => streams.every((stream) => {
+    const rate = document.querySelector(`#telemetry tr[data-stream="${stream}"] td.rate`);
+    return rate && parseFloat(rate.textContent) > 0;
+  });
+  await page.waitForFunction(flowing, ['', 'laps'], { timeout: WITHIN_A_FEW_SECONDS });
+  const main = await telemetryRow(page, '');
+  assert.equal(main[0], 'main', 'the main stream is named');
+  assert.equal((await telemetryRow(page, 'laps'))[0], 'laps');
+  const before = packetsShown(main[1]);
+  await page.waitForFunction((shown) => Number(document.querySelector('#telemetry tr[data-stream=""] td.packets')
+    .textContent.replace(/\D/g, '')) > shown, before, { timeout: WITHIN_A_FEW_SECONDS });
+  await page.waitForFunction(() => parseFloat(document.querySelector('#telemetry tr[data-stream=""] td.rate').textContent) >= 10,
+    null, { timeout: PATIENCE });
+  await shoot(page, 'telemetry');
+
+  const phone = await openPage(`${server.base}/?session=${key}`, { viewport: { width: 390, height: 844 } });
+  await phone.waitForFunction(flowing, ['', 'laps'], { timeout: PATIENCE });
+  const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+  assert.ok(overflow <= 0, `nothing wider than a phone (${overflow}px too wide)`);
+  await phone.locator('section.telemetry').screenshot({ path: join(shots, 'telemetry-phone.png') });
+  await phone.context().close();
+  const tv = await openPage(`${server.base}/?session=${key}&tv=1`, { viewport: { width: 1920, height: 1080 } });
+  await tv.waitForFunction(flowing, ['', 'laps'], { timeout: PATIENCE });
+  await tv.locator('section.telemetry').screenshot({ path: join(shots, 'telemetry-tv.png') });
+  await tv.context().close();
+
+  // Leaving the page stops its questions: none while a second passes on the board (two ticks
+  // of a live duration), though the session is still live. The board shows its rate.
+  await page.click('#back');
+  await page.waitForSelector('#board-view:not([hidden])');
+  await waitRow(page, 'live', key);
+  const askedBefore = asked.length;
+  await page.waitForFunction((selector) => parseFloat(document.querySelector(selector)?.textContent) > 0,
+    `${row('live', key)} td.rate`, { timeout: WITHIN_A_FEW_SECONDS });
+  await shoot(page, 'board-rates');
+  const duration = `${row('live', key)} td.duration`;
+  for (let tick = 0; tick < 2; tick += 1) {
+    const shown = await page.textContent(duration);
+    await page.waitForFunction(([selector, text]) => document.querySelector(selector).textContent !== text,
+      [duration, shown], { timeout: PATIENCE });
+  }
+  assert.equal(asked.length, askedBefore, 'no telemetry asked for once its page was left');
+
+  // Back on the session: it asks again; once the writers stop, it shows every packet they had
+  // acknowledged; once the session ends, it stops asking.
+  await page.goBack();
+  await page.waitForSelector('#session-view:not([hidden])');
+  await page.waitForFunction(flowing, ['', 'laps'], { timeout: PATIENCE });
+  const [mainSent, lapsSent] = [await mainWriter.stop(), await lapWriter.stop()];
+  assert.ok(mainSent > lapsSent && lapsSent > 0, `${mainSent} and ${lapsSent} packets`);
+  await page.waitForFunction(([main, laps]) => {
+    const shown = (stream) => Number(document.querySelector(`#telemetry tr[data-stream="${stream}"] td.packets`)
+      .textContent.replace(/\D/g, ''));
+    return shown('') === main && shown('laps') === laps;
+  }, [mainSent, lapsSent], { timeout: PATIENCE });
+  await server.session('end', key);
+  await page.waitForFunction(() => document.querySelector('#telemetry-note').textContent.includes('has ended'),
+    null, { timeout: PATIENCE });
+  assert.equal(await page.evaluate(() => window.pitwallBoard.telemetryScheduled()), false);
   assert.deepEqual(page.errors, []);
   await page.context().close();
   await server.stop();

@@ -44,6 +44,7 @@ use crate::connections::accept_tcp;
 use crate::dataplane::DataPlane;
 use crate::dataplane::connections::{ConnectionService, Connections, ReadConnectionsService};
 use crate::dataplane::formats::{FormatService, Formats};
+use crate::dataplane::rates::{self, Rates};
 use crate::dataplane::reader::PacketReader;
 use crate::dataplane::writer::PacketWriter;
 use crate::engine::{Engine, EngineOptions};
@@ -312,6 +313,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         }
         formats
     });
+    let rates = Arc::new(Rates::new(clock.clone(), rates::DEFAULT_CAPACITY));
     let plane = DataPlane {
         packets: packets.clone(),
         formats: formats.clone(),
@@ -323,6 +325,7 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         limits: config.limits.clone(),
         metrics: metrics.clone(),
         batching: config.batching,
+        rates: rates.clone(),
     };
     let max_message = config.max_message_bytes;
     let packet_writer = PacketWriterServiceServer::new(PacketWriter::new(plane.clone()))
@@ -389,6 +392,8 @@ pub async fn launch(config: Config, clock: Clock) -> Result<Launched, StartError
         limits: config.limits.clone(),
         clock: clock.clone(),
         tls: tls.is_some(),
+        packets: packets.clone().map(|packets| packets as Arc<dyn PacketLog>),
+        rates,
     };
     let admin_task = match &tls {
         Some(tls) => tokio::spawn(admin::serve(

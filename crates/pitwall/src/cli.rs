@@ -67,7 +67,7 @@ pub enum Command {
     Session(Box<SessionArgs>),
     /// Check or repair the embedded store of a stopped server.
     Store(Box<StoreArgs>),
-    /// Follow telemetry packets on a running server.
+    /// Write or follow telemetry packets on a running server.
     Packets(Box<PacketsArgs>),
     /// See the read connections open on a running server.
     Connections(Box<ConnectionsArgs>),
@@ -151,6 +151,24 @@ pub enum PacketsCommand {
         /// Start with what is already stored instead of what comes next.
         #[arg(long)]
         from_start: bool,
+    },
+    /// Write packets as a car or a rig would (PeriodicData, one sample each), and print how
+    /// many the server acknowledged durable; Ctrl-C stops early.
+    Send {
+        #[arg(long)]
+        data_source: String,
+        /// The session key the packets carry.
+        #[arg(long)]
+        session: Option<String>,
+        /// The stream to write to; the main stream when not given.
+        #[arg(long)]
+        stream: Option<String>,
+        /// How many packets to write.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Packets per second (e.g. 50, 0.5); as fast as the server takes them when not given.
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<f64>,
     },
 }
 
@@ -463,6 +481,15 @@ fn parse_size_setting(text: &str) -> Result<SizeSetting, String> {
 }
 
 /// Bytes, with an optional binary unit: `1048576`, `512KiB`, `64MiB`, `10GiB`, `1TiB`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "'{text}' is not a rate; give packets per second above 0, e.g. 50 or 0.5"
+        )),
+    }
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text

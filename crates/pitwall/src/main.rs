@@ -4,7 +4,7 @@
 //! - [`serve`]: `pitwall serve`, the server process: config, signals, exit code.
 //! - [`session`]: `pitwall session …`, the client commands; [`output`] prints their results,
 //!   [`values`] reads and prints details, offsets and times.
-//! - [`packets`]: `pitwall packets tail`; [`connections`]: `pitwall connections list`.
+//! - [`packets`]: `pitwall packets tail` and `send`; [`connections`]: `pitwall connections list`.
 //! - [`client`]: what the client commands share: connecting, failures as one line.
 //! - [`store`]: `pitwall store check|repair`, on the embedded store of a stopped server.
 //! - [`logging`]: the `tracing` subscriber (level and format).

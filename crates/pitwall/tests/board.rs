@@ -1,13 +1,16 @@
 //! The live session board on the admin port, over real HTTP on loopback: its page, its
-//! listing and tree, and its event stream (resume with `Last-Event-ID`, history no longer
-//! kept, a reader that stops reading, shutdown), and access with tokens.
+//! listing and tree, a session's telemetry, and its event stream (resume with `Last-Event-ID`,
+//! history no longer kept, a reader that stops reading, shutdown), and access with tokens.
 //! What a user sees in a browser is tested in `tests/browser`.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pitwall_proto::api::UpdateSessionDetailsRequest;
+use std::time::Duration;
+
+use pitwall_proto::api::{DataPacketDetails, UpdateSessionDetailsRequest, WriteDataPacketsRequest};
+use pitwall_proto::open_data::Packet;
 use support::*;
 
 async fn update(client: &mut Client, session_key: &str, key: &str, value: &str) {
@@ -188,6 +191,149 @@ async fn the_tree_shows_associates_and_parents() {
     assert_eq!(unknown.status, 404);
     assert!(unknown.body.contains("not found"), "{}", unknown.body);
     assert_eq!(get(&server, "/api/tree").await.status, 400);
+}
+
+/// Writes `count` packets of `session_key` to a stream of Car1 in one `WriteDataPackets` call;
+/// returns their bytes.
+async fn write_packets(server: &TestServer, session_key: &str, stream: &str, count: u64) -> u64 {
+    let (mut writer, _, _) = server.data_plane().await;
+    let details: Vec<DataPacketDetails> = (0..count)
+        .map(|id| {
+            let packet = Packet {
+                r#type: "PeriodicData".into(),
+                session_key: session_key.into(),
+                content: vec![7; 10 + id as usize],
+                id,
+                ..Default::default()
+            };
+            DataPacketDetails::new(&packet, "Car1", stream, session_key)
+        })
+        .collect();
+    let bytes = details
+        .iter()
+        .map(|detail| detail.message.as_ref().map_or(0, |m| m.len() as u64))
+        .sum();
+    writer
+        .write_data_packets(futures::stream::iter([WriteDataPacketsRequest { details }]))
+        .await
+        .unwrap();
+    bytes
+}
+
+/// (stream, packets, bytes, packets per second) of a session's telemetry.
+async fn telemetry(server: &TestServer, session_key: &str) -> Vec<(String, u64, u64, f64)> {
+    let answer = get(server, &format!("/api/telemetry?session_key={session_key}")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.json()["streams"]
+        .as_array()
+        .expect("a list of streams")
+        .iter()
+        .map(|stream| {
+            (
+                stream["stream"].as_str().unwrap().to_owned(),
+                stream["packets"].as_u64().unwrap(),
+                stream["bytes"].as_u64().unwrap(),
+                stream["packets_per_second"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn telemetry_counts_each_stream_of_a_session_and_its_rate_by_the_servers_clock() {
+    let server = TestServer::start_manual(|c| {
+        c.store = pitwall_server::config::StoreConfig::Embedded;
+    })
+    .await;
+    let mut client = server.client().await;
+    let session = create(&mut client, "Car1").await;
+    let other = create(&mut client, "Car1").await;
+    assert_eq!(
+        telemetry(&server, &session).await,
+        [],
+        "nothing written yet"
+    );
+
+    let main_bytes = write_packets(&server, &session, "", 30).await;
+    let lap_bytes = write_packets(&server, &session, "laps", 12).await;
+    write_packets(&server, &other, "laps", 5).await;
+    assert_eq!(
+        telemetry(&server, &session).await,
+        [
+            (String::new(), 30, main_bytes, 0.0),
+            ("laps".to_owned(), 12, lap_bytes, 0.0)
+        ],
+        "counted at once; no whole second has passed for a rate"
+    );
+
+    server.advance(Duration::from_secs(1));
+    let more_lap_bytes = write_packets(&server, &session, "laps", 10).await;
+    assert_eq!(
+        telemetry(&server, &session).await,
+        [
+            (String::new(), 30, main_bytes, 30.0),
+            ("laps".to_owned(), 22, lap_bytes + more_lap_bytes, 12.0)
+        ]
+    );
+    server.advance(Duration::from_secs(1));
+    let rates: Vec<f64> = telemetry(&server, &session)
+        .await
+        .iter()
+        .map(|stream| stream.3)
+        .collect();
+    assert_eq!(rates, [15.0, 11.0], "packets over the two whole seconds");
+    let writing = get(&server, "/api/rates").await;
+    assert_eq!(writing.status, 200, "{}", writing.body);
+    assert_eq!(
+        writing.json()["sessions"],
+        serde_json::json!({ session.as_str(): 26.0, other.as_str(): 2.5 }),
+        "each session's streams together, for the live table"
+    );
+    server.advance(Duration::from_secs(60));
+    let rates: Vec<f64> = telemetry(&server, &session)
+        .await
+        .iter()
+        .map(|stream| stream.3)
+        .collect();
+    assert_eq!(rates, [0.0, 0.0], "the writers stopped");
+    assert_eq!(telemetry(&server, &other).await[0].1, 5);
+    assert_eq!(
+        get(&server, "/api/rates").await.json()["sessions"],
+        serde_json::json!({}),
+        "no session is writing"
+    );
+
+    let answer = get(&server, &format!("/api/telemetry?session_key={session}")).await;
+    assert_eq!(answer.json()["live"], true);
+    end(&mut client, &session).await;
+    let answer = get(&server, &format!("/api/telemetry?session_key={session}")).await;
+    assert_eq!(answer.json()["live"], false, "the page stops polling");
+}
+
+#[tokio::test]
+async fn telemetry_of_an_unknown_or_missing_session_key_is_refused_with_a_reason() {
+    let server = TestServer::start().await;
+    let unknown = get(&server, "/api/telemetry?session_key=nobody").await;
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("'nobody' not found"),
+        "{}",
+        unknown.body
+    );
+    let long = "k".repeat(10_000);
+    let refused = get(&server, &format!("/api/telemetry?session_key={long}")).await;
+    assert_eq!(refused.status, 404);
+    assert!(refused.body.len() < 500, "the key is echoed cut short");
+    let missing = get(&server, "/api/telemetry").await;
+    assert_eq!(missing.status, 400);
+    assert!(
+        missing.body.contains("session_key is missing"),
+        "{}",
+        missing.body
+    );
 }
 
 #[tokio::test]

@@ -1369,3 +1369,94 @@ async fn packets_tail_prints_a_data_sources_packets_and_connections_list_shows_i
         .unwrap();
     assert_eq!(stdout(&after), "");
 }
+
+/// Runs `pitwall packets --server URL ARGS…`.
+async fn packets(server: &TestServer, args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(["packets", "--server", &server.grpc_url()])
+        .args(args)
+        .env_remove("PITWALL_SERVER")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn packets_send_writes_a_sessions_packets_and_prints_how_many_were_acknowledged() {
+    let server = TestServer::start_with(|c| {
+        c.store = pitwall_server::config::StoreConfig::Embedded;
+    })
+    .await;
+    let session = created(&server, &["--data-source", "Car1"]).await;
+    let sent = packets(
+        &server,
+        &[
+            "--output",
+            "json",
+            "send",
+            "--data-source",
+            "Car1",
+            "--session",
+            &session,
+            "--stream",
+            "laps",
+            "--count",
+            "2500",
+        ],
+    )
+    .await;
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let printed = json(&sent);
+    assert_eq!(printed["acknowledged"], 2500);
+    assert_eq!(printed["stream"], "laps");
+    let paced = packets(
+        &server,
+        &[
+            "send",
+            "--data-source",
+            "Car1",
+            "--session",
+            &session,
+            "--count",
+            "3",
+            "--rate",
+            "1000",
+        ],
+    )
+    .await;
+    assert!(paced.status.success(), "{}", stderr(&paced));
+    assert_eq!(stdout(&paced), "3 packets acknowledged\n");
+
+    let telemetry = server
+        .http(&format!("/api/telemetry?session_key={session}"))
+        .await;
+    let streams: Value = serde_json::from_str(&telemetry.1).unwrap();
+    let counted: Vec<(String, u64)> = streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stream"].as_str().unwrap().to_owned(),
+                s["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(counted, [(String::new(), 3), ("laps".to_owned(), 2500)]);
+
+    let refused = packets(&server, &["send", "--data-source", "a b", "--count", "5"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(stdout(&refused), "0 packets acknowledged\n");
+    assert!(
+        stderr(&refused).contains("contains a space"),
+        "{}",
+        stderr(&refused)
+    );
+    let bad_rate = packets(&server, &["send", "--data-source", "Car1", "--rate", "0"]).await;
+    assert_eq!(bad_rate.status.code(), Some(2));
+    assert!(
+        stderr(&bad_rate).contains("is not a rate"),
+        "{}",
+        stderr(&bad_rate)
+    );
+}

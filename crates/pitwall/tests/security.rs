@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use http::uri::PathAndQuery;
-use pitwall_server::auth::{GRPC_RULES, HTTP_RULES, Role, Rule};
+use pitwall_server::auth::{GRPC_RULES, HTTP_RULES, Role, Rule, http_rule};
 use prost::Message;
 use support::*;
 use tokio::process::Command;
@@ -143,13 +143,43 @@ async fn every_rpc_answers_each_role_by_its_rule() {
 
 #[tokio::test]
 async fn every_admin_path_answers_each_role_by_its_rule() {
-    let (server, _) = server_with_tokens().await;
-    for (path, rule) in HTTP_RULES {
+    let (server, channel) = server_with_tokens().await;
+    let mut writer = pitwall_proto::api::session_management_service_client::SessionManagementServiceClient::with_interceptor(
+        channel,
+        |mut request: Request<()>| {
+            request.metadata_mut().insert("authorization", "Bearer writer-secret".parse().unwrap());
+            Ok(request)
+        },
+    );
+    let session_key = writer
+        .create_session(pitwall_proto::api::CreateSessionRequest {
+            data_source: "Car1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_key;
+    // The board's paths fall under a prefix rule; each is asked with what it needs to answer.
+    let board_paths = [
+        "/api/board".to_owned(),
+        format!("/api/tree?session_key={session_key}"),
+        format!("/api/telemetry?session_key={session_key}"),
+        "/api/rates".to_owned(),
+    ];
+    let paths = HTTP_RULES
+        .iter()
+        .map(|(path, rule)| (path.to_string(), *rule))
+        .chain(board_paths.into_iter().map(|path| {
+            let rule = http_rule(path.split('?').next().unwrap_or_default());
+            (path, rule)
+        }));
+    for (path, rule) in paths {
         for (caller, token, role) in CALLERS {
-            let status = http_get_with_token(&server.metrics_addr().to_string(), path, *token)
+            let status = http_get_with_token(&server.metrics_addr().to_string(), &path, *token)
                 .await
                 .0;
-            let expected = match (rule, role) {
+            let expected = match (&rule, role) {
                 (Rule::Open, _) => 200,
                 (Rule::Needs(_), None) => 401,
                 (Rule::Needs(needed), Some(role)) if role < needed => 403,

@@ -7,6 +7,10 @@
 //!   counts, the live sessions matching the filter, the latest ends, and the feed sequence
 //!   they reflect.
 //! - `GET /api/tree?session_key=KEY`: a session with its associates and parents.
+//! - `GET /api/telemetry?session_key=KEY`: the session's streams, the packets made durable on
+//!   each since the server started, and their rate (the session page polls it while live).
+//! - `GET /api/rates`: the packets per second of every session writing (the board's live
+//!   table polls it).
 //! - `GET /api/events?after=SEQ&…filter`: the event stream ([`events`]).
 //! - `POST /board/sign-in` (`token=…`), `POST /board/sign-out`: with tokens configured, the
 //!   page signs in once and the token travels in an `HttpOnly`, `SameSite=Strict` cookie
@@ -39,8 +43,10 @@ use tracing::warn;
 
 use crate::auth::{Access, Denied, Role, Rule};
 use crate::clock::Clock;
+use crate::dataplane::rates::{Rates, StreamRate, WINDOW_SECONDS};
 use crate::engine::Engine;
 use crate::feed::Feed;
+use crate::log::packets::PacketLog;
 use events::EventStream;
 use params::Params;
 
@@ -88,6 +94,10 @@ pub struct Board {
     pub clock: Clock,
     /// Whether the admin port is TLS: the cookie is then `Secure`.
     pub tls: bool,
+    /// The data plane's packet log (the streams a session has written to), if the store has one.
+    pub packets: Option<Arc<dyn PacketLog>>,
+    /// Packets made durable per session and stream, as the data-plane writer counts them.
+    pub rates: Arc<Rates>,
 }
 
 /// The board's routes, on the admin port's router (whose middleware checks access).
@@ -107,6 +117,8 @@ pub fn routes(board: Board) -> Router {
         .route("/board/sign-out", post(sign_out))
         .route("/api/board", get(listing))
         .route("/api/tree", get(tree))
+        .route("/api/telemetry", get(telemetry))
+        .route("/api/rates", get(rates))
         .route("/api/events", get(events))
         .with_state(board)
 }
@@ -284,6 +296,80 @@ async fn tree(State(board): State<Board>, uri: Uri) -> Result<Response, Refused>
         StatusCode::OK,
         &json!({ "sequence": projection.position(), "root": json::tree(&root) }),
     ))
+}
+
+/// A session's streams with the packets made durable on each since counting began and their
+/// rate: the streams the packet log knows the session wrote to (kept across restarts), and those
+/// counted since. The main stream is `""`.
+async fn telemetry(State(board): State<Board>, uri: Uri) -> Result<Response, Refused> {
+    let params = parse(&uri)?;
+    let session_key = params
+        .one("session_key")
+        .ok_or_else(|| Refused::invalid("session_key is missing; pass ?session_key=KEY"))?;
+    let live = {
+        let projection = board.engine()?.read();
+        let session = projection.get(session_key).ok_or_else(|| {
+            Refused(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "session {} not found (ended and removed by retention, or never created)",
+                    pitwall_core::quote(session_key)
+                ),
+            )
+        })?;
+        !session.is_complete()
+    };
+    let mut streams = board.rates.session(session_key);
+    if let Some(packets) = &board.packets {
+        for stream in packets.session_streams(session_key) {
+            if let Err(at) = streams.binary_search_by(|counted| counted.stream.cmp(&stream)) {
+                streams.insert(
+                    at,
+                    StreamRate {
+                        stream,
+                        packets: 0,
+                        bytes: 0,
+                        packets_per_second: 0.0,
+                    },
+                );
+            }
+        }
+    }
+    Ok(answer(
+        StatusCode::OK,
+        &json!({
+            "session_key": session_key,
+            "live": live,
+            "streams": streams.iter().map(|rate| json!({
+                "stream": rate.stream,
+                "packets": rate.packets,
+                "bytes": rate.bytes,
+                "packets_per_second": rate.packets_per_second,
+            })).collect::<Vec<_>>(),
+            "counted_since": json::format_time(&board.rates.started()),
+            "window_seconds": WINDOW_SECONDS,
+            "at": json::format_time(&board.clock.now()),
+        }),
+    ))
+}
+
+/// The packets per second of every session with packets in the rate window, by session key.
+/// Worked out once per second however many boards ask; at most one entry per counted pair.
+async fn rates(State(board): State<Board>) -> Response {
+    let sessions: serde_json::Map<String, Value> = board
+        .rates
+        .sessions()
+        .iter()
+        .map(|(session_key, rate)| (session_key.clone(), json!(rate)))
+        .collect();
+    answer(
+        StatusCode::OK,
+        &json!({
+            "sessions": sessions,
+            "window_seconds": WINDOW_SECONDS,
+            "at": json::format_time(&board.clock.now()),
+        }),
+    )
 }
 
 /// The event stream after `Last-Event-ID` (a browser reconnecting), else `after`, else from

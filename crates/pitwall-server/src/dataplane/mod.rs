@@ -9,12 +9,15 @@
 //! - [`formats`]: data format ids (`DataFormatManagerService`), kept in the essentials as
 //!   `DataFormatDefinition` packets and rebuilt from them.
 //! - [`connections`]: the read connections, and `ConnectionManagerService`.
+//! - [`rates`]: packets made durable per session and stream, and their rate (the board's
+//!   telemetry panel), counted as the writer's batches are acknowledged.
 //!
 //! The data plane's RPCs report failures as gRPC statuses: their responses carry nothing to
 //! say `success = false` with.
 
 pub mod connections;
 pub mod formats;
+pub mod rates;
 pub mod reader;
 pub mod writer;
 
@@ -28,6 +31,7 @@ use crate::log::packets::{PacketLog, PacketLogError};
 use crate::metrics::Metrics;
 use connections::Connections;
 use formats::Formats;
+use rates::Rates;
 
 /// What the data-plane services share.
 #[derive(Clone)]
@@ -43,6 +47,8 @@ pub struct DataPlane {
     pub metrics: Metrics,
     /// `BatchingResponses`: group the packets read into fewer responses.
     pub batching: Batching,
+    /// Counted by the writer once a batch is durable; read by the board.
+    pub rates: Arc<Rates>,
 }
 
 /// How reads group packets into responses.

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use super::rates::Written;
 use super::{DataPlane, invalid, status_of};
 use crate::engine::WriteError;
 use crate::log::packets::{PacketLogError, PacketWrite};
@@ -97,6 +98,7 @@ impl PacketWriter {
             .map_err(status_of)?;
         counts.add_to(&self.plane, |m| &m.data_packets_routed, false);
         counts.add_to(&self.plane, |m| &m.data_packets_routed_bytes, true);
+        self.plane.rates.record(&counts.by_session);
         Ok(())
     }
 
@@ -187,10 +189,11 @@ impl PacketWriter {
 }
 
 /// Packets (and bytes) per (data source, stream), to count a batch with one label lookup per
-/// pair.
+/// pair, and per (session key, stream) for the board's rates.
 struct Counts {
     packets: usize,
     by_stream: BTreeMap<(String, String), (u64, u64)>,
+    by_session: Vec<Written>,
 }
 
 impl Counts {
@@ -206,6 +209,7 @@ impl Counts {
         Counts {
             packets: writes.len(),
             by_stream,
+            by_session: by_session(writes),
         }
     }
 
@@ -222,6 +226,40 @@ impl Counts {
                 .inc_by(if bytes { *size } else { *packets });
         }
     }
+}
+
+/// A batch's packets grouped by (session key, stream), sorted so that each pair's names are
+/// copied once however many packets it has. Packets without a session key belong to no
+/// session's panel.
+fn by_session(writes: &[PacketWrite]) -> Vec<Written> {
+    let mut pairs: Vec<(&str, &str, usize)> = writes
+        .iter()
+        .filter(|write| !write.session_key.is_empty())
+        .map(|write| {
+            (
+                write.session_key.as_str(),
+                write.stream.as_str(),
+                write.packet.len(),
+            )
+        })
+        .collect();
+    pairs.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut grouped: Vec<Written> = Vec::new();
+    for (session_key, stream, bytes) in pairs {
+        match grouped.last_mut() {
+            Some(last) if last.session_key == session_key && last.stream == stream => {
+                last.packets += 1;
+                last.bytes += bytes as u64;
+            }
+            _ => grouped.push(Written {
+                session_key: session_key.to_owned(),
+                stream: stream.to_owned(),
+                packets: 1,
+                bytes: bytes as u64,
+            }),
+        }
+    }
+    grouped
 }
 
 #[tonic::async_trait]

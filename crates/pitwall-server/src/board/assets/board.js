@@ -4,6 +4,11 @@
 // on every reconnect, so it neither misses nor repeats a change. When the server no longer
 // keeps the history it needs, it lists again and says so.
 //
+// A session's page also polls its telemetry (/api/telemetry: its streams, packets and rates)
+// about once a second while the session is live and the page is visible, and the board the
+// packet rate of every session writing (/api/rates); leaving the view, the session ending or
+// the tab being hidden stops it.
+//
 // Everything a view shows is in its URL (filters, columns, large type, the session shown), so
 // a view can be shared. Session fields are only ever set as text, never as markup.
 'use strict';
@@ -21,6 +26,10 @@
   const RETRY_MAX_MS = 5000;
   /// How long a changed row stays highlighted.
   const FLASH_MS = 1500;
+  /// How often a live session's telemetry is asked for: its rates are over whole seconds.
+  const TELEMETRY_EVERY_MS = 1000;
+  /// The stream `""` is the main stream.
+  const MAIN_STREAM = 'main';
 
   const state = {
     view: 'board',
@@ -45,13 +54,19 @@
     retryTimer: 0,
     renderTimer: 0,
     treeTimer: 0,
+    telemetry: null,
+    // Session key → packets per second, of the sessions writing (the board's live table).
+    rates: new Map(),
+    telemetryTimer: 0,
+    telemetryWanted: false,
     generation: 0,
   };
 
   // Counts for whoever watches the page (and the end-to-end tests): changes applied,
   // changes received twice (there should be none), listings loaded, reconnects.
   const stats = { applied: 0, duplicates: 0, listings: 0, reconnects: 0, lastSequence: 0 };
-  window.pitwallBoard = { stats };
+  // Whether a telemetry question (a session's, or the board's rates) is waiting to be asked.
+  window.pitwallBoard = { stats, telemetryScheduled: () => state.telemetryTimer !== 0 };
 
   // ---- the URL ----
 
@@ -114,6 +129,8 @@
     state.events = null;
     clearTimeout(state.retryTimer);
     clearTimeout(state.treeTimer);
+    stopTelemetry();
+    state.telemetryWanted = false;
   }
 
   async function load() {
@@ -148,6 +165,7 @@
     stats.lastSequence = listed.sequence;
     showOnly(state.view === 'session' ? 'session-view' : 'board-view');
     render();
+    startTelemetry();
     if (listed.feed_unavailable) {
       setStatus('error', 'no live updates');
       notice(`Live updates are not available on this server: ${listed.feed_unavailable}`);
@@ -352,6 +370,138 @@
     }, 100);
   }
 
+  // ---- telemetry: a session's streams, and the board's packet rates ----
+
+  /// Shows the view's telemetry afresh and polls it: a session's while it is live, the
+  /// board's rates while it is shown.
+  function startTelemetry() {
+    stopTelemetry();
+    state.telemetry = null;
+    state.rates = new Map();
+    state.telemetryWanted = true;
+    if (state.view === 'session') renderTelemetry();
+    pollTelemetry(state.generation);
+  }
+
+  function stopTelemetry() {
+    clearTimeout(state.telemetryTimer);
+    state.telemetryTimer = 0;
+  }
+
+  /// One answer, then the next after a second while it is wanted. A timeout rather than an
+  /// interval: a slow answer is never overtaken by the next question.
+  async function pollTelemetry(generation) {
+    let again = true;
+    try {
+      const url = state.view === 'session'
+        ? `/api/telemetry?${new URLSearchParams({ session_key: state.sessionKey })}`
+        : '/api/rates';
+      const response = await fetch(url, { cache: 'no-store' });
+      if (generation !== state.generation) return;
+      if (response.ok) {
+        const answer = await response.json();
+        if (generation !== state.generation) return;
+        if (state.view === 'session') {
+          state.telemetry = answer;
+          again = answer.live;
+          renderTelemetry();
+        } else {
+          takeRates(answer.sessions);
+        }
+      } else {
+        // Gone, or signed out (the event stream handles signing in): nothing to poll.
+        again = response.status === 503;
+      }
+    } catch (e) {
+      // Unreachable: the event stream says so; try again while the page is shown.
+    }
+    if (generation !== state.generation) return;
+    state.telemetryWanted = again;
+    if (!again || document.hidden) return;
+    clearTimeout(state.telemetryTimer);
+    state.telemetryTimer = setTimeout(() => {
+      state.telemetryTimer = 0;
+      pollTelemetry(generation);
+    }, TELEMETRY_EVERY_MS);
+  }
+
+  /// A hidden tab asks for nothing; shown again, it catches up at once.
+  function onVisibility() {
+    if (document.hidden) {
+      stopTelemetry();
+    } else if (state.telemetryWanted) {
+      stopTelemetry();
+      pollTelemetry(state.generation);
+    }
+  }
+
+  /// The board's rates, redrawn only when one changed: an idle data plane redraws nothing.
+  function takeRates(sessions) {
+    const rates = new Map(Object.entries(sessions));
+    const same = rates.size === state.rates.size
+      && [...rates].every(([key, rate]) => state.rates.get(key) === rate);
+    state.rates = rates;
+    if (!same) scheduleRender();
+  }
+
+  function renderTelemetry() {
+    const telemetry = state.telemetry;
+    const body = $('telemetry');
+    const note = $('telemetry-note');
+    if (!telemetry) {
+      body.replaceChildren();
+      note.textContent = 'Loading…';
+      return;
+    }
+    const rows = telemetry.streams.map((stream) => {
+      const row = document.createElement('tr');
+      row.dataset.stream = stream.stream;
+      const name = text(stream.stream || MAIN_STREAM, stream.stream ? 'stream' : 'stream main');
+      if (!stream.stream) name.title = 'the main stream (no stream name)';
+      const rate = text(formatRate(stream.packets_per_second), 'number rate');
+      if (stream.packets_per_second > 0) rate.classList.add('has-live');
+      row.append(name, text(wholeNumbers.format(stream.packets), 'number packets'), rate,
+        text(formatBytes(stream.bytes), 'number wide'));
+      return row;
+    });
+    if (!rows.length) {
+      const row = document.createElement('tr');
+      const cell = text(telemetry.live ? 'No packets written yet' : 'No packets written', 'empty');
+      cell.colSpan = 4;
+      row.append(cell);
+      rows.push(row);
+    }
+    body.replaceChildren(...rows);
+    const since = `Counted since ${formatTime(telemetry.counted_since)} (when the server started)`;
+    note.textContent = telemetry.live
+      ? `${since}; rates over the last ${telemetry.window_seconds} s.`
+      : `${since}. The session has ended.`;
+  }
+
+  const wholeNumbers = new Intl.NumberFormat(undefined);
+
+  function rateCell(perSecond) {
+    const cell = text(perSecond ? formatRate(perSecond) : '', 'number rate');
+    if (perSecond) cell.classList.add('has-live');
+    return cell;
+  }
+
+  function formatRate(perSecond) {
+    if (perSecond >= 100) return wholeNumbers.format(Math.round(perSecond));
+    return perSecond.toFixed(1);
+  }
+
+  function formatBytes(bytes) {
+    const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+    let value = bytes;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+  }
+
   // ---- drawing ----
 
   function scheduleRender() {
@@ -378,14 +528,20 @@
       a.data_source.localeCompare(b.data_source) || parseTime(a.creation_time) - parseTime(b.creation_time));
     const hiddenLive = Math.max(0, live.length - LIVE_SHOWN) + state.moreLive;
     $('live-count').textContent = String(live.length + state.moreLive);
-    fillHead('live-head', ['Identifier', 'Data source', 'Type', 'Version', 'Started', 'Duration']);
-    fillRows('live', live.slice(0, LIVE_SHOWN), (session) => [
+    const shown = live.slice(0, LIVE_SHOWN);
+    // A packet rate column only while a session shown is writing: a board of sessions
+    // alone keeps its width for details.
+    const rated = shown.some((session) => state.rates.has(session.session_key));
+    fillHead('live-head', ['Identifier', 'Data source', 'Type', 'Version', 'Started', 'Duration',
+      ...(rated ? ['Pkt/s'] : [])]);
+    fillRows('live', shown, (session) => [
       identifierCell(session),
       text(session.data_source, 'wide'),
       text(session.type, 'wide'),
       text(String(session.version), 'number wide'),
       timeCell(session.creation_time),
       durationCell(session.creation_time, null),
+      ...(rated ? [rateCell(state.rates.get(session.session_key))] : []),
     ], 'No live sessions');
     $('live-more').hidden = hiddenLive === 0;
     $('live-more').textContent = `${hiddenLive} more live sessions are not shown; narrow the filter to see them.`;
@@ -438,7 +594,8 @@
       const cell = document.createElement('th');
       cell.textContent = title;
       if (['Type', 'Version', 'Data source'].includes(title)) cell.className = 'wide';
-      if (title === 'Version') cell.classList.add('number');
+      if (title === 'Version' || title === 'Pkt/s') cell.classList.add('number');
+      if (title === 'Pkt/s') cell.title = 'packets per second written for the session, over the last 5 s';
       row.append(cell);
     }
     $(id).replaceChildren(row);
@@ -770,6 +927,7 @@
     $('sign-in').addEventListener('submit', signIn);
     $('sign-out').addEventListener('click', signOut);
     window.addEventListener('popstate', start);
+    document.addEventListener('visibilitychange', onVisibility);
     setInterval(tick, 1000);
     start();
   }
