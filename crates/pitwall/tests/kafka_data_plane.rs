@@ -1,11 +1,13 @@
-//! The data plane on Kafka: several instances on one cluster, records as the reference writes
-//! and reads them, a partition-count mismatch, and a broker outage. Runs when
-//! `PITWALL_TEST_KAFKA` names a broker (scripts/test starts one); `packets.rs`, `data_formats.rs`
-//! and `packet_durability.rs` run their scenarios on it too.
+//! The data plane on Kafka: several instances on one cluster (one of them killed mid-write),
+//! records as the reference writes and reads them, a partition-count mismatch, and a broker
+//! outage. Runs when `PITWALL_TEST_KAFKA` names a broker (scripts/test starts one);
+//! `packets.rs`, `data_formats.rs` and `packet_durability.rs` run their scenarios on it too.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pitwall_proto::api::*;
@@ -19,6 +21,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use support::outage::Outage;
 use support::*;
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tonic::Streaming;
 
@@ -530,4 +533,307 @@ async fn reads_without_a_consumer_group_leave_no_group_on_the_broker() {
         .filter(|name| name.starts_with("pitwall"))
         .collect();
     assert!(pitwall_groups.is_empty(), "{pitwall_groups:?}");
+}
+
+/// A packet naming its writer and its place in that writer's sequence.
+fn numbered(writer: usize, sequence: usize) -> Packet {
+    Packet {
+        r#type: "PeriodicData".into(),
+        session_key: KEY.into(),
+        content: format!("{writer}:{sequence}").into_bytes(),
+        ..Default::default()
+    }
+}
+
+fn number(packet: &Packet) -> (usize, usize) {
+    let text = String::from_utf8_lossy(&packet.content);
+    let (writer, sequence) = text
+        .split_once(':')
+        .unwrap_or_else(|| panic!("not a numbered packet: {packet:?}"));
+    (writer.parse().unwrap(), sequence.parse().unwrap())
+}
+
+/// How a writer sends its packets.
+#[derive(Clone, Copy)]
+enum Calls {
+    /// `WriteDataPackets` streams of [`PER_STREAM`] packets, in requests of 5.
+    Streams,
+    /// One `WriteDataPacket` per packet.
+    Single,
+}
+
+const PER_STREAM: usize = 25;
+
+impl Calls {
+    /// The packets of one call.
+    fn packets(self) -> usize {
+        match self {
+            Calls::Streams => PER_STREAM,
+            Calls::Single => 1,
+        }
+    }
+}
+
+/// Per writer, the sequences of the packets its answered calls carried.
+type Acknowledged = Arc<Mutex<BTreeMap<usize, BTreeSet<usize>>>>;
+
+/// Writes writer `id`'s packets in sequence, one call after the other, until a call fails
+/// (returned) or `stop` is set. Records what each answered call carried, then sends `id` on
+/// `acks`.
+async fn write_numbered(
+    url: String,
+    data_source: String,
+    id: usize,
+    calls: Calls,
+    acknowledged: Acknowledged,
+    acks: mpsc::UnboundedSender<usize>,
+    stop: Arc<AtomicBool>,
+) -> Option<tonic::Status> {
+    let mut writer = WriterClient::new(channel(&url).await);
+    let details =
+        |sequence: &usize| DataPacketDetails::new(&numbered(id, *sequence), &data_source, "", KEY);
+    let mut next = 0;
+    while !stop.load(Ordering::Acquire) {
+        let sequences: Vec<usize> = (next..next + calls.packets()).collect();
+        next += calls.packets();
+        let written = match calls {
+            Calls::Streams => {
+                let requests: Vec<WriteDataPacketsRequest> = sequences
+                    .chunks(5)
+                    .map(|chunk| WriteDataPacketsRequest {
+                        details: chunk.iter().map(details).collect(),
+                    })
+                    .collect();
+                writer
+                    .write_data_packets(futures::stream::iter(requests))
+                    .await
+                    .map(drop)
+            }
+            Calls::Single => writer
+                .write_data_packet(WriteDataPacketRequest {
+                    detail: Some(details(&sequences[0])),
+                })
+                .await
+                .map(drop),
+        };
+        if let Err(status) = written {
+            return Some(status);
+        }
+        acknowledged
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_default()
+            .extend(sequences);
+        let _ = acks.send(id);
+    }
+    None
+}
+
+/// Partition 0 of `topic` from its first record up to the packet of type `marker`, read by a
+/// plain consumer: what is in the topic, whatever a server makes of it.
+fn read_topic(broker: &str, topic: &str, marker: &str) -> Vec<Packet> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", format!("{topic}-check"))
+        .set("enable.auto.commit", "false")
+        // Nothing is written in transactions; the stable offset the test broker reports can
+        // stop short of the last batch, which holds the marker.
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let mut packets = Vec::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no marker in {topic} after {} records",
+            packets.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let packet = Packet::decode(message.unwrap().payload().unwrap()).unwrap();
+        if packet.r#type == marker {
+            return packets;
+        }
+        packets.push(packet);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kafka broker: PITWALL_TEST_KAFKA (scripts/test runs it)"]
+async fn kill_9_of_one_of_two_instances_during_writes_leaves_every_acknowledged_packet_in_the_topic_exactly_once()
+ {
+    const MARKER: &str = "end-of-test";
+    // Before the kill, every writer through A has had this many calls answered: each is
+    // mid-sequence when A dies.
+    const CALLS_BEFORE_THE_KILL: usize = 5;
+    // Calls answered to each writer through B after A died: B wrote on across the kill.
+    const CALLS_AFTER_THE_KILL: usize = 3;
+    let broker = required_broker();
+    let b = TestServer::start().await;
+    // A child process, so that it can be killed; on B's sessions topic, as two instances of
+    // one deployment are.
+    let a_dir = tempfile::tempdir().unwrap();
+    let mut a = ServerProcess::start_on_topic(a_dir.path(), &topic_for(b.data_dir()), &[]).await;
+    let data_source = data_source_for("Killed", b.data_dir());
+    let writers: [(&str, Calls); 8] = [
+        ("a", Calls::Streams),
+        ("a", Calls::Streams),
+        ("a", Calls::Streams),
+        ("a", Calls::Streams),
+        ("a", Calls::Single),
+        ("a", Calls::Single),
+        ("b", Calls::Streams),
+        ("b", Calls::Single),
+    ];
+    let acknowledged: Acknowledged = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acks_sender, mut acks) = mpsc::unbounded_channel();
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for (id, (instance, calls)) in writers.iter().enumerate() {
+        let (url, spawned) = match *instance {
+            "a" => (a.grpc_url(), &mut on_a),
+            _ => (b.grpc_url(), &mut on_b),
+        };
+        let task = tokio::spawn(write_numbered(
+            url,
+            data_source.clone(),
+            id,
+            *calls,
+            acknowledged.clone(),
+            acks_sender.clone(),
+            stop.clone(),
+        ));
+        spawned.push((id, *calls, task));
+    }
+
+    let mut calls_answered: BTreeMap<usize, usize> = BTreeMap::new();
+    while on_a
+        .iter()
+        .any(|(id, _, _)| calls_answered.get(id).copied().unwrap_or(0) < CALLS_BEFORE_THE_KILL)
+    {
+        let id = timeout(PATIENCE, acks.recv())
+            .await
+            .expect("the writers stalled before the kill")
+            .unwrap();
+        *calls_answered.entry(id).or_default() += 1;
+    }
+    a.signal("KILL");
+    a.child.wait().await.unwrap();
+    // Each ends with the call the kill cut, which may or may not have landed, in part or whole.
+    for (_, _, task) in on_a {
+        task.await.unwrap();
+    }
+
+    let packets_of = |id: usize| {
+        acknowledged
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map_or(0, BTreeSet::len)
+    };
+    let wanted: Vec<(usize, usize)> = on_b
+        .iter()
+        .map(|(id, calls, _)| {
+            (
+                *id,
+                packets_of(*id) + CALLS_AFTER_THE_KILL * calls.packets(),
+            )
+        })
+        .collect();
+    while wanted.iter().any(|(id, enough)| packets_of(*id) < *enough) {
+        timeout(PATIENCE, acks.recv())
+            .await
+            .expect("the writers through B stalled after A was killed")
+            .unwrap();
+    }
+    stop.store(true, Ordering::Release);
+    for (id, _, task) in on_b {
+        if let Some(status) = task.await.unwrap() {
+            panic!("writer {id} through B failed: {status:?}");
+        }
+    }
+
+    // Written after every acknowledged packet, so a read that reaches it has passed them all.
+    let (mut writer, mut reader, mut connections) = b.data_plane().await;
+    write(&mut writer, &data_source, "", &packet(MARKER)).await;
+    let mut read = read_main(&mut connections, &mut reader, &data_source).await;
+    let mut through_b = Vec::new();
+    while !through_b.iter().any(|p: &Packet| p.r#type == MARKER) {
+        through_b.extend(receive(&mut read, 1).await);
+    }
+    // An unacknowledged record of A's, delivered late, may follow the marker.
+    through_b.truncate(through_b.iter().position(|p| p.r#type == MARKER).unwrap());
+    let in_topic = {
+        let (broker, topic) = (broker.clone(), data_source.clone());
+        tokio::task::spawn_blocking(move || read_topic(&broker, &topic, MARKER))
+            .await
+            .unwrap()
+    };
+    let in_topic: Vec<(usize, usize)> = in_topic.iter().map(number).collect();
+    assert_eq!(
+        through_b.iter().map(number).collect::<Vec<_>>(),
+        in_topic,
+        "B read other than what the topic holds"
+    );
+
+    let mut seen: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (id, sequence) in &in_topic {
+        seen.entry(*id).or_default().push(*sequence);
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    for (id, (instance, calls)) in writers.iter().enumerate() {
+        let got = seen.remove(&id).unwrap_or_default();
+        let answered = acknowledged.get(&id).cloned().unwrap_or_default();
+        let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+        for sequence in &got {
+            *counts.entry(*sequence).or_default() += 1;
+        }
+        let repeated: Vec<(&usize, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            repeated.is_empty(),
+            "writer {id} through {instance}: packets in the topic more than once (sequence, \
+             times): {repeated:?}"
+        );
+        let lost: Vec<&usize> = answered
+            .iter()
+            .filter(|s| !counts.contains_key(s))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "writer {id} through {instance}: {} of {} acknowledged packets not in the topic, \
+             e.g. {:?}",
+            lost.len(),
+            answered.len(),
+            &lost[..lost.len().min(10)]
+        );
+        // A writer waits for each answer before its next call, and one producer's records keep
+        // their order in a partition through retries: what landed is the writer's first
+        // packets. Of the call the kill cut, some first ones may be there, nothing after it.
+        let out_of_order = got.iter().enumerate().position(|(i, s)| i != *s);
+        assert_eq!(
+            out_of_order,
+            None,
+            "writer {id} through {instance}: not its packets in sequence from 0: {:?}",
+            &got[..got.len().min(out_of_order.unwrap_or(0) + 5)]
+        );
+        if *instance == "a" {
+            assert!(
+                got.len() <= answered.len() + calls.packets(),
+                "writer {id} through A: {} in the topic, {} acknowledged",
+                got.len(),
+                answered.len()
+            );
+        } else {
+            assert_eq!(got.len(), answered.len(), "writer {id} through B");
+        }
+    }
+    assert!(seen.is_empty(), "packets of no writer: {seen:?}");
 }
