@@ -185,6 +185,16 @@ impl Refused {
     fn invalid(reason: impl Into<String>) -> Refused {
         Refused(StatusCode::BAD_REQUEST, reason.into())
     }
+
+    fn unknown_session(session_key: &str) -> Refused {
+        Refused(
+            StatusCode::NOT_FOUND,
+            format!(
+                "session {} not found (ended and removed by retention, or never created)",
+                pitwall_core::quote(session_key)
+            ),
+        )
+    }
 }
 
 impl IntoResponse for Refused {
@@ -283,15 +293,8 @@ async fn tree(State(board): State<Board>, uri: Uri) -> Result<Response, Refused>
         .number("depth", 0, u64::from(MAX_TREE_DEPTH))
         .map_err(Refused::invalid)?;
     let projection = board.engine()?.read();
-    let root = session_tree(&projection, session_key, depth as u32).ok_or_else(|| {
-        Refused(
-            StatusCode::NOT_FOUND,
-            format!(
-                "session {} not found (ended and removed by retention, or never created)",
-                pitwall_core::quote(session_key)
-            ),
-        )
-    })?;
+    let root = session_tree(&projection, session_key, depth as u32)
+        .ok_or_else(|| Refused::unknown_session(session_key))?;
     Ok(answer(
         StatusCode::OK,
         &json!({ "sequence": projection.position(), "root": json::tree(&root) }),
@@ -308,15 +311,9 @@ async fn telemetry(State(board): State<Board>, uri: Uri) -> Result<Response, Ref
         .ok_or_else(|| Refused::invalid("session_key is missing; pass ?session_key=KEY"))?;
     let live = {
         let projection = board.engine()?.read();
-        let session = projection.get(session_key).ok_or_else(|| {
-            Refused(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "session {} not found (ended and removed by retention, or never created)",
-                    pitwall_core::quote(session_key)
-                ),
-            )
-        })?;
+        let session = projection
+            .get(session_key)
+            .ok_or_else(|| Refused::unknown_session(session_key))?;
         !session.is_complete()
     };
     let mut streams = board.rates.session(session_key);
