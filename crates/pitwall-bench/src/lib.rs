@@ -21,6 +21,7 @@
 //! - [`engines`]: redb and fjall, a row per packet and chunks, for the packet log.
 //! - [`metrics`]: the server's Prometheus metrics, for packets per commit.
 //! - [`etcd`]: the peer, spawned and driven with `Put` and `Watch`.
+//! - [`h2load`]: create against etcd's `Put` and a cheap read, all driven by `h2load`.
 //! - [`report`]: results, medians over runs, goals, markdown tables.
 //! - [`suite`]: everything in one command (`all`), and the peer comparison (`etcd`).
 //! - [`watchers`]: `pitwall.v1` feed watchers kept reading during a load.
@@ -36,6 +37,7 @@ pub mod driver;
 pub mod engines;
 pub mod etcd;
 pub mod fanout;
+pub mod h2load;
 pub mod latency;
 pub mod metrics;
 pub mod noop;

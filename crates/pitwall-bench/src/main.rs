@@ -11,6 +11,7 @@ use pitwall_bench::dataplane::{self, LiveArgs, MemoryArgs, ReplayArgs, WriteArgs
 use pitwall_bench::engines::{self, EnginesArgs};
 use pitwall_bench::etcd::EtcdArgs;
 use pitwall_bench::fanout::{self, FanoutArgs};
+use pitwall_bench::h2load::{self, H2loadArgs};
 use pitwall_bench::recovery::{self, RecoveryArgs};
 use pitwall_bench::report::Report;
 use pitwall_bench::scenario::{self, Scenario, Shape};
@@ -61,8 +62,21 @@ enum Command {
     Memory(MemoryCommand),
     /// redb and fjall, a row per packet and chunks: packet appends and reads in this process.
     Engines(EnginesArgs),
+    /// Durable create against etcd's durable Put and a cheap read, all driven by h2load
+    /// (64 streams, 4 connections, the same body), alternating; prints the ratios.
+    H2load(H2loadCommand),
     /// Everything, with the goals; --runs N for medians.
     All(AllArgs),
+}
+
+#[derive(Debug, Args)]
+struct H2loadCommand {
+    #[command(flatten)]
+    h2load: H2loadArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    etcd: EtcdArgs,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +165,9 @@ struct MemoryCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::H2load(args) = &cli.command {
+        return run_h2load(args, cli.strict).await;
+    }
     match run(&cli).await {
         Ok(report) => {
             print!("{}", report.markdown());
@@ -159,6 +176,26 @@ async fn main() -> ExitCode {
                 eprintln!("pitwall-bench: {problem}");
             }
             if cli.strict && !problems.is_empty() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pitwall-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_h2load(args: &H2loadCommand, strict: bool) -> ExitCode {
+    match h2load::run(&args.h2load, &args.server, &args.etcd).await {
+        Ok(runs) => {
+            print!("{}", h2load::markdown(&args.h2load, &runs));
+            let problems = h2load::problems(&runs);
+            for problem in &problems {
+                eprintln!("pitwall-bench: {problem}");
+            }
+            if strict && !problems.is_empty() {
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
@@ -262,6 +299,7 @@ async fn run(cli: &Cli) -> anyhow::Result<Report> {
             engines: engines::run(args).await?,
             ..Report::default()
         },
+        Command::H2load(_) => anyhow::bail!("h2load runs on its own (run_h2load)"),
     };
     if let Some(path) = &cli.json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -9,6 +9,11 @@ use tokio::net::TcpStream;
 
 /// Every sample of the exposition, summed over label sets, by metric name.
 pub async fn scrape(addr: &str) -> anyhow::Result<HashMap<String, f64>> {
+    Ok(parse(&exposition(addr).await?))
+}
+
+/// The text exposition at `addr`'s `/metrics`.
+pub async fn exposition(addr: &str) -> anyhow::Result<String> {
     let mut tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot connect to the metrics address {addr}"))?;
@@ -25,7 +30,7 @@ pub async fn scrape(addr: &str) -> anyhow::Result<HashMap<String, f64>> {
             head.lines().next().unwrap_or("")
         );
     }
-    Ok(parse(body))
+    Ok(body.to_owned())
 }
 
 /// Sums the samples of a text exposition by metric name.
