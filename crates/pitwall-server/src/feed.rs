@@ -372,7 +372,11 @@ impl Feed {
         let rows = store.events_after(after, limit)?;
         // Trimmed between the check and the read: the first event is not the next one.
         self.check_kept(after)?;
+        // The store may already hold a batch whose commit is still being made durable; its
+        // events go out once it is, with the batch.
+        let head = self.head();
         rows.into_iter()
+            .take_while(|(sequence, _)| *sequence <= head)
             .map(|(_, bytes)| FeedItem::decode(Bytes::from(bytes)).map_err(HistoryError::from))
             .collect()
     }

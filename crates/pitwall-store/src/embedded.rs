@@ -19,9 +19,9 @@
 //! be gone without a word.
 
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use pitwall_core::Session;
 use pitwall_core::lifecycle::order;
@@ -30,12 +30,13 @@ use prost::Message;
 use prost::bytes::Bytes;
 use prost_types::Timestamp;
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition,
 };
 use thiserror::Error;
 
 use crate::guard::guarded;
+use crate::journal::{Appended, Frame, JOURNAL_FILE, Journal};
 use crate::rows::{DamagedRow, frame_into, read_event, read_session};
 
 /// Creation sequence → encoded [`Session`].
@@ -51,8 +52,8 @@ pub(crate) const FEED_META: TableDefinition<&str, u64> = TableDefinition::new("f
 /// The oldest sequence still kept (everything before it was trimmed).
 pub(crate) const FIRST_KEPT: &str = "first_kept";
 
-/// Written by [`EmbeddedStore::reopen`] to see that a write succeeds again.
-const PROBE: &str = "probe";
+/// The journal generation whose frames are not in the file yet (see `journal`).
+const JOURNAL_GENERATION: &str = "journal_generation";
 
 /// The next sequence, when the last ones numbered records that changed nothing (and so have no
 /// event to say how far numbering went).
@@ -128,6 +129,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write the journal {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The first damaged rows, for a message that stays readable however many there are.
@@ -158,7 +164,8 @@ storage_error_from!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
 
 /// Settings of the embedded store.
@@ -197,7 +204,7 @@ pub struct Changes<'a> {
 }
 
 /// How much of the feed is kept: at most `max_events`, none recorded before `oldest`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeedWindow {
     pub max_events: u64,
     pub oldest: Option<Timestamp>,
@@ -225,6 +232,8 @@ pub struct EmbeddedStore {
     /// compact the file, which needs no transaction open, or to reopen it after a failed write
     /// (`None` while that reopening has not succeeded).
     db: RwLock<Option<Database>>,
+    /// Where commits are made durable; taken before `db` by whoever takes both.
+    journal: Mutex<Journal>,
     path: PathBuf,
     cache_bytes: usize,
     skip_damaged_rows: bool,
@@ -290,8 +299,11 @@ impl EmbeddedStore {
             Ok(db)
         })
         .map_err(|e| damaged_if_corrupted(&path, e))?;
+        let journal = guarded(&path, || replay_journal(data_dir, &db))
+            .map_err(|e| damaged_if_corrupted(&path, e))?;
         Ok(EmbeddedStore {
             db: RwLock::new(Some(db)),
+            journal: Mutex::new(journal),
             path,
             cache_bytes: options.cache_bytes,
             skip_damaged_rows: options.skip_damaged_rows,
@@ -368,53 +380,85 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    /// Writes the changes in one transaction and returns once it is durable on disk (fsync'd),
-    /// with the feed's extent after it.
+    /// Writes the changes as one batch and returns once it is durable on disk (in the synced
+    /// journal; see `journal`), with the feed's extent after it.
     pub fn commit(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
         guarded(&self.path, || self.commit_unguarded(changes))
     }
 
     fn commit_unguarded(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
-        let mut txn = self.db()?.begin_write()?;
-        // Makes recovery after a crash read the allocator state instead of walking every page,
-        // so restart time after `kill -9` stays flat as the store grows.
-        txn.set_quick_repair(true);
-        let bounds = {
-            // One buffer for every row of the batch.
-            let mut row = Vec::new();
-            let mut sessions = txn.open_table(SESSIONS)?;
-            for session in changes.sessions {
-                frame_into(&mut row, &session.encode());
-                sessions.insert(session.sequence, row.as_slice())?;
+        let frame = Frame {
+            sessions: changes
+                .sessions
+                .iter()
+                .map(|session| {
+                    let mut row = Vec::new();
+                    frame_into(&mut row, &session.encode());
+                    (session.sequence, row)
+                })
+                .collect(),
+            purged: changes.purged,
+            events: changes
+                .events
+                .iter()
+                .map(|(sequence, event)| {
+                    let mut row = Vec::new();
+                    frame_into(&mut row, event);
+                    (*sequence, row)
+                })
+                .collect(),
+            window: changes.window,
+            next: changes.next,
+        };
+        let mut journal = self.journal();
+        let db = self.db()?;
+        // The database commit is not durable and nothing reads the batch from the database
+        // before the caller applies it, which it does only after this returns: it can go on
+        // while the journal syncs.
+        let (at, applied) = match journal.append_while(&frame, || apply(&db, &frame)) {
+            Appended::Durable(at, applied) => (at, applied),
+            Appended::Unwritten(source) => {
+                return Err(StoreError::Journal {
+                    path: journal.path().to_owned(),
+                    source,
+                });
             }
-            for sequence in changes.purged {
-                sessions.remove(sequence)?;
-            }
-            let mut events = txn.open_table(FEED_EVENTS)?;
-            for (sequence, event) in &changes.events {
-                frame_into(&mut row, event);
-                events.insert(*sequence, row.as_slice())?;
-            }
-            let mut meta = txn.open_table(FEED_META)?;
-            let before = bounds_of(&events, &meta)?;
-            trim(&mut events, changes.window)?;
-            let first_kept = match events.first()? {
-                Some((sequence, _)) => sequence.value(),
-                None => before.next,
-            };
-            if first_kept != before.first_kept {
-                meta.insert(FIRST_KEPT, first_kept)?;
-            }
-            if let Some(next) = changes.next {
-                meta.insert(NEXT, next)?;
-            }
-            FeedBounds {
-                first_kept,
-                next: before.next.max(changes.next.unwrap_or(0)),
+            Appended::Unsynced(at, _, source) => {
+                // The database holds the refused batch, not durably: closing it drops it (the
+                // reopen replays the journal without it).
+                if let Err(undo) = journal.retract(at) {
+                    warn!(path = %journal.path().display(), error = %undo, "cannot undo a refused batch in the journal");
+                }
+                drop(db);
+                drop(self.db.write().unwrap_or_else(|e| e.into_inner()).take());
+                return Err(StoreError::Journal {
+                    path: journal.path().to_owned(),
+                    source,
+                });
             }
         };
-        txn.commit()?;
+        let bounds = match applied {
+            Ok(bounds) => bounds,
+            Err(e) => {
+                // The batch is refused: it must not come back at the next start.
+                if let Err(undo) = journal.retract(at) {
+                    warn!(path = %journal.path().display(), error = %undo, "cannot undo a refused batch in the journal");
+                }
+                return Err(e);
+            }
+        };
+        if journal.due() {
+            // The batch is durable in the journal whatever happens here; a failed checkpoint
+            // leaves the database failed, and the next commit says so.
+            if let Err(e) = checkpoint(&db, &mut journal) {
+                warn!(path = %self.path.display(), error = %e, "checkpoint of the journal into the store failed");
+            }
+        }
         Ok(bounds)
+    }
+
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The feed's extent as stored.
@@ -467,10 +511,12 @@ impl EmbeddedStore {
         if before < min_file_bytes {
             return Ok(None);
         }
-        // Pages freed by a commit are released by the next one: make that happen first so
-        // the count below is what is really in use.
+        // Pages freed by a commit are released by the next durable one: make that happen
+        // first so the count below is what is really in use.
+        let mut journal = self.journal();
         for _ in 0..2 {
-            self.db()?.begin_write()?.commit()?;
+            let db = self.db()?;
+            checkpoint(&db, &mut journal)?;
         }
         let used = {
             let txn = self.db()?.begin_write()?;
@@ -519,8 +565,10 @@ impl EmbeddedStore {
     /// what the reopened file holds.
     pub fn reopen(&self) -> Result<(), StoreError> {
         guarded(&self.path, || {
+            let mut journal = self.journal();
             let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
             // Dropped first: the file lock is released with it, and the new handle takes it.
+            // What it held since the last checkpoint is in the journal, replayed below.
             drop(slot.take());
             let mut builder = Database::builder();
             builder.set_cache_size(self.cache_bytes);
@@ -530,13 +578,105 @@ impl EmbeddedStore {
                     path: self.path.clone(),
                     source,
                 })?;
-            let txn = db.begin_write()?;
-            txn.open_table(FEED_META)?.insert(PROBE, 0)?;
-            txn.commit()?;
+            let data_dir = self.path.parent().unwrap_or(Path::new("."));
+            // The replay ends in a durable commit: the probe that writes succeed again.
+            *journal = replay_journal(data_dir, &db)?;
             *slot = Some(db);
             Ok(())
         })
     }
+}
+
+impl Drop for EmbeddedStore {
+    /// A store closed in order leaves nothing to replay: the next start, and `pitwall store
+    /// check`, find every batch in the database file.
+    fn drop(&mut self) {
+        let mut journal = self.journal();
+        let Ok(db) = self.db() else { return };
+        let path = &self.path;
+        if let Err(e) = guarded(path, || checkpoint(&db, &mut journal)) {
+            warn!(path = %path.display(), error = %e, "final checkpoint failed; the journal is replayed at the next start");
+        }
+    }
+}
+
+/// Commits the batches of the journal's current generation that the database does not hold
+/// yet (those after its last checkpoint, lost with the process), then checkpoints.
+fn replay_journal(data_dir: &Path, db: &Database) -> Result<Journal, StoreError> {
+    let generation = {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(FEED_META)?;
+        meta.get(JOURNAL_GENERATION)?.map_or(0, |g| g.value())
+    };
+    let path = data_dir.join(JOURNAL_FILE);
+    let (mut journal, frames) =
+        Journal::open(&path, generation).map_err(|source| StoreError::Journal {
+            path: path.clone(),
+            source,
+        })?;
+    for frame in &frames {
+        apply(db, frame)?;
+    }
+    checkpoint(db, &mut journal)?;
+    if !frames.is_empty() {
+        info!(path = %path.display(), batches = frames.len(), "journal replayed into the store: the batches after its last checkpoint");
+    }
+    Ok(journal)
+}
+
+/// Commits a journalled batch to the database, not durably (the journal is what makes it
+/// durable), and returns the feed's extent after it.
+fn apply(db: &Database, frame: &Frame) -> Result<FeedBounds, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::None)?;
+    let bounds = {
+        let mut sessions = txn.open_table(SESSIONS)?;
+        for (sequence, row) in &frame.sessions {
+            sessions.insert(*sequence, row.as_slice())?;
+        }
+        for sequence in &frame.purged {
+            sessions.remove(*sequence)?;
+        }
+        let mut events = txn.open_table(FEED_EVENTS)?;
+        for (sequence, row) in &frame.events {
+            events.insert(*sequence, row.as_slice())?;
+        }
+        let mut meta = txn.open_table(FEED_META)?;
+        let before = bounds_of(&events, &meta)?;
+        trim(&mut events, frame.window)?;
+        let first_kept = match events.first()? {
+            Some((sequence, _)) => sequence.value(),
+            None => before.next,
+        };
+        if first_kept != before.first_kept {
+            meta.insert(FIRST_KEPT, first_kept)?;
+        }
+        if let Some(next) = frame.next {
+            meta.insert(NEXT, next)?;
+        }
+        FeedBounds {
+            first_kept,
+            next: before.next.max(frame.next.unwrap_or(0)),
+        }
+    };
+    txn.commit()?;
+    Ok(bounds)
+}
+
+/// One durable commit: everything committed so far is in the database file, and the journal
+/// starts its next generation (recorded in the same commit, so a crash on either side of it
+/// replays exactly the batches the file lacks).
+fn checkpoint(db: &Database, journal: &mut Journal) -> Result<(), StoreError> {
+    let next = journal.generation() + 1;
+    let mut txn = db.begin_write()?;
+    // Makes recovery after a crash read the allocator state instead of walking every page,
+    // so restart time after `kill -9` stays flat as the store grows.
+    txn.set_quick_repair(true);
+    txn.open_table(FEED_META)?
+        .insert(JOURNAL_GENERATION, next)?;
+    txn.commit()?;
+    journal.restart(next);
+    Ok(())
 }
 
 /// A store file made whole before it gets its name: a crash while it is being made leaves no
@@ -716,6 +856,41 @@ mod tests {
         let mut loaded = Vec::new();
         store.load(|s| loaded.push(s.key)).unwrap();
         assert_eq!(loaded, ["b"]);
+    }
+
+    /// The files as a crash would leave them at this moment: copied while the store is open.
+    fn crash_copy(store: &EmbeddedStore, files: &[&str]) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        let dir = store.path().parent().unwrap();
+        for file in files {
+            std::fs::copy(dir.join(file), copy.path().join(file)).unwrap();
+        }
+        copy
+    }
+
+    fn keys(dir: &Path) -> Vec<String> {
+        let store = EmbeddedStore::open(dir, &EmbeddedOptions::default()).unwrap();
+        let mut loaded = Vec::new();
+        store.load(|s| loaded.push(s.key)).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn batches_after_the_last_checkpoint_come_back_from_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &EmbeddedOptions::default()).unwrap();
+        let (a, b, c) = (session("a", 0), session("b", 1), session("c", 2));
+        store.commit(sessions([&a, &b])).unwrap();
+        store.commit(sessions([&c])).unwrap();
+        let crashed = crash_copy(&store, &[DATABASE_FILE, JOURNAL_FILE]);
+        let without_journal = crash_copy(&store, &[DATABASE_FILE]);
+        drop(store);
+        assert_eq!(keys(crashed.path()), ["a", "b", "c"]);
+        // The database file alone stops at the checkpoint made when it was opened: the
+        // journal is what made the batches durable.
+        assert!(keys(without_journal.path()).is_empty());
+        // Replayed and checkpointed: a second start has nothing to replay and finds the same.
+        assert_eq!(keys(crashed.path()), ["a", "b", "c"]);
     }
 
     #[test]

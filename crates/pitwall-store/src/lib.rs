@@ -1,8 +1,9 @@
 //! Durable storage of sessions and packets.
 //!
 //! - [`embedded`]: the default store, one crash-safe redb database in a data directory. Each
-//!   commit holds a batch of records' results and is fsync'd before it returns, so callers can
-//!   acknowledge as soon as it does.
+//!   commit holds a batch of records' results and is durable before it returns (synced in the
+//!   `journal` beside the database, checkpointed into it), so callers can acknowledge as soon
+//!   as it does.
 //!
 //! - [`packets`]: the embedded packet log, a second redb database: packets in chunks per
 //!   offset space (main, streams, essentials) of each data source, retention from the front.
@@ -19,6 +20,7 @@
 pub mod embedded;
 mod guard;
 pub mod integrity;
+mod journal;
 pub mod kafka;
 pub mod packets;
 mod rows;

@@ -1,7 +1,8 @@
 //! The embedded log: the redb store in the data directory.
 //!
 //! It keeps the state a batch leaves (one row per session) and the batch's feed events, in one
-//! fsync'd commit; positions are the feed sequences it numbers itself. Once the commit
+//! durable commit (a synced journal frame, see the store's `journal`); positions are the feed
+//! sequences it numbers itself. Once the commit
 //! returns, the batch is applied at once: this instance is the only writer.
 //!
 //! A commit that fails (a full disk, say) fails the store: redb refuses every later write
