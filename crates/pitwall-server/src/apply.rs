@@ -85,7 +85,7 @@ impl Applier {
                 if let Some(dropped) = dropped_associates(&projection, record) {
                     drops.push((*position, dropped));
                 }
-                projection.apply_with(record.clone(), at, &mut |event, session| {
+                projection.apply_with(record, at, &mut |event, session| {
                     if stored.is_none() {
                         let event = feed_event(*position, event.kind, session.to_view(), at);
                         built.push(FeedItem::encode(&event));

@@ -20,6 +20,12 @@ mod session;
 mod store;
 mod values;
 
+// Every write allocates and frees the session's strings several times on the writer thread and
+// on the runtime's; glibc's allocator spent a fifth of the writer's CPU doing so (see
+// BENCHMARKS.md, "Session writes ahead of etcd").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let parsed = cli::parse();
     logging::init(&parsed.cli.log);
