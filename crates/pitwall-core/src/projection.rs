@@ -88,7 +88,7 @@ impl Projection {
     /// unknown keys wait for their `NewSession`.
     pub fn apply(&mut self, record: Record, at: Timestamp) -> Vec<Event> {
         let mut events = Vec::new();
-        self.apply_with(&record, at, &mut |event, _| events.push(event));
+        self.apply_with(record, at, &mut |event, _| events.push(event));
         events
     }
 
@@ -96,15 +96,15 @@ impl Projection {
     /// (for `Purged`, the session as it left).
     pub fn apply_with(
         &mut self,
-        record: &Record,
+        record: Record,
         at: Timestamp,
         on_event: &mut dyn FnMut(Event, &Session),
     ) {
         let session_key = record.session_key().to_owned();
         let shard = self.shard_of(&session_key);
         let Some(session) = self.shards[shard].get_mut(&session_key) else {
-            match Session::begin(record, self.next_sequence, at) {
-                Some(session) => {
+            match Session::begin_owned(record, self.next_sequence, at) {
+                Ok(session) => {
                     let event = Event {
                         kind: EventKind::Started,
                         session_key: session_key.clone(),
@@ -117,13 +117,13 @@ impl Projection {
                     if let Some(held) = self.held.remove(&session_key) {
                         self.held_count -= held.len();
                         for record in held {
-                            self.apply_with(&record, at, on_event);
+                            self.apply_with(record, at, on_event);
                         }
                     }
                 }
                 // A purge of a session that is not here has nothing to wait for.
-                None if matches!(record, Record::Purge { .. }) => {}
-                None => self.hold(record.clone()),
+                Err(Record::Purge { .. }) => {}
+                Err(record) => self.hold(record),
             }
             return;
         };
@@ -133,7 +133,7 @@ impl Projection {
             }
             _ => None,
         };
-        let Some(kind) = session.apply(record, at) else {
+        let Some(kind) = session.apply(&record, at) else {
             return;
         };
         let event = Event {

@@ -43,7 +43,8 @@ impl Session {
     /// [`Session::start`], moving the packet's fields instead of copying them.
     pub fn start_owned(key: String, sequence: u64, packet: NewSessionPacket) -> Session {
         let offsets = normalise_offsets(packet.topic_partition_offsets);
-        let start_offsets = (offsets != embedded_offsets(&packet.data_source)).then_some(offsets);
+        let start_offsets =
+            (!are_embedded_offsets(&offsets, &packet.data_source)).then_some(offsets);
         let mut session = Session {
             key,
             sequence,
@@ -192,6 +193,18 @@ fn normalise_offsets(offsets: BTreeMap<String, i64>) -> BTreeMap<String, i64> {
     normalised
 }
 
+/// Whether `offsets` equal [`embedded_offsets`] of `data_source`, checked without building them
+/// (every session start asks).
+fn are_embedded_offsets(offsets: &BTreeMap<String, i64>, data_source: &str) -> bool {
+    offsets.len() == 2
+        && offsets.iter().all(|(key, offset)| {
+            *offset == 0
+                && key
+                    .strip_prefix(data_source)
+                    .is_some_and(|rest| rest == ":0" || rest == "_essential:0")
+        })
+}
+
 /// Offsets without a broker: the main and essentials topics, partition 0, both at 0, as the
 /// reference reports for a data source whose topics do not exist yet.
 pub fn embedded_offsets(data_source: &str) -> BTreeMap<String, i64> {
@@ -218,6 +231,21 @@ struct StoredSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_embedded_default_is_recognised_without_building_it() {
+        let default = embedded_offsets("car");
+        assert!(are_embedded_offsets(&default, "car"));
+        assert!(!are_embedded_offsets(&default, "ca"));
+        let mut moved = default.clone();
+        moved.insert("car:0".into(), 5);
+        assert!(!are_embedded_offsets(&moved, "car"));
+        let mut more = default.clone();
+        more.insert("car.laps:0".into(), 0);
+        assert!(!are_embedded_offsets(&more, "car"));
+        let twice_main = BTreeMap::from([("car:0".to_owned(), 0), ("car:0 ".to_owned(), 0)]);
+        assert!(!are_embedded_offsets(&twice_main, "car"));
+    }
 
     fn session() -> Session {
         Session::start(

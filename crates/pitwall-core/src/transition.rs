@@ -43,6 +43,23 @@ impl Session {
         Some(session)
     }
 
+    /// [`Session::begin`], moving the record's fields instead of copying them; any other record
+    /// comes back as it was.
+    // The error is the caller's own record handed back to keep, not an error to propagate.
+    #[allow(clippy::result_large_err)]
+    pub fn begin_owned(record: Record, sequence: u64, at: Timestamp) -> Result<Session, Record> {
+        let Record::NewSession {
+            session_key,
+            packet,
+        } = record
+        else {
+            return Err(record);
+        };
+        let mut session = Session::start_owned(session_key, sequence, packet);
+        session.last_activity = Some(at);
+        Ok(session)
+    }
+
     /// Applies a record of this session's key, recorded at `at`, and says what it did: a second
     /// `NewSession` does nothing (the first wins), `SessionInfo` merges, `EndOfSession`
     /// completes a live session once, `Purge` removes it (the caller drops it). A record that

@@ -26,9 +26,9 @@ pub type SharedProjection = Arc<RwLock<Projection>>;
 const MAX_DROP_NOTES: usize = 10_000;
 
 /// Records a log has made durable, to apply in order.
-pub struct Applied<'a> {
+pub struct Applied {
     /// Each record with its position in the log.
-    pub records: &'a [(Position, Record)],
+    pub records: Vec<(Position, Record)>,
     /// The position the log stands at after them: at least each record's (a log may pass
     /// positions that hold nothing to apply).
     pub through: Position,
@@ -68,7 +68,7 @@ impl Applier {
 
     /// Applies the records in order, then queues the notifications and feed events they cause
     /// (in that order).
-    pub fn apply(&self, applied: Applied<'_>) {
+    pub fn apply(&self, applied: Applied) {
         let Applied {
             records,
             through,
@@ -82,12 +82,12 @@ impl Applier {
             let mut projection = write(&self.projection);
             let mut events = Vec::new();
             for (position, record) in records {
-                if let Some(dropped) = dropped_associates(&projection, record) {
-                    drops.push((*position, dropped));
+                if let Some(dropped) = dropped_associates(&projection, &record) {
+                    drops.push((position, dropped));
                 }
                 projection.apply_with(record, at, &mut |event, session| {
                     if stored.is_none() {
-                        let event = feed_event(*position, event.kind, session.to_view(), at);
+                        let event = feed_event(position, event.kind, session.to_view(), at);
                         built.push(FeedItem::encode(&event));
                     }
                     events.push(event);

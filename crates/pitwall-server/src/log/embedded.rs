@@ -185,7 +185,7 @@ impl Log for EmbeddedLog {
         self.next.store(through + 1, Ordering::Release);
         let positioned: Vec<(Position, Record)> = (first..).zip(records).collect();
         self.applier.apply(Applied {
-            records: &positioned,
+            records: positioned,
             through,
             at,
             events: Some(items),
@@ -247,7 +247,7 @@ impl Log for EmbeddedLog {
         });
         match committed {
             Ok(bounds) => self.applier.apply(Applied {
-                records: &[],
+                records: Vec::new(),
                 through: self.next.load(Ordering::Acquire) - 1,
                 at: now,
                 events: Some(Vec::new()),

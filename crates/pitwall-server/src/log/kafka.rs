@@ -404,7 +404,7 @@ fn follow(
             }
         };
         applier.apply(Applied {
-            records: &records,
+            records,
             through: position,
             at,
             events: None,
