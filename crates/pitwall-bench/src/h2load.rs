@@ -26,7 +26,8 @@ use crate::etcd::proto::etcdserverpb::PutRequest;
 use crate::etcd::proto::etcdserverpb::kv_client::KvClient;
 use crate::etcd::{EtcdArgs, EtcdTarget};
 use crate::payload;
-use crate::process::cpu_seconds;
+use crate::process::CpuTimes;
+use crate::report::median;
 use crate::server::{ServerArgs, Target};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -159,11 +160,10 @@ async fn measure_pitwall(
 ) -> anyhow::Result<Run> {
     let method = load.method().context("not a Pitwall load")?;
     let admin = target.admin_addr()?.to_owned();
-    let pid = target.pid();
     let before = counted(&admin, method).await?;
-    let cpu_before = pid.and_then(|pid| cpu_seconds(pid, None).ok().flatten());
+    let cpu_before = CpuTimes::read(target.pid());
     let summary = h2load(args, target.url(), load, bodies).await?;
-    let cpu_after = pid.and_then(|pid| cpu_seconds(pid, None).ok().flatten());
+    let cpu_after = CpuTimes::read(target.pid());
     let after = counted(&admin, method).await?;
     let server_counted = after.total - before.total;
     let server_failed = match load {
@@ -179,7 +179,7 @@ async fn measure_pitwall(
         mean_ms: summary.mean_ms,
         server_counted,
         server_failed,
-        server_cpu_us: per_request(cpu_before, cpu_after, server_counted),
+        server_cpu_us: cpu_before.per_request(&cpu_after, server_counted).server_us,
     })
 }
 
@@ -189,13 +189,9 @@ async fn measure_etcd(
     bodies: &Path,
 ) -> anyhow::Result<Run> {
     let before = revision(target.url()).await?;
-    let cpu_before = target
-        .pid()
-        .and_then(|pid| cpu_seconds(pid, None).ok().flatten());
+    let cpu_before = CpuTimes::read(target.pid());
     let summary = h2load(args, target.url(), Load::Put, bodies).await?;
-    let cpu_after = target
-        .pid()
-        .and_then(|pid| cpu_seconds(pid, None).ok().flatten());
+    let cpu_after = CpuTimes::read(target.pid());
     // The revision moves once per Put, this probe's own included.
     let server_counted = (revision(target.url()).await? - before - 1).max(0) as u64;
     Ok(Run {
@@ -206,13 +202,8 @@ async fn measure_etcd(
         mean_ms: summary.mean_ms,
         server_counted,
         server_failed: 0,
-        server_cpu_us: per_request(cpu_before, cpu_after, server_counted),
+        server_cpu_us: cpu_before.per_request(&cpu_after, server_counted).server_us,
     })
-}
-
-fn per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Option<f64> {
-    let (before, after) = (before?, after?);
-    (requests > 0).then(|| (after - before) * 1e6 / requests as f64)
 }
 
 /// Runs h2load once and reads its summary.
@@ -455,15 +446,6 @@ pub fn problems(runs: &[Run]) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 #[cfg(test)]

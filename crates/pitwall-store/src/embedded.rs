@@ -37,7 +37,7 @@ use thiserror::Error;
 
 use crate::guard::guarded;
 use crate::journal::{Appended, Frame, JOURNAL_FILE, Journal};
-use crate::rows::{DamagedRow, frame_into, read_event, read_session};
+use crate::rows::{DamagedRow, framed, read_event, read_session};
 
 /// Creation sequence → encoded [`Session`].
 pub(crate) const SESSIONS: TableDefinition<u64, &[u8]> =
@@ -299,7 +299,7 @@ impl EmbeddedStore {
             Ok(db)
         })
         .map_err(|e| damaged_if_corrupted(&path, e))?;
-        let journal = guarded(&path, || replay_journal(data_dir, &db))
+        let journal = guarded(&path, || replay_journal(&data_dir.join(JOURNAL_FILE), &db))
             .map_err(|e| damaged_if_corrupted(&path, e))?;
         Ok(EmbeddedStore {
             db: RwLock::new(Some(db)),
@@ -391,21 +391,13 @@ impl EmbeddedStore {
             sessions: changes
                 .sessions
                 .iter()
-                .map(|session| {
-                    let mut row = Vec::new();
-                    frame_into(&mut row, &session.encode());
-                    (session.sequence, row)
-                })
+                .map(|session| (session.sequence, framed(&session.encode())))
                 .collect(),
             purged: changes.purged,
             events: changes
                 .events
                 .iter()
-                .map(|(sequence, event)| {
-                    let mut row = Vec::new();
-                    frame_into(&mut row, event);
-                    (*sequence, row)
-                })
+                .map(|(sequence, event)| (*sequence, framed(event)))
                 .collect(),
             window: changes.window,
             next: changes.next,
@@ -417,33 +409,20 @@ impl EmbeddedStore {
         // while the journal syncs.
         let (at, applied) = match journal.append_while(&frame, || apply(&db, &frame)) {
             Appended::Durable(at, applied) => (at, applied),
-            Appended::Unwritten(source) => {
-                return Err(StoreError::Journal {
-                    path: journal.path().to_owned(),
-                    source,
-                });
-            }
-            Appended::Unsynced(at, _, source) => {
+            Appended::Unwritten(source) => return Err(journal_error(journal.path(), source)),
+            Appended::Unsynced(at, source) => {
                 // The database holds the refused batch, not durably: closing it drops it (the
                 // reopen replays the journal without it).
-                if let Err(undo) = journal.retract(at) {
-                    warn!(path = %journal.path().display(), error = %undo, "cannot undo a refused batch in the journal");
-                }
+                refuse(&mut journal, at);
                 drop(db);
                 drop(self.db.write().unwrap_or_else(|e| e.into_inner()).take());
-                return Err(StoreError::Journal {
-                    path: journal.path().to_owned(),
-                    source,
-                });
+                return Err(journal_error(journal.path(), source));
             }
         };
         let bounds = match applied {
             Ok(bounds) => bounds,
             Err(e) => {
-                // The batch is refused: it must not come back at the next start.
-                if let Err(undo) = journal.retract(at) {
-                    warn!(path = %journal.path().display(), error = %undo, "cannot undo a refused batch in the journal");
-                }
+                refuse(&mut journal, at);
                 return Err(e);
             }
         };
@@ -578,9 +557,9 @@ impl EmbeddedStore {
                     path: self.path.clone(),
                     source,
                 })?;
-            let data_dir = self.path.parent().unwrap_or(Path::new("."));
             // The replay ends in a durable commit: the probe that writes succeed again.
-            *journal = replay_journal(data_dir, &db)?;
+            let path = journal.path().to_owned();
+            *journal = replay_journal(&path, &db)?;
             *slot = Some(db);
             Ok(())
         })
@@ -602,18 +581,14 @@ impl Drop for EmbeddedStore {
 
 /// Commits the batches of the journal's current generation that the database does not hold
 /// yet (those after its last checkpoint, lost with the process), then checkpoints.
-fn replay_journal(data_dir: &Path, db: &Database) -> Result<Journal, StoreError> {
+fn replay_journal(path: &Path, db: &Database) -> Result<Journal, StoreError> {
     let generation = {
         let txn = db.begin_read()?;
         let meta = txn.open_table(FEED_META)?;
         meta.get(JOURNAL_GENERATION)?.map_or(0, |g| g.value())
     };
-    let path = data_dir.join(JOURNAL_FILE);
     let (mut journal, frames) =
-        Journal::open(&path, generation).map_err(|source| StoreError::Journal {
-            path: path.clone(),
-            source,
-        })?;
+        Journal::open(path, generation).map_err(|source| journal_error(path, source))?;
     for frame in &frames {
         apply(db, frame)?;
     }
@@ -622,6 +597,21 @@ fn replay_journal(data_dir: &Path, db: &Database) -> Result<Journal, StoreError>
         info!(path = %path.display(), batches = frames.len(), "journal replayed into the store: the batches after its last checkpoint");
     }
     Ok(journal)
+}
+
+fn journal_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Journal {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Takes back the frame at `at`: its batch is refused, and must not come back at the next
+/// start.
+fn refuse(journal: &mut Journal, at: u64) {
+    if let Err(e) = journal.retract(at) {
+        warn!(path = %journal.path().display(), error = %e, "cannot undo a refused batch in the journal");
+    }
 }
 
 /// Commits a journalled batch to the database, not durably (the journal is what makes it

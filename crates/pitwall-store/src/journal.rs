@@ -69,7 +69,7 @@ pub(crate) enum Appended<T> {
     /// Written and synced, at this offset.
     Durable(u64, T),
     /// Written at this offset, but the sync failed: it may or may not be on disk.
-    Unsynced(u64, T, std::io::Error),
+    Unsynced(u64, std::io::Error),
     /// Not written.
     Unwritten(std::io::Error),
 }
@@ -106,12 +106,9 @@ impl Syncer {
     fn sync_while<T>(&self, meanwhile: impl FnOnce() -> T) -> (std::io::Result<()>, T) {
         let asked = self.requests.as_ref().is_some_and(|r| r.send(()).is_ok());
         let value = meanwhile();
-        let synced = match asked {
-            true => self.results.recv().unwrap_or_else(|_| {
-                Err(std::io::Error::other("the journal's sync thread stopped"))
-            }),
-            false => Err(std::io::Error::other("the journal's sync thread stopped")),
-        };
+        let synced = asked.then(|| self.results.recv().ok()).flatten();
+        let synced = synced
+            .unwrap_or_else(|| Err(std::io::Error::other("the journal's sync thread stopped")));
         (synced, value)
     }
 }
@@ -174,7 +171,7 @@ impl Journal {
     pub fn append(&mut self, frame: &Frame) -> std::io::Result<u64> {
         match self.append_while(frame, || ()) {
             Appended::Durable(at, ()) => Ok(at),
-            Appended::Unsynced(_, (), e) | Appended::Unwritten(e) => Err(e),
+            Appended::Unsynced(_, e) | Appended::Unwritten(e) => Err(e),
         }
     }
 
@@ -192,7 +189,7 @@ impl Journal {
                 self.end = at + self.buffer.len() as u64;
                 Appended::Durable(at, value)
             }
-            (Err(e), value) => Appended::Unsynced(at, value, e),
+            (Err(e), _) => Appended::Unsynced(at, e),
         }
     }
 

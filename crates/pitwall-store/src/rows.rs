@@ -28,6 +28,13 @@ pub(crate) fn frame_into(row: &mut Vec<u8>, payload: &[u8]) {
     row.extend_from_slice(payload);
 }
 
+/// The stored form of `payload`, in a buffer of its own.
+pub(crate) fn framed(payload: &[u8]) -> Vec<u8> {
+    let mut row = Vec::new();
+    frame_into(&mut row, payload);
+    row
+}
+
 /// What is wrong with a stored row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowDamage {
