@@ -10,6 +10,10 @@
 //!
 //! The three are alternated, each on a freshly started server, `--runs` times; the table gives
 //! each run and the medians, with the two ratios the goals are stated in.
+//!
+//! With `--rate`, h2load sends at that rate instead of as fast as it can (`--rps` per
+//! connection) and logs every request; the table then adds the latency percentiles, read from
+//! that log.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,6 +29,7 @@ use crate::connection::{self, pick};
 use crate::etcd::proto::etcdserverpb::PutRequest;
 use crate::etcd::proto::etcdserverpb::kv_client::KvClient;
 use crate::etcd::{EtcdArgs, EtcdTarget};
+use crate::latency::{Latencies, Percentiles};
 use crate::payload;
 use crate::process::CpuTimes;
 use crate::report::median;
@@ -49,6 +54,10 @@ pub struct H2loadArgs {
     /// Rounds of the three (create, put, read), alternating.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Requests per second in all, spread evenly over the connections, instead of as many as
+    /// the server answers; adds each run's latency percentiles.
+    #[arg(long)]
+    pub rate: Option<u64>,
 }
 
 /// What is measured.
@@ -120,6 +129,8 @@ pub struct Run {
     pub server_failed: u64,
     /// Server CPU per request it counted.
     pub server_cpu_us: Option<f64>,
+    /// Latency percentiles of every request h2load logged (with `--rate`).
+    pub latency: Option<Percentiles>,
 }
 
 /// What h2load printed that the table uses.
@@ -129,6 +140,7 @@ struct H2loadSummary {
     failed: u64,
     rate: f64,
     mean_ms: f64,
+    latency: Option<Percentiles>,
 }
 
 pub async fn run(
@@ -180,6 +192,7 @@ async fn measure_pitwall(
         server_counted,
         server_failed,
         server_cpu_us: cpu_before.per_request(&cpu_after, server_counted).server_us,
+        latency: summary.latency,
     })
 }
 
@@ -203,6 +216,7 @@ async fn measure_etcd(
         server_counted,
         server_failed: 0,
         server_cpu_us: cpu_before.per_request(&cpu_after, server_counted).server_us,
+        latency: summary.latency,
     })
 }
 
@@ -218,7 +232,18 @@ async fn h2load(
         .with_context(|| format!("cannot write {}", body.display()))?;
     let connections = args.connections.max(1);
     let per_connection = args.streams.max(1).div_ceil(connections);
-    let output = Command::new(&args.h2load_bin)
+    let log = bodies.join(format!("{load:?}.log"));
+    let mut command = Command::new(&args.h2load_bin);
+    if let Some(rate) = args.rate {
+        let _ = std::fs::remove_file(&log);
+        command
+            .arg(format!(
+                "--rps={}",
+                rate.div_ceil(connections as u64).max(1)
+            ))
+            .arg(format!("--log-file={}", log.display()));
+    }
+    let output = command
         .arg(format!("--clients={connections}"))
         .arg(format!("--max-concurrent-streams={per_connection}"))
         .arg(format!("--duration={}", args.duration))
@@ -245,7 +270,30 @@ async fn h2load(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    parse_summary(&stdout).with_context(|| format!("cannot read h2load's output:\n{stdout}"))
+    let mut summary = parse_summary(&stdout)
+        .with_context(|| format!("cannot read h2load's output:\n{stdout}"))?;
+    if args.rate.is_some() {
+        let logged = std::fs::read_to_string(&log)
+            .with_context(|| format!("h2load wrote no request log {}", log.display()))?;
+        summary.latency = Some(latencies(&logged).percentiles());
+    }
+    Ok(summary)
+}
+
+/// The durations in h2load's request log: a line per request, `start (µs since the epoch)`,
+/// `status`, `duration (µs)`, separated by tabs.
+fn latencies(log: &str) -> Latencies {
+    let mut latencies = Latencies::default();
+    for line in log.lines() {
+        if let Some(micros) = line
+            .split('\t')
+            .nth(2)
+            .and_then(|field| field.trim().parse().ok())
+        {
+            latencies.record(std::time::Duration::from_micros(micros));
+        }
+    }
+    latencies
 }
 
 /// A gRPC length-prefixed message: no compression, big-endian length, the bytes.
@@ -289,6 +337,7 @@ fn parse_summary(output: &str) -> Option<H2loadSummary> {
             + counts.get("timeout").copied().unwrap_or(0),
         rate: rate?,
         mean_ms: mean_ms?,
+        latency: None,
     })
 }
 
@@ -413,12 +462,47 @@ pub fn markdown(args: &H2loadArgs, runs: &[Run]) -> String {
             cpu_of(load)
         );
     }
+    if let Some(rate) = args.rate {
+        out.push_str(&latency_table(rate, runs));
+        return out;
+    }
     let _ = writeln!(
         out,
         "\ncreate ÷ etcd put = {:.2} (goal ≥ 1.5); create ÷ read = {:.2} (goal ≥ 0.5)",
         create / put.max(f64::MIN_POSITIVE),
         create / read.max(f64::MIN_POSITIVE),
     );
+    out
+}
+
+/// Each run's latency percentiles at the fixed rate, and the median p99 of each load.
+fn latency_table(rate: u64, runs: &[Run]) -> String {
+    let mut out = format!(
+        "\nAt {rate} requests/s, every request h2load logged (ms):\n\n\
+         | load | p50 | p90 | p99 | p99.9 | max |\n|---|--:|--:|--:|--:|--:|\n"
+    );
+    for run in runs {
+        if let Some(l) = run.latency {
+            let _ = writeln!(
+                out,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                run.load.label(),
+                l.p50,
+                l.p90,
+                l.p99,
+                l.p999,
+                l.max
+            );
+        }
+    }
+    for load in [Load::Create, Load::Put, Load::Read] {
+        let p99 = median(
+            runs.iter()
+                .filter(|r| r.load == load)
+                .filter_map(|r| r.latency.map(|l| l.p99)),
+        );
+        let _ = writeln!(out, "\nmedian p99 of {}: {p99:.2} ms", load.label());
+    }
     out
 }
 
@@ -468,9 +552,20 @@ time for request:      520us     15.20ms      2.57ms       900us    71.23%
                 succeeded: 198600,
                 failed: 1,
                 rate: 24825.12,
-                mean_ms: 2.57
+                mean_ms: 2.57,
+                latency: None,
             }
         );
+    }
+
+    #[test]
+    fn latencies_are_read_from_the_request_log() {
+        let log = "1764770000000000\t200\t850\n1764770000000100\t200\t2570\n\nnot a line\n";
+        let latencies = latencies(log);
+        assert_eq!(latencies.count(), 2);
+        let percentiles = latencies.percentiles();
+        assert!((percentiles.p50 - 0.85).abs() < 0.01, "{percentiles:?}");
+        assert!((percentiles.max - 2.57).abs() < 0.01, "{percentiles:?}");
     }
 
     #[test]

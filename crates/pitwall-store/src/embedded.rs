@@ -11,15 +11,22 @@
 //! Beside the sessions, the same commits keep the feed: every change as an encoded
 //! `pitwall.v1.SessionEvent` keyed by its sequence, trimmed from the front to a window of count
 //! and age, and the first sequence still kept. A batch's sessions, removals and events are one
-//! transaction, so the feed never disagrees with the sessions after a crash.
+//! journal frame and one transaction, so the feed never disagrees with the sessions after a
+//! crash.
+//!
+//! [`EmbeddedStore::commit`] returns once the batch's frame is synced in the journal (see
+//! `journal`); the checkpointer thread commits it to the database afterwards (see `checkpoint`).
+//! Until it has, reading the feed's history finds the batch among those it has not committed.
 //!
 //! Every row carries a CRC32C checksum (see `rows`), verified when it is read: all of them at
 //! startup ([`EmbeddedStore::load`]), feed events again whenever a watcher replays them. A file
 //! that is empty or that redb cannot read is refused, never initialised over: its sessions would
 //! be gone without a word.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tracing::{info, warn};
 
@@ -35,8 +42,10 @@ use redb::{
 };
 use thiserror::Error;
 
+use crate::checkpoint::{Backlog, Checkpointer, Work};
+use crate::feed_index::{FeedIndex, MAX_TRIM_PER_COMMIT, TRIM_SLACK};
 use crate::guard::guarded;
-use crate::journal::{Appended, Frame, JOURNAL_FILE, Journal};
+use crate::journal::{Frame, Journal, Trim, Unappended};
 use crate::rows::{DamagedRow, framed, read_event, read_session};
 
 /// Creation sequence → encoded [`Session`].
@@ -58,14 +67,6 @@ const JOURNAL_GENERATION: &str = "journal_generation";
 /// The next sequence, when the last ones numbered records that changed nothing (and so have no
 /// event to say how far numbering went).
 const NEXT: &str = "next";
-
-/// How far beyond its count the feed may grow before it is trimmed back (less for small
-/// windows).
-const TRIM_SLACK: u64 = 1024;
-
-/// Events one commit trims at most, so catching up with a lowered window spreads over
-/// several commits instead of stalling one.
-const MAX_TRIM_PER_COMMIT: usize = 10_000;
 
 /// The file inside the data directory.
 pub const DATABASE_FILE: &str = "pitwall.redb";
@@ -134,6 +135,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the store {path} cannot take the journal's batches: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
 }
 
 /// The first damaged rows, for a message that stays readable however many there are.
@@ -195,8 +198,8 @@ pub struct Changes<'a> {
     pub sessions: Vec<&'a Session>,
     /// Creation sequences of sessions to delete (retention).
     pub purged: Vec<u64>,
-    /// Feed events, as (sequence, encoded `SessionEvent`), in sequence order.
-    pub events: Vec<(u64, Bytes)>,
+    /// Feed events, as (sequence, time recorded, encoded `SessionEvent`), in sequence order.
+    pub events: Vec<(u64, Timestamp, Bytes)>,
     /// The window the feed is trimmed to.
     pub window: FeedWindow,
     /// The next sequence, when it is past the last of `events`.
@@ -231,12 +234,23 @@ pub struct EmbeddedStore {
     /// Shared by every transaction (redb serialises writers itself); taken exclusively only to
     /// compact the file, which needs no transaction open, or to reopen it after a failed write
     /// (`None` while that reopening has not succeeded).
-    db: RwLock<Option<Database>>,
-    /// Where commits are made durable; taken before `db` by whoever takes both.
-    journal: Mutex<Journal>,
+    db: Arc<RwLock<Option<Database>>>,
+    /// Where commits are made durable; taken first by whoever takes it and anything else.
+    writing: Mutex<Writing>,
+    /// Batches journalled and not yet committed to the database.
+    backlog: Arc<Backlog>,
+    checkpointer: Mutex<Checkpointer>,
+    /// The first feed sequence kept, as of the last commit.
+    first_kept: AtomicU64,
     path: PathBuf,
     cache_bytes: usize,
     skip_damaged_rows: bool,
+}
+
+/// What the writer keeps between commits.
+struct Writing {
+    journal: Journal,
+    feed: FeedIndex,
 }
 
 /// The open database, borrowed for one call.
@@ -299,11 +313,25 @@ impl EmbeddedStore {
             Ok(db)
         })
         .map_err(|e| damaged_if_corrupted(&path, e))?;
-        let journal = guarded(&path, || replay_journal(&data_dir.join(JOURNAL_FILE), &db))
+        let mut journal =
+            Journal::open(data_dir).map_err(|source| journal_error(data_dir, source))?;
+        let (generation, feed) = guarded(&path, || recover(&db, &mut journal))
             .map_err(|e| damaged_if_corrupted(&path, e))?;
+        let db = Arc::new(RwLock::new(Some(db)));
+        let backlog = Backlog::new(generation);
+        let checkpointer =
+            Checkpointer::start(db.clone(), backlog.clone(), path.clone()).map_err(|source| {
+                StoreError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         Ok(EmbeddedStore {
-            db: RwLock::new(Some(db)),
-            journal: Mutex::new(journal),
+            db,
+            first_kept: AtomicU64::new(feed.first_kept()),
+            writing: Mutex::new(Writing { journal, feed }),
+            backlog,
+            checkpointer: Mutex::new(checkpointer),
             path,
             cache_bytes: options.cache_bytes,
             skip_damaged_rows: options.skip_damaged_rows,
@@ -381,12 +409,24 @@ impl EmbeddedStore {
     }
 
     /// Writes the changes as one batch and returns once it is durable on disk (in the synced
-    /// journal; see `journal`), with the feed's extent after it.
-    pub fn commit(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
+    /// journal; see `journal`), with the first feed sequence still kept after it.
+    pub fn commit(&self, changes: Changes<'_>) -> Result<u64, StoreError> {
         guarded(&self.path, || self.commit_unguarded(changes))
     }
 
-    fn commit_unguarded(&self, changes: Changes<'_>) -> Result<FeedBounds, StoreError> {
+    fn commit_unguarded(&self, changes: Changes<'_>) -> Result<u64, StoreError> {
+        if let Some(reason) = self.backlog.failed() {
+            return Err(self.behind(reason));
+        }
+        let mut writing = self.writing();
+        let first_kept = writing.feed.push(
+            changes
+                .events
+                .iter()
+                .map(|(sequence, time, _)| (*sequence, *time)),
+            changes.window,
+            changes.next,
+        );
         let frame = Frame {
             sessions: changes
                 .sessions
@@ -397,51 +437,73 @@ impl EmbeddedStore {
             events: changes
                 .events
                 .iter()
-                .map(|(sequence, event)| (*sequence, framed(event)))
+                .map(|(sequence, _, event)| (*sequence, framed(event)))
                 .collect(),
-            window: changes.window,
+            trim: Trim::Before(first_kept),
             next: changes.next,
         };
-        let mut journal = self.journal();
-        let db = self.db()?;
-        // The database commit is not durable and nothing reads the batch from the database
-        // before the caller applies it, which it does only after this returns: it can go on
-        // while the journal syncs.
-        let (at, applied) = match journal.append_while(&frame, || apply(&db, &frame)) {
-            Appended::Durable(at, applied) => (at, applied),
-            Appended::Unwritten(source) => return Err(journal_error(journal.path(), source)),
-            Appended::Unsynced(at, source) => {
-                // The database holds the refused batch, not durably: closing it drops it (the
-                // reopen replays the journal without it).
-                refuse(&mut journal, at);
-                drop(db);
-                drop(self.db.write().unwrap_or_else(|e| e.into_inner()).take());
-                return Err(journal_error(journal.path(), source));
+        // A failed write leaves the feed index ahead of the store; it is rebuilt when the
+        // store is reopened, which the failure asks for.
+        match writing.journal.append(&frame) {
+            Ok(_) => {}
+            Err(Unappended::Unwritten(source)) => {
+                return Err(journal_error(writing.journal.path(), source));
             }
-        };
-        let bounds = match applied {
-            Ok(bounds) => bounds,
-            Err(e) => {
-                refuse(&mut journal, at);
-                return Err(e);
-            }
-        };
-        if journal.due() {
-            // The batch is durable in the journal whatever happens here; a failed checkpoint
-            // leaves the database failed, and the next commit says so.
-            if let Err(e) = checkpoint(&db, &mut journal) {
-                warn!(path = %self.path.display(), error = %e, "checkpoint of the journal into the store failed");
+            Err(Unappended::Unsynced(at, source)) => {
+                refuse(&mut writing.journal, at);
+                return Err(journal_error(writing.journal.path(), source));
             }
         }
-        Ok(bounds)
+        self.backlog.push(Work::Batch(Arc::new(frame)));
+        self.first_kept.store(first_kept, Ordering::Release);
+        if writing.journal.due() {
+            // The batch is durable whatever happens here; a checkpointer that failed meanwhile
+            // makes the next commit fail.
+            if let Err(reason) = self.next_generation(&mut writing.journal) {
+                warn!(path = %self.path.display(), %reason, "the journal cannot move to its other file");
+            }
+        }
+        Ok(first_kept)
     }
 
-    fn journal(&self) -> MutexGuard<'_, Journal> {
-        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    /// Moves the journal to its other file once the database holds that file's frames, and
+    /// asks the checkpointer to make what came before durable.
+    fn next_generation(&self, journal: &mut Journal) -> Result<(), String> {
+        self.backlog.wait_checkpointed(journal.generation())?;
+        self.backlog
+            .push(Work::Checkpoint(journal.generation() + 1));
+        journal.rotate();
+        Ok(())
     }
 
-    /// The feed's extent as stored.
+    /// One durable commit of everything committed so far, waited for.
+    fn checkpoint(&self, journal: &mut Journal) -> Result<(), StoreError> {
+        self.next_generation(journal)
+            .and_then(|()| self.backlog.wait_checkpointed(journal.generation()))
+            .map_err(|reason| self.behind(reason))
+    }
+
+    fn behind(&self, reason: String) -> StoreError {
+        StoreError::Checkpoint {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn writing(&self) -> MutexGuard<'_, Writing> {
+        self.writing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first feed sequence still kept, as of the last commit.
+    pub fn first_kept(&self) -> u64 {
+        self.first_kept.load(Ordering::Acquire)
+    }
+
+    /// The feed's extent as stored, once what was committed is in the database.
     pub fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
+        self.backlog
+            .wait_empty()
+            .map_err(|reason| self.behind(reason))?;
         guarded(&self.path, || {
             let txn = self.db()?.begin_read()?;
             bounds_of(&txn.open_table(FEED_EVENTS)?, &txn.open_table(FEED_META)?)
@@ -456,18 +518,34 @@ impl EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let first_kept = self.first_kept();
+        let after = after.max(first_kept.saturating_sub(1));
         guarded(&self.path, || {
+            // Taken before the database's snapshot: a batch the checkpointer commits in between
+            // is in both, and none is in neither.
+            let pending = self.backlog.pending();
             let txn = self.db()?.begin_read()?;
             let table = txn.open_table(FEED_EVENTS)?;
-            let mut events = Vec::new();
+            let mut rows = Vec::new();
             for row in table.range(after.saturating_add(1)..)?.take(limit) {
-                let (sequence, event) = row?;
-                match read_event(event.value()) {
-                    Ok(payload) => events.push((sequence.value(), payload.to_vec())),
-                    Err(damage) => self.damaged(vec![DamagedRow::FeedEvent {
-                        sequence: sequence.value(),
-                        damage,
-                    }])?,
+                let (sequence, row) = row?;
+                rows.push((sequence.value(), row.value().to_vec()));
+            }
+            let through = rows.last().map_or(after, |(sequence, _)| *sequence);
+            let waiting = pending.iter().flat_map(|frame| frame.events.iter());
+            for (sequence, row) in waiting.filter(|(sequence, _)| *sequence > through) {
+                if rows.len() >= limit {
+                    break;
+                }
+                rows.push((*sequence, row.clone()));
+            }
+            let mut events = Vec::with_capacity(rows.len());
+            for (sequence, row) in rows {
+                match read_event(&row) {
+                    Ok(payload) => events.push((sequence, payload.to_vec())),
+                    Err(damage) => {
+                        self.damaged(vec![DamagedRow::FeedEvent { sequence, damage }])?
+                    }
                 }
             }
             Ok(events)
@@ -492,10 +570,9 @@ impl EmbeddedStore {
         }
         // Pages freed by a commit are released by the next durable one: make that happen
         // first so the count below is what is really in use.
-        let mut journal = self.journal();
+        let mut writing = self.writing();
         for _ in 0..2 {
-            let db = self.db()?;
-            checkpoint(&db, &mut journal)?;
+            self.checkpoint(&mut writing.journal)?;
         }
         let used = {
             let txn = self.db()?.begin_write()?;
@@ -538,16 +615,17 @@ impl EmbeddedStore {
         Ok(Db(slot))
     }
 
-    /// Closes the database and opens it again, then writes a probe row: after a failed write
-    /// (a full disk, say) redb refuses every later one until it is reopened, and a reopen that
-    /// cannot write yet must not count as recovered. What was committed before the failure is
-    /// what the reopened file holds.
+    /// Closes the database and opens it again, then replays the journal into it, which ends
+    /// in a durable commit: after a failed write (a full disk, say) redb refuses every later one
+    /// until it is reopened, and a reopen that cannot write yet must not count as recovered.
+    /// What was committed before the failure is what the reopened file and the journal hold.
     pub fn reopen(&self) -> Result<(), StoreError> {
         guarded(&self.path, || {
-            let mut journal = self.journal();
+            let mut writing = self.writing();
+            let mut checkpointer = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+            checkpointer.stop();
             let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
             // Dropped first: the file lock is released with it, and the new handle takes it.
-            // What it held since the last checkpoint is in the journal, replayed below.
             drop(slot.take());
             let mut builder = Database::builder();
             builder.set_cache_size(self.cache_bytes);
@@ -557,10 +635,18 @@ impl EmbeddedStore {
                     path: self.path.clone(),
                     source,
                 })?;
-            // The replay ends in a durable commit: the probe that writes succeed again.
-            let path = journal.path().to_owned();
-            *journal = replay_journal(&path, &db)?;
+            let (generation, feed) = recover(&db, &mut writing.journal)?;
             *slot = Some(db);
+            drop(slot);
+            self.first_kept.store(feed.first_kept(), Ordering::Release);
+            writing.feed = feed;
+            self.backlog.reset(generation);
+            *checkpointer =
+                Checkpointer::start(self.db.clone(), self.backlog.clone(), self.path.clone())
+                    .map_err(|source| StoreError::Read {
+                        path: self.path.clone(),
+                        source,
+                    })?;
             Ok(())
         })
     }
@@ -570,33 +656,68 @@ impl Drop for EmbeddedStore {
     /// A store closed in order leaves nothing to replay: the next start, and `pitwall store
     /// check`, find every batch in the database file.
     fn drop(&mut self) {
-        let mut journal = self.journal();
-        let Ok(db) = self.db() else { return };
-        let path = &self.path;
-        if let Err(e) = guarded(path, || checkpoint(&db, &mut journal)) {
-            warn!(path = %path.display(), error = %e, "final checkpoint failed; the journal is replayed at the next start");
+        let mut writing = self.writing();
+        let checkpointed = guarded(&self.path, || self.checkpoint(&mut writing.journal));
+        if let Err(e) = checkpointed {
+            warn!(path = %self.path.display(), error = %e, "final checkpoint failed; the journal is replayed at the next start");
         }
+        self.checkpointer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop();
     }
 }
 
-/// Commits the batches of the journal's current generation that the database does not hold
-/// yet (those after its last checkpoint, lost with the process), then checkpoints.
-fn replay_journal(path: &Path, db: &Database) -> Result<Journal, StoreError> {
+/// Commits the frames of the journal's generations that the database does not hold (the one
+/// it records and the one after it: those after its last checkpoint, lost with the process),
+/// then checkpoints, and starts the journal's next generation. Returns that generation and the
+/// feed as stored.
+fn recover(db: &Database, journal: &mut Journal) -> Result<(u64, FeedIndex), StoreError> {
     let generation = {
         let txn = db.begin_read()?;
         let meta = txn.open_table(FEED_META)?;
         meta.get(JOURNAL_GENERATION)?.map_or(0, |g| g.value())
     };
-    let (mut journal, frames) =
-        Journal::open(path, generation).map_err(|source| journal_error(path, source))?;
-    for frame in &frames {
-        apply(db, frame)?;
-    }
-    checkpoint(db, &mut journal)?;
+    let read = |generation| {
+        journal
+            .frames_of(generation)
+            .map_err(|source| journal_error(journal.path(), source))
+    };
+    let mut frames = read(generation)?;
+    frames.extend(read(generation + 1)?);
+    let next = generation + 2;
+    commit_frames(db, &frames.iter().collect::<Vec<_>>(), Some(next))?;
+    journal.start(next);
     if !frames.is_empty() {
-        info!(path = %path.display(), batches = frames.len(), "journal replayed into the store: the batches after its last checkpoint");
+        info!(path = %journal.path().display(), batches = frames.len(), "journal replayed into the store: the batches after its last checkpoint");
     }
-    Ok(journal)
+    Ok((next, feed_index(db)?))
+}
+
+/// The kept feed's sequences and times, read from the database.
+fn feed_index(db: &Database) -> Result<FeedIndex, StoreError> {
+    /// The one field of a `SessionEvent` the index needs; the rest is skipped undecoded.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Recorded {
+        #[prost(message, optional, tag = "6")]
+        time: Option<Timestamp>,
+    }
+    let txn = db.begin_read()?;
+    let table = txn.open_table(FEED_EVENTS)?;
+    let bounds = bounds_of(&table, &txn.open_table(FEED_META)?)?;
+    let mut events = VecDeque::with_capacity(table.len()? as usize);
+    for row in table.iter()? {
+        let (sequence, row) = row?;
+        // A damaged event counts as recorded now: kept until the count trims it. `load`
+        // reports it.
+        let time = read_event(row.value())
+            .ok()
+            .and_then(|payload| Recorded::decode(payload).ok())
+            .and_then(|recorded| recorded.time)
+            .unwrap_or_default();
+        events.push_back((sequence.value(), time));
+    }
+    Ok(FeedIndex::new(bounds, events))
 }
 
 fn journal_error(path: &Path, source: std::io::Error) -> StoreError {
@@ -614,58 +735,59 @@ fn refuse(journal: &mut Journal, at: u64) {
     }
 }
 
-/// Commits a journalled batch to the database, not durably (the journal is what makes it
-/// durable), and returns the feed's extent after it.
-fn apply(db: &Database, frame: &Frame) -> Result<FeedBounds, StoreError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::None)?;
-    let bounds = {
-        let mut sessions = txn.open_table(SESSIONS)?;
-        for (sequence, row) in &frame.sessions {
-            sessions.insert(*sequence, row.as_slice())?;
-        }
-        for sequence in &frame.purged {
-            sessions.remove(*sequence)?;
-        }
-        let mut events = txn.open_table(FEED_EVENTS)?;
-        for (sequence, row) in &frame.events {
-            events.insert(*sequence, row.as_slice())?;
-        }
-        let mut meta = txn.open_table(FEED_META)?;
-        let before = bounds_of(&events, &meta)?;
-        trim(&mut events, frame.window)?;
-        let first_kept = match events.first()? {
-            Some((sequence, _)) => sequence.value(),
-            None => before.next,
-        };
-        if first_kept != before.first_kept {
-            meta.insert(FIRST_KEPT, first_kept)?;
-        }
-        if let Some(next) = frame.next {
-            meta.insert(NEXT, next)?;
-        }
-        FeedBounds {
-            first_kept,
-            next: before.next.max(frame.next.unwrap_or(0)),
-        }
-    };
-    txn.commit()?;
-    Ok(bounds)
-}
-
-/// One durable commit: everything committed so far is in the database file, and the journal
-/// starts its next generation (recorded in the same commit, so a crash on either side of it
+/// Commits journalled batches to the database in one transaction: not durably (the journal is
+/// what makes them durable), or, with `checkpoint`, durably and recording that journal
+/// generation as the first whose frames the database lacks (so a crash on either side of it
 /// replays exactly the batches the file lacks).
-fn checkpoint(db: &Database, journal: &mut Journal) -> Result<(), StoreError> {
-    let next = journal.generation() + 1;
+pub(crate) fn commit_frames(
+    db: &Database,
+    frames: &[&Frame],
+    checkpoint: Option<u64>,
+) -> Result<(), StoreError> {
     let mut txn = db.begin_write()?;
-    // Makes recovery after a crash read the allocator state instead of walking every page,
-    // so restart time after `kill -9` stays flat as the store grows.
-    txn.set_quick_repair(true);
-    txn.open_table(FEED_META)?
-        .insert(JOURNAL_GENERATION, next)?;
+    match checkpoint {
+        // Makes recovery after a crash read the allocator state instead of walking every
+        // page, so restart time after `kill -9` stays flat as the store grows.
+        Some(_) => txn.set_quick_repair(true),
+        None => txn.set_durability(Durability::None)?,
+    }
+    {
+        let mut sessions = txn.open_table(SESSIONS)?;
+        let mut events = txn.open_table(FEED_EVENTS)?;
+        let mut meta = txn.open_table(FEED_META)?;
+        let mut first_kept = meta.get(FIRST_KEPT)?.map_or(1, |v| v.value());
+        for frame in frames {
+            for (sequence, row) in &frame.sessions {
+                sessions.insert(*sequence, row.as_slice())?;
+            }
+            for sequence in &frame.purged {
+                sessions.remove(*sequence)?;
+            }
+            for (sequence, row) in &frame.events {
+                events.insert(*sequence, row.as_slice())?;
+            }
+            let kept = match frame.trim {
+                Trim::Before(kept) => {
+                    if kept > first_kept {
+                        events.retain_in(..kept, |_, _| false)?;
+                    }
+                    kept
+                }
+                Trim::Window(window) => trim_to_window(&mut events, &meta, window)?,
+            };
+            if kept != first_kept {
+                meta.insert(FIRST_KEPT, kept)?;
+                first_kept = kept;
+            }
+            if let Some(next) = frame.next {
+                meta.insert(NEXT, next)?;
+            }
+        }
+        if let Some(generation) = checkpoint {
+            meta.insert(JOURNAL_GENERATION, generation)?;
+        }
+    }
     txn.commit()?;
-    journal.restart(next);
     Ok(())
 }
 
@@ -758,17 +880,21 @@ fn bounds_of(
     Ok(FeedBounds { first_kept, next })
 }
 
-/// Drops events from the front: those beyond the window's count, once they are at least
-/// [`TRIM_SLACK`] too many (so most commits delete nothing and the others delete a run, which
-/// costs less than one deletion per commit), and those recorded before its oldest time; at most
-/// [`MAX_TRIM_PER_COMMIT`]. Sequences are contiguous, so a run is a key range.
-fn trim(events: &mut redb::Table<u64, &[u8]>, window: FeedWindow) -> Result<(), StoreError> {
+/// Trims the feed as a frame of the journal's earlier layout asks (see `journal`): events
+/// beyond the window's count, once they are [`TRIM_SLACK`] too many, and those recorded before
+/// its oldest time, at most [`MAX_TRIM_PER_COMMIT`]; returns the first sequence kept. Frames
+/// written now carry the writer's decision instead (see `feed_index`).
+fn trim_to_window(
+    events: &mut redb::Table<u64, &[u8]>,
+    meta: &redb::Table<&str, u64>,
+    window: FeedWindow,
+) -> Result<u64, StoreError> {
+    let before = bounds_of(events, meta)?;
     let Some(first) = events.first()?.map(|(sequence, _)| sequence.value()) else {
-        return Ok(());
+        return Ok(before.next);
     };
     let limit = first.saturating_add(MAX_TRIM_PER_COMMIT as u64);
     let excess = events.len()?.saturating_sub(window.max_events);
-    // A small window is kept exactly; a large one may run over by an eighth at most.
     let slack = TRIM_SLACK.min(window.max_events / 8).max(1);
     let mut cut = if excess >= slack {
         first.saturating_add(excess).min(limit)
@@ -791,7 +917,10 @@ fn trim(events: &mut redb::Table<u64, &[u8]>, window: FeedWindow) -> Result<(), 
     if cut > first {
         events.retain_in(first..cut, |_, _| false)?;
     }
-    Ok(())
+    Ok(match events.first()? {
+        Some((sequence, _)) => sequence.value(),
+        None => before.next,
+    })
 }
 
 #[cfg(test)]
@@ -799,6 +928,7 @@ mod tests {
     use pitwall_proto::open_data::NewSessionPacket;
 
     use super::*;
+    use crate::journal::JOURNAL_FILES;
 
     fn session(key: &str, sequence: u64) -> Session {
         Session::start(
@@ -818,13 +948,14 @@ mod tests {
         }
     }
 
-    fn event(sequence: u64, seconds: i64) -> (u64, Bytes) {
+    fn event(sequence: u64, seconds: i64) -> (u64, Timestamp, Bytes) {
+        let time = Timestamp { seconds, nanos: 0 };
         let event = SessionEvent {
             sequence,
-            time: Some(Timestamp { seconds, nanos: 0 }),
+            time: Some(time),
             ..Default::default()
         };
-        (sequence, Bytes::from(event.encode_to_vec()))
+        (sequence, time, Bytes::from(event.encode_to_vec()))
     }
 
     #[test]
@@ -872,7 +1003,8 @@ mod tests {
         let (a, b, c) = (session("a", 0), session("b", 1), session("c", 2));
         store.commit(sessions([&a, &b])).unwrap();
         store.commit(sessions([&c])).unwrap();
-        let crashed = crash_copy(&store, &[DATABASE_FILE, JOURNAL_FILE]);
+        store.backlog.wait_empty().unwrap();
+        let crashed = crash_copy(&store, &[DATABASE_FILE, JOURNAL_FILES[0], JOURNAL_FILES[1]]);
         let without_journal = crash_copy(&store, &[DATABASE_FILE]);
         drop(store);
         assert_eq!(keys(crashed.path()), ["a", "b", "c"]);
@@ -881,6 +1013,47 @@ mod tests {
         assert!(keys(without_journal.path()).is_empty());
         // Replayed and checkpointed: a second start has nothing to replay and finds the same.
         assert_eq!(keys(crashed.path()), ["a", "b", "c"]);
+    }
+
+    /// Creates of 2 KiB sessions, enough to fill both journal files more than once.
+    fn fill(store: &EmbeddedStore, from: u64, count: u64) {
+        for sequence in from..from + count {
+            let mut session = session(&format!("s{sequence}"), sequence);
+            session.identifier = "x".repeat(2048);
+            store
+                .commit(Changes {
+                    sessions: vec![&session],
+                    events: vec![event(sequence + 1, 0)],
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_crash_at_any_point_of_the_journal_files_turns_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path(), &EmbeddedOptions::default()).unwrap();
+        let files = [DATABASE_FILE, JOURNAL_FILES[0], JOURNAL_FILES[1]];
+        let mut crashes = Vec::new();
+        let mut written = 0;
+        for _ in 0..6 {
+            // 300 creates of 2 KiB: past half a journal file each time.
+            fill(&store, written, 300);
+            written += 300;
+            // Copied with the checkpointer at work, as a crash leaves the files; the writer is held
+            // so that both journal files are copied as of the same moment.
+            let writing = store.writing();
+            crashes.push((written, crash_copy(&store, &files)));
+            drop(writing);
+        }
+        drop(store);
+        for (count, crashed) in crashes {
+            let keys = keys(crashed.path());
+            assert_eq!(keys.len() as u64, count);
+            let expected: Vec<String> = (0..count).map(|s| format!("s{s}")).collect();
+            assert_eq!(keys, expected);
+        }
     }
 
     #[test]
@@ -899,15 +1072,24 @@ mod tests {
             max_events: 3,
             oldest: None,
         };
-        let bounds = store
+        let first_kept = store
             .commit(Changes {
                 events: (1..=5).map(|s| event(s, s as i64)).collect(),
                 window,
                 ..Default::default()
             })
             .unwrap();
+        assert_eq!(first_kept, 3);
+        // What the checkpointer has not committed yet is read from what it holds.
+        let kept: Vec<u64> = store
+            .events_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(kept, [3, 4, 5]);
         assert_eq!(
-            bounds,
+            store.feed_bounds().unwrap(),
             FeedBounds {
                 first_kept: 3,
                 next: 6
@@ -921,7 +1103,7 @@ mod tests {
             .collect();
         assert_eq!(kept, [3, 4, 5]);
         // By age: events recorded before second 5 go.
-        let bounds = store
+        let first_kept = store
             .commit(Changes {
                 window: FeedWindow {
                     max_events: 3,
@@ -933,7 +1115,7 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert_eq!(bounds.first_kept, 5);
+        assert_eq!(first_kept, 5);
         drop(store);
         let store = EmbeddedStore::open(dir.path(), &options).unwrap();
         assert_eq!(

@@ -2,8 +2,8 @@
 //!
 //! - [`embedded`]: the default store, one crash-safe redb database in a data directory. Each
 //!   commit holds a batch of records' results and is durable before it returns (synced in the
-//!   `journal` beside the database, checkpointed into it), so callers can acknowledge as soon
-//!   as it does.
+//!   `journal` beside the database, committed into it behind the writer by the `checkpoint`
+//!   thread), so callers can acknowledge as soon as it does.
 //!
 //! - [`packets`]: the embedded packet log, a second redb database: packets in chunks per
 //!   offset space (main, streams, essentials) of each data source, retention from the front.
@@ -17,7 +17,9 @@
 //! Only the engine's writer calls [`EmbeddedStore::commit`] or [`kafka::KafkaLog::append`];
 //! this crate knows nothing of gRPC, notifications or clocks.
 
+mod checkpoint;
 pub mod embedded;
+mod feed_index;
 mod guard;
 pub mod integrity;
 mod journal;

@@ -27,6 +27,7 @@ mod values;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    no_transparent_huge_pages();
     let parsed = cli::parse();
     logging::init(&parsed.cli.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -78,5 +79,17 @@ fn client_exit(result: Result<(), client::ClientError>) -> std::process::ExitCod
             eprintln!("pitwall: {}", output::escape(&e.to_string()));
             std::process::ExitCode::from(e.exit_code())
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process. The allocator asks for them, and a write
+/// that touched fresh memory then waited for the kernel to clear 2 MiB at once: 6 to 7 ms, about
+/// every 100 ms under load, which was the whole of the creates' p99 (see BENCHMARKS.md,
+/// "Session writes ahead of etcd"). Nothing depends on it: where the kernel refuses, the pages
+/// stay as they were.
+fn no_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }

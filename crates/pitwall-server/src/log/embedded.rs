@@ -1,8 +1,8 @@
 //! The embedded log: the redb store in the data directory.
 //!
 //! It keeps the state a batch leaves (one row per session) and the batch's feed events, in one
-//! durable commit (a synced journal frame, see the store's `journal`); positions are the feed
-//! sequences it numbers itself. Once the commit
+//! durable commit (a synced journal frame, see the store's `journal`; the database file gets it
+//! behind the writer); positions are the feed sequences it numbers itself. Once the commit
 //! returns, the batch is applied at once: this instance is the only writer.
 //!
 //! A commit that fails (a full disk, say) fails the store: redb refuses every later write
@@ -163,7 +163,7 @@ impl Log for EmbeddedLog {
             purged,
             events: items
                 .iter()
-                .map(|item| (item.sequence, item.bytes.clone()))
+                .map(|item| (item.sequence, at, item.bytes.clone()))
                 .collect(),
             window: self.store_window(self.feed_window, at),
             // A batch ending in records that change nothing has no event to mark its end.
@@ -173,8 +173,8 @@ impl Log for EmbeddedLog {
         metrics
             .commit_duration
             .observe(started.elapsed().as_secs_f64());
-        let bounds = match committed {
-            Ok(bounds) => bounds,
+        let first_kept = match committed {
+            Ok(first_kept) => first_kept,
             Err(e) => {
                 error!(error = %e, records = records.len(), "commit failed; the batch is refused");
                 let reason = format!("storage unavailable: {e}");
@@ -189,7 +189,7 @@ impl Log for EmbeddedLog {
             through,
             at,
             events: Some(items),
-            first_kept: Some(bounds.first_kept),
+            first_kept: Some(first_kept),
         });
         if purges > 0 {
             info!(sessions = purges, "completed sessions purged (retention)");
@@ -246,12 +246,12 @@ impl Log for EmbeddedLog {
             ..Changes::default()
         });
         match committed {
-            Ok(bounds) => self.applier.apply(Applied {
+            Ok(first_kept) => self.applier.apply(Applied {
                 records: Vec::new(),
                 through: self.next.load(Ordering::Acquire) - 1,
                 at: now,
                 events: Some(Vec::new()),
-                first_kept: Some(bounds.first_kept),
+                first_kept: Some(first_kept),
             }),
             Err(e) => {
                 warn!(error = %e, "trimming the feed failed; it is retried later");
