@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use redb::Database;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::embedded::{StoreError, commit_frames};
 use crate::guard::guarded;
@@ -33,6 +33,12 @@ const MAX_FRAMES_PER_COMMIT: usize = 256;
 /// file behind, or they say so (see [`Backlog::wait_empty`]).
 const GATHER_FRAMES: usize = 32;
 const GATHER_TIME: Duration = Duration::from_millis(20);
+
+/// The checkpointer's nice value. Its commits are bulk work nobody waits for, and one of a few
+/// milliseconds of CPU held a core that the writer and the requests behind it wanted; lower
+/// priority lets them go first. When the cores are saturated it still runs, and if it falls a
+/// journal file behind, the writer waits for it.
+const NICE: i32 = 10;
 
 pub(crate) enum Work {
     Batch(Arc<Frame>),
@@ -230,7 +236,13 @@ impl Checkpointer {
             .name("pitwall-checkpoint".into())
             .spawn({
                 let backlog = backlog.clone();
-                move || run(&db, &backlog, &path)
+                move || {
+                    // On Linux the nice value of "the calling process" is this thread's alone.
+                    if let Err(e) = rustix::process::setpriority_process(None, NICE) {
+                        warn!(error = %e, "cannot lower the checkpointer's priority; it runs as the others do");
+                    }
+                    run(&db, &backlog, &path)
+                }
             })?;
         Ok(Checkpointer {
             backlog,
