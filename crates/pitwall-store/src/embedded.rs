@@ -1056,6 +1056,11 @@ mod tests {
         }
     }
 
+    fn sequences_after(store: &EmbeddedStore, after: u64) -> Vec<u64> {
+        let events = store.events_after(after, 10).unwrap();
+        events.into_iter().map(|(sequence, _)| sequence).collect()
+    }
+
     #[test]
     fn the_feed_keeps_its_window_and_says_where_it_starts() {
         let dir = tempfile::tempdir().unwrap();
@@ -1081,13 +1086,7 @@ mod tests {
             .unwrap();
         assert_eq!(first_kept, 3);
         // What the checkpointer has not committed yet is read from what it holds.
-        let kept: Vec<u64> = store
-            .events_after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(sequences_after(&store, 0), [3, 4, 5]);
         assert_eq!(
             store.feed_bounds().unwrap(),
             FeedBounds {
@@ -1095,13 +1094,7 @@ mod tests {
                 next: 6
             }
         );
-        let kept: Vec<u64> = store
-            .events_after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
-        assert_eq!(kept, [3, 4, 5]);
+        assert_eq!(sequences_after(&store, 0), [3, 4, 5]);
         // By age: events recorded before second 5 go.
         let first_kept = store
             .commit(Changes {
