@@ -91,7 +91,10 @@ impl Backlog {
 
     pub fn push(&self, work: Work) {
         let mut state = self.lock();
-        let wake = matches!(work, Work::Checkpoint(_)) || state.queue.len() + 1 >= GATHER_FRAMES;
+        // The first frame wakes it to start gathering; later ones only once there are enough.
+        let wake = matches!(work, Work::Checkpoint(_))
+            || state.queue.is_empty()
+            || state.queue.len() + 1 >= GATHER_FRAMES;
         state.queue.push_back(work);
         drop(state);
         if wake {
