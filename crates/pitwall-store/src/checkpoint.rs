@@ -234,11 +234,12 @@ impl Checkpointer {
         db: Arc<RwLock<Option<Database>>>,
         backlog: Arc<Backlog>,
         path: PathBuf,
-    ) -> std::io::Result<Checkpointer> {
+    ) -> Result<Checkpointer, StoreError> {
         let thread = std::thread::Builder::new()
             .name("pitwall-checkpoint".into())
             .spawn({
                 let backlog = backlog.clone();
+                let path = path.clone();
                 move || {
                     // On Linux the nice value of "the calling process" is this thread's alone.
                     if let Err(e) = rustix::process::setpriority_process(None, NICE) {
@@ -246,7 +247,8 @@ impl Checkpointer {
                     }
                     run(&db, &backlog, &path)
                 }
-            })?;
+            })
+            .map_err(|source| StoreError::Read { path, source })?;
         Ok(Checkpointer {
             backlog,
             thread: Some(thread),

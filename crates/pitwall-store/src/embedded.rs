@@ -31,8 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
 use pitwall_core::Session;
-use pitwall_core::lifecycle::order;
-use pitwall_proto::feed::SessionEvent;
 use prost::Message;
 use prost::bytes::Bytes;
 use prost_types::Timestamp;
@@ -43,9 +41,9 @@ use redb::{
 use thiserror::Error;
 
 use crate::checkpoint::{Backlog, Checkpointer, Work};
-use crate::feed_index::{FeedIndex, MAX_TRIM_PER_COMMIT, TRIM_SLACK};
+use crate::feed_index::FeedIndex;
 use crate::guard::guarded;
-use crate::journal::{Frame, Journal, Trim, Unappended};
+use crate::journal::{Frame, Journal, Unappended};
 use crate::rows::{DamagedRow, framed, read_event, read_session};
 
 /// Creation sequence → encoded [`Session`].
@@ -319,13 +317,7 @@ impl EmbeddedStore {
             .map_err(|e| damaged_if_corrupted(&path, e))?;
         let db = Arc::new(RwLock::new(Some(db)));
         let backlog = Backlog::new(generation);
-        let checkpointer =
-            Checkpointer::start(db.clone(), backlog.clone(), path.clone()).map_err(|source| {
-                StoreError::Read {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+        let checkpointer = Checkpointer::start(db.clone(), backlog.clone(), path.clone())?;
         Ok(EmbeddedStore {
             db,
             first_kept: AtomicU64::new(feed.first_kept()),
@@ -439,7 +431,7 @@ impl EmbeddedStore {
                 .iter()
                 .map(|(sequence, _, event)| (*sequence, framed(event)))
                 .collect(),
-            trim: Trim::Before(first_kept),
+            first_kept,
             next: changes.next,
         };
         // A failed write leaves the feed index ahead of the store; it is rebuilt when the
@@ -642,11 +634,7 @@ impl EmbeddedStore {
             writing.feed = feed;
             self.backlog.reset(generation);
             *checkpointer =
-                Checkpointer::start(self.db.clone(), self.backlog.clone(), self.path.clone())
-                    .map_err(|source| StoreError::Read {
-                        path: self.path.clone(),
-                        source,
-                    })?;
+                Checkpointer::start(self.db.clone(), self.backlog.clone(), self.path.clone())?;
             Ok(())
         })
     }
@@ -683,41 +671,59 @@ fn recover(db: &Database, journal: &mut Journal) -> Result<(u64, FeedIndex), Sto
             .frames_of(generation)
             .map_err(|source| journal_error(journal.path(), source))
     };
-    let mut frames = read(generation)?;
-    frames.extend(read(generation + 1)?);
+    let mut replayed = read(generation)?;
+    replayed.extend(read(generation + 1)?);
+    // The feed as the database holds it, then as each frame leaves it: a frame of the earlier
+    // layout gets its trimming decided here, by the rule the writer uses now.
+    let mut feed = feed_index(db)?;
+    let mut frames = Vec::with_capacity(replayed.len());
+    for (mut frame, window) in replayed {
+        let times = frame
+            .events
+            .iter()
+            .map(|(sequence, row)| (*sequence, recorded_at(row)));
+        frame.first_kept = match window {
+            Some(window) => feed.push(times, window, frame.next),
+            None => feed.replay(times, frame.first_kept, frame.next),
+        };
+        frames.push(frame);
+    }
     let next = generation + 2;
     commit_frames(db, &frames.iter().collect::<Vec<_>>(), Some(next))?;
     journal.start(next);
     if !frames.is_empty() {
         info!(path = %journal.path().display(), batches = frames.len(), "journal replayed into the store: the batches after its last checkpoint");
     }
-    Ok((next, feed_index(db)?))
+    Ok((next, feed))
 }
 
 /// The kept feed's sequences and times, read from the database.
 fn feed_index(db: &Database) -> Result<FeedIndex, StoreError> {
-    /// The one field of a `SessionEvent` the index needs; the rest is skipped undecoded.
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct Recorded {
-        #[prost(message, optional, tag = "6")]
-        time: Option<Timestamp>,
-    }
     let txn = db.begin_read()?;
     let table = txn.open_table(FEED_EVENTS)?;
     let bounds = bounds_of(&table, &txn.open_table(FEED_META)?)?;
     let mut events = VecDeque::with_capacity(table.len()? as usize);
     for row in table.iter()? {
         let (sequence, row) = row?;
-        // A damaged event counts as recorded now: kept until the count trims it. `load`
-        // reports it.
-        let time = read_event(row.value())
-            .ok()
-            .and_then(|payload| Recorded::decode(payload).ok())
-            .and_then(|recorded| recorded.time)
-            .unwrap_or_default();
-        events.push_back((sequence.value(), time));
+        events.push_back((sequence.value(), recorded_at(row.value())));
     }
     Ok(FeedIndex::new(bounds, events))
+}
+
+/// When a stored event row was recorded. A damaged one counts as recorded at the epoch: kept
+/// until the count trims it (`load` reports it).
+fn recorded_at(row: &[u8]) -> Timestamp {
+    /// The one field of a `SessionEvent` this needs; the rest is skipped undecoded.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Recorded {
+        #[prost(message, optional, tag = "6")]
+        time: Option<Timestamp>,
+    }
+    read_event(row)
+        .ok()
+        .and_then(|payload| Recorded::decode(payload).ok())
+        .and_then(|recorded| recorded.time)
+        .unwrap_or_default()
 }
 
 fn journal_error(path: &Path, source: std::io::Error) -> StoreError {
@@ -766,18 +772,12 @@ pub(crate) fn commit_frames(
             for (sequence, row) in &frame.events {
                 events.insert(*sequence, row.as_slice())?;
             }
-            let kept = match frame.trim {
-                Trim::Before(kept) => {
-                    if kept > first_kept {
-                        events.retain_in(..kept, |_, _| false)?;
-                    }
-                    kept
-                }
-                Trim::Window(window) => trim_to_window(&mut events, &meta, window)?,
-            };
-            if kept != first_kept {
-                meta.insert(FIRST_KEPT, kept)?;
-                first_kept = kept;
+            if frame.first_kept > first_kept {
+                events.retain_in(..frame.first_kept, |_, _| false)?;
+            }
+            if frame.first_kept != first_kept {
+                meta.insert(FIRST_KEPT, frame.first_kept)?;
+                first_kept = frame.first_kept;
             }
             if let Some(next) = frame.next {
                 meta.insert(NEXT, next)?;
@@ -880,51 +880,9 @@ fn bounds_of(
     Ok(FeedBounds { first_kept, next })
 }
 
-/// Trims the feed as a frame of the journal's earlier layout asks (see `journal`): events
-/// beyond the window's count, once they are [`TRIM_SLACK`] too many, and those recorded before
-/// its oldest time, at most [`MAX_TRIM_PER_COMMIT`]; returns the first sequence kept. Frames
-/// written now carry the writer's decision instead (see `feed_index`).
-fn trim_to_window(
-    events: &mut redb::Table<u64, &[u8]>,
-    meta: &redb::Table<&str, u64>,
-    window: FeedWindow,
-) -> Result<u64, StoreError> {
-    let before = bounds_of(events, meta)?;
-    let Some(first) = events.first()?.map(|(sequence, _)| sequence.value()) else {
-        return Ok(before.next);
-    };
-    let limit = first.saturating_add(MAX_TRIM_PER_COMMIT as u64);
-    let excess = events.len()?.saturating_sub(window.max_events);
-    let slack = TRIM_SLACK.min(window.max_events / 8).max(1);
-    let mut cut = if excess >= slack {
-        first.saturating_add(excess).min(limit)
-    } else {
-        first
-    };
-    if let Some(oldest) = window.oldest {
-        for row in events.range(cut..limit)? {
-            let (sequence, event) = row?;
-            let recorded = read_event(event.value())
-                .ok()
-                .and_then(|payload| SessionEvent::decode(payload).ok())
-                .and_then(|e| e.time);
-            if recorded.is_some_and(|time| order(time) >= order(oldest)) {
-                break;
-            }
-            cut = sequence.value() + 1;
-        }
-    }
-    if cut > first {
-        events.retain_in(first..cut, |_, _| false)?;
-    }
-    Ok(match events.first()? {
-        Some((sequence, _)) => sequence.value(),
-        None => before.next,
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use pitwall_proto::feed::SessionEvent;
     use pitwall_proto::open_data::NewSessionPacket;
 
     use super::*;

@@ -15,11 +15,11 @@ use crate::embedded::{FeedBounds, FeedWindow};
 /// How far beyond its count the feed may grow before it is trimmed back (less for small
 /// windows): most commits trim nothing and the others a run, which costs the database less
 /// than one deletion per commit.
-pub(crate) const TRIM_SLACK: u64 = 1024;
+const TRIM_SLACK: u64 = 1024;
 
 /// Events one commit trims at most, so catching up with a lowered window spreads over
 /// several commits instead of stalling one.
-pub(crate) const MAX_TRIM_PER_COMMIT: usize = 10_000;
+const MAX_TRIM_PER_COMMIT: usize = 10_000;
 
 pub(crate) struct FeedIndex {
     events: VecDeque<(u64, Timestamp)>,
@@ -49,10 +49,7 @@ impl FeedIndex {
         window: FeedWindow,
         next: Option<u64>,
     ) -> u64 {
-        for (sequence, time) in events {
-            self.next = self.next.max(sequence + 1);
-            self.events.push_back((sequence, time));
-        }
+        self.add(events);
         let kept = self.events.len() as u64;
         let most = self.events.len().min(MAX_TRIM_PER_COMMIT);
         let excess = kept.saturating_sub(window.max_events);
@@ -69,14 +66,45 @@ impl FeedIndex {
             }
         }
         self.events.drain(..cut);
-        self.first_kept = self
+        let first_kept = self
             .events
             .front()
             .map_or(self.next, |(sequence, _)| *sequence);
+        self.keep_from(first_kept, next)
+    }
+
+    /// Adds a replayed batch's events and numbering, and trims as the writer decided then:
+    /// `first_kept` is the first sequence kept after it.
+    pub fn replay(
+        &mut self,
+        events: impl IntoIterator<Item = (u64, Timestamp)>,
+        first_kept: u64,
+        next: Option<u64>,
+    ) -> u64 {
+        self.add(events);
+        while self
+            .events
+            .front()
+            .is_some_and(|(sequence, _)| *sequence < first_kept)
+        {
+            self.events.pop_front();
+        }
+        self.keep_from(first_kept, next)
+    }
+
+    fn add(&mut self, events: impl IntoIterator<Item = (u64, Timestamp)>) {
+        for (sequence, time) in events {
+            self.next = self.next.max(sequence + 1);
+            self.events.push_back((sequence, time));
+        }
+    }
+
+    fn keep_from(&mut self, first_kept: u64, next: Option<u64>) -> u64 {
+        self.first_kept = first_kept;
         if let Some(next) = next {
             self.next = self.next.max(next);
         }
-        self.first_kept
+        first_kept
     }
 }
 
@@ -114,6 +142,17 @@ mod tests {
         // Everything trimmed: history starts at what comes next.
         assert_eq!(index.push([], window(3, Some(9)), Some(8)), 6);
         assert_eq!(index.push([(9, at(10))], window(3, Some(9)), None), 9);
+    }
+
+    #[test]
+    fn a_replayed_batch_trims_where_the_writer_decided() {
+        let mut index = empty();
+        index.push((1..=5).map(|s| (s, at(s as i64))), window(100, None), None);
+        assert_eq!(index.replay([(6, at(6))], 4, Some(9)), 4);
+        // Numbering went on to 9 and history starts at 4: the next batch's trim agrees.
+        assert_eq!(index.push([], window(2, None), None), 5);
+        assert_eq!(index.replay([], 9, None), 9);
+        assert_eq!(index.push([(9, at(9))], window(2, None), None), 9);
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! followed by the payload, all little-endian. The payload holds the rows exactly as redb
 //! stores them (see `rows`), so a batch is encoded once. The length's top bit marks the current
 //! payload layout, whose feed trimming is the writer's decision (the first sequence kept);
-//! frames without it come from the version that wrote a window for the commit to trim to, and
-//! are replayed as they were meant.
+//! frames without it come from the version that wrote a window for the commit to trim to; their
+//! replay decides the first sequence kept from that window by the writer's rule (see
+//! `feed_index`).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -58,17 +59,9 @@ pub(crate) struct Frame {
     pub purged: Vec<u64>,
     /// Feed sequence and stored row of each event.
     pub events: Vec<(u64, Vec<u8>)>,
-    pub trim: Trim,
+    /// The first feed sequence kept after the batch: events before it go (the writer decided).
+    pub first_kept: u64,
     pub next: Option<u64>,
-}
-
-/// What a batch trims from the front of the feed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Trim {
-    /// Events before this sequence go; it is the first one kept (the writer decided it).
-    Before(u64),
-    /// A frame of the earlier layout: trim to this window as the commit does it.
-    Window(FeedWindow),
 }
 
 impl Default for Frame {
@@ -77,11 +70,15 @@ impl Default for Frame {
             sessions: Vec::new(),
             purged: Vec::new(),
             events: Vec::new(),
-            trim: Trim::Before(1),
+            first_kept: 1,
             next: None,
         }
     }
 }
+
+/// A frame read back, and for a frame of the earlier layout the window its commit trimmed the
+/// feed to: replaying it decides `first_kept` from that (see `feed_index`).
+pub(crate) type Replayed = (Frame, Option<FeedWindow>);
 
 /// The two journal files; frames go after the last one of the current generation.
 pub(crate) struct Journal {
@@ -137,7 +134,7 @@ impl Journal {
     }
 
     /// The frames of `generation`, from the file it fills (if either does).
-    pub fn frames_of(&self, generation: u64) -> std::io::Result<Vec<Frame>> {
+    pub fn frames_of(&self, generation: u64) -> std::io::Result<Vec<Replayed>> {
         for path in &self.paths {
             let bytes = std::fs::read(path)?;
             let frames = read_frames(&bytes, generation);
@@ -218,11 +215,7 @@ fn encode(buffer: &mut Vec<u8>, generation: u64, frame: &Frame) {
         buffer.extend_from_slice(&sequence.to_le_bytes());
         put_bytes(buffer, row);
     }
-    match frame.trim {
-        Trim::Before(first_kept) => buffer.extend_from_slice(&first_kept.to_le_bytes()),
-        // Only replayed frames are of the earlier layout; none is written again.
-        Trim::Window(_) => unreachable!("frames of the earlier layout are never written"),
-    }
+    buffer.extend_from_slice(&frame.first_kept.to_le_bytes());
     match frame.next {
         Some(next) => {
             buffer.push(1);
@@ -247,7 +240,7 @@ fn put_bytes(buffer: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// The frames of `generation` from the front of `bytes`.
-fn read_frames(bytes: &[u8], generation: u64) -> Vec<Frame> {
+fn read_frames(bytes: &[u8], generation: u64) -> Vec<Replayed> {
     let mut frames = Vec::new();
     let mut at = 0usize;
     while let Some(header) = bytes.get(at..at + HEADER_BYTES) {
@@ -274,7 +267,7 @@ fn read_frames(bytes: &[u8], generation: u64) -> Vec<Frame> {
     frames
 }
 
-fn decode(payload: &[u8], current: bool) -> Option<Frame> {
+fn decode(payload: &[u8], current: bool) -> Option<Replayed> {
     let mut reader = Reader(payload);
     let mut frame = Frame::default();
     for _ in 0..reader.u32()? {
@@ -288,8 +281,9 @@ fn decode(payload: &[u8], current: bool) -> Option<Frame> {
         let sequence = reader.u64()?;
         frame.events.push((sequence, reader.bytes()?.to_vec()));
     }
-    frame.trim = if current {
-        Trim::Before(reader.u64()?)
+    let window = if current {
+        frame.first_kept = reader.u64()?;
+        None
     } else {
         let mut window = FeedWindow {
             max_events: reader.u64()?,
@@ -300,12 +294,12 @@ fn decode(payload: &[u8], current: bool) -> Option<Frame> {
             let nanos = reader.u32()? as i32;
             window.oldest = Some(Timestamp { seconds, nanos });
         }
-        Trim::Window(window)
+        Some(window)
     };
     if reader.take(1)?[0] == 1 {
         frame.next = Some(reader.u64()?);
     }
-    reader.0.is_empty().then_some(frame)
+    reader.0.is_empty().then_some((frame, window))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -340,7 +334,7 @@ mod tests {
             sessions: vec![(n, vec![1, 2, 3]), (n + 1, vec![4])],
             purged: vec![n / 2],
             events: vec![(n * 10, b"event".to_vec())],
-            trim: Trim::Before(n * 5),
+            first_kept: n * 5,
             next: n.is_multiple_of(2).then_some(n + 3),
         }
     }
@@ -354,7 +348,10 @@ mod tests {
         journal.append(&frame(1)).ok().unwrap();
         journal.append(&frame(2)).ok().unwrap();
         let journal = Journal::open(dir.path()).unwrap();
-        assert_eq!(journal.frames_of(3).unwrap(), vec![frame(1), frame(2)]);
+        assert_eq!(
+            journal.frames_of(3).unwrap(),
+            vec![(frame(1), None), (frame(2), None)]
+        );
     }
 
     #[test]
@@ -373,8 +370,8 @@ mod tests {
         assert_eq!(journal.path(), dir.path().join(JOURNAL_FILES[0]));
         let journal = Journal::open(dir.path()).unwrap();
         assert!(journal.frames_of(1).unwrap().is_empty());
-        assert_eq!(journal.frames_of(2).unwrap(), vec![frame(7)]);
-        assert_eq!(journal.frames_of(3).unwrap(), vec![frame(9)]);
+        assert_eq!(journal.frames_of(2).unwrap(), vec![(frame(7), None)]);
+        assert_eq!(journal.frames_of(3).unwrap(), vec![(frame(9), None)]);
         assert!(journal.frames_of(4).unwrap().is_empty());
     }
 
@@ -393,10 +390,13 @@ mod tests {
         bytes[last] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
         let mut journal = Journal::open(dir.path()).unwrap();
-        assert_eq!(journal.frames_of(1).unwrap(), vec![frame(1), frame(2)]);
+        assert_eq!(
+            journal.frames_of(1).unwrap(),
+            vec![(frame(1), None), (frame(2), None)]
+        );
         journal.start(1);
         journal.retract(second).unwrap();
-        assert_eq!(journal.frames_of(1).unwrap(), vec![frame(1)]);
+        assert_eq!(journal.frames_of(1).unwrap(), vec![(frame(1), None)]);
     }
 
     #[test]
@@ -425,17 +425,19 @@ mod tests {
         let found = journal.frames_of(6).unwrap();
         assert_eq!(
             found,
-            vec![Frame {
-                sessions: vec![(4, b"row".to_vec())],
-                trim: Trim::Window(FeedWindow {
+            vec![(
+                Frame {
+                    sessions: vec![(4, b"row".to_vec())],
+                    ..Frame::default()
+                },
+                Some(FeedWindow {
                     max_events: 100,
                     oldest: Some(Timestamp {
                         seconds: -5,
                         nanos: 7
                     }),
-                }),
-                ..Frame::default()
-            }]
+                })
+            )]
         );
     }
 }
