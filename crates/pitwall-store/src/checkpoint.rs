@@ -67,6 +67,17 @@ struct State {
 }
 
 impl State {
+    /// Nothing waiting, the database durably at `checkpointed`.
+    fn new(checkpointed: u64) -> State {
+        State {
+            queue: VecDeque::new(),
+            checkpointed,
+            failed: None,
+            stop: false,
+            hurry: false,
+        }
+    }
+
     fn has_checkpoint(&self) -> bool {
         self.queue
             .iter()
@@ -77,13 +88,7 @@ impl State {
 impl Backlog {
     pub fn new(checkpointed: u64) -> Arc<Backlog> {
         Arc::new(Backlog {
-            state: Mutex::new(State {
-                queue: VecDeque::new(),
-                checkpointed,
-                failed: None,
-                stop: false,
-                hurry: false,
-            }),
+            state: Mutex::new(State::new(checkpointed)),
             work: Condvar::new(),
             changed: Condvar::new(),
         })
@@ -151,14 +156,7 @@ impl Backlog {
 
     /// Starts over after the store was reopened: the journal's replay committed everything.
     pub fn reset(&self, checkpointed: u64) {
-        let mut state = self.lock();
-        *state = State {
-            queue: VecDeque::new(),
-            checkpointed,
-            failed: None,
-            stop: false,
-            hurry: false,
-        };
+        *self.lock() = State::new(checkpointed);
     }
 
     // Every change under the lock is a push, a pop or a field update: a poisoned lock holds a

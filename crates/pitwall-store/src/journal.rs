@@ -102,9 +102,8 @@ impl Journal {
     /// Opens (or creates) both files in `dir`. Nothing is written until [`Journal::start`].
     pub fn open(dir: &Path) -> std::io::Result<Journal> {
         let paths = JOURNAL_FILES.map(|name| dir.join(name));
-        let mut created = false;
-        let open = |path: &PathBuf, created: &mut bool| {
-            *created |= !path.exists();
+        let created = paths.iter().any(|path| !path.exists());
+        let open = |path: &PathBuf| {
             OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -112,10 +111,7 @@ impl Journal {
                 .truncate(false)
                 .open(path)
         };
-        let files = [
-            open(&paths[0], &mut created)?,
-            open(&paths[1], &mut created)?,
-        ];
+        let files = [open(&paths[0])?, open(&paths[1])?];
         if created {
             // The names must survive a crash as well as what is later written into the files.
             for file in &files {
