@@ -436,19 +436,13 @@ pub fn markdown(args: &H2loadArgs, runs: &[Run]) -> String {
                 .map_or("–".to_owned(), |cpu| format!("{cpu:.1}")),
         );
     }
-    let median_of = |load: Load| median(runs.iter().filter(|r| r.load == load).map(|r| r.rate));
+    let median_of = |load: Load| median_over(runs, load, |r| Some(r.rate));
     let (create, put, read) = (
         median_of(Load::Create),
         median_of(Load::Put),
         median_of(Load::Read),
     );
-    let cpu_of = |load: Load| {
-        median(
-            runs.iter()
-                .filter(|r| r.load == load)
-                .filter_map(|r| r.server_cpu_us),
-        )
-    };
+    let cpu_of = |load: Load| median_over(runs, load, |r| r.server_cpu_us);
     let _ = writeln!(
         out,
         "\n| median | req/s | server CPU µs/req |\n|---|--:|--:|"
@@ -496,14 +490,15 @@ fn latency_table(rate: u64, runs: &[Run]) -> String {
         }
     }
     for load in [Load::Create, Load::Put, Load::Read] {
-        let p99 = median(
-            runs.iter()
-                .filter(|r| r.load == load)
-                .filter_map(|r| r.latency.map(|l| l.p99)),
-        );
+        let p99 = median_over(runs, load, |r| r.latency.map(|l| l.p99));
         let _ = writeln!(out, "\nmedian p99 of {}: {p99:.2} ms", load.label());
     }
     out
+}
+
+/// The median of a figure over the runs of one load (those that have it).
+fn median_over(runs: &[Run], load: Load, figure: impl Fn(&Run) -> Option<f64>) -> f64 {
+    median(runs.iter().filter(|r| r.load == load).filter_map(figure))
 }
 
 /// Problems that make the figures untrustworthy: failed requests, or fewer requests counted
