@@ -30,8 +30,7 @@ use crate::output;
 use crate::values::format_time;
 
 /// Packets of one `WriteDataPackets` call at most. A call is answered once all its packets are
-/// durable, so the count acknowledged moves on call by call, and a Ctrl-C loses the
-/// acknowledgement of one call at most.
+/// durable, so the count acknowledged moves on call by call.
 const PACKETS_PER_CALL: u64 = 1000;
 /// Packets of one request of a call: well below the server's 4 MiB message limit.
 const PACKETS_PER_REQUEST: usize = 100;
@@ -167,7 +166,9 @@ struct Send {
 
 impl Send {
     /// Writes the packets, then prints how many were acknowledged, whether all went, Ctrl-C
-    /// stopped it or the server refused one (whose reason is the error).
+    /// stopped it or the server refused one (whose reason is the error). Ctrl-C lets the call in
+    /// flight finish, so the count printed is every packet the server holds; a second Ctrl-C
+    /// abandons that call.
     async fn run(
         self,
         args: &ClientArgs,
@@ -177,13 +178,18 @@ impl Send {
         let mut writer = PacketWriterServiceClient::with_interceptor(channel, bearer);
         let mut acknowledged = 0u64;
         let started = Instant::now();
-        let written = async {
+        // One listener for the whole run: a Ctrl-C between two polls is still seen.
+        let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
+        let result = async {
             while acknowledged < self.count {
                 let due = match self.rate {
                     None => self.count,
                     Some(rate) => {
                         let next = Duration::from_secs_f64(acknowledged as f64 / rate);
-                        tokio::time::sleep_until(started + next).await;
+                        tokio::select! {
+                            () = tokio::time::sleep_until(started + next) => {}
+                            _ = &mut interrupted => return Ok(()),
+                        }
                         // Every packet due by now: a slow answer is caught up, not dropped.
                         let by_now = (started.elapsed().as_secs_f64() * rate) as u64 + 1;
                         by_now.clamp(acknowledged + 1, self.count)
@@ -199,18 +205,30 @@ impl Send {
                         details: chunk.to_vec(),
                     })
                     .collect();
-                writer
-                    .write_data_packets(futures::stream::iter(requests))
-                    .await
-                    .map_err(|status| client::failure(&args.server, status))?;
-                acknowledged += call;
+                let mut answer =
+                    std::pin::pin!(writer.write_data_packets(futures::stream::iter(requests)));
+                tokio::select! {
+                    answer = &mut answer => {
+                        answer.map_err(|status| client::failure(&args.server, status))?;
+                        acknowledged += call;
+                        continue;
+                    }
+                    _ = &mut interrupted => {}
+                }
+                // Some of this call's packets may be stored already: its answer says whether all
+                // are, unless a second Ctrl-C gives up on it.
+                tokio::select! {
+                    answer = answer => {
+                        answer.map_err(|status| client::failure(&args.server, status))?;
+                        acknowledged += call;
+                    }
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                return Ok(());
             }
             Ok(())
-        };
-        let result = tokio::select! {
-            result = written => result,
-            _ = tokio::signal::ctrl_c() => Ok(()),
-        };
+        }
+        .await;
         match args.output {
             Output::Table => output::text(&format!("{acknowledged} packets acknowledged")),
             Output::Json => output::json(&json!({

@@ -5,7 +5,10 @@ mod support;
 
 use std::process::{Output, Stdio};
 
-use pitwall_proto::api::{DataPacketDetails, WriteDataPacketRequest};
+use pitwall_proto::api::{
+    ConnectionDetails, DataPacketDetails, NewConnectionRequest, ReadPacketsRequest,
+    WriteDataPacketRequest,
+};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1381,6 +1384,26 @@ async fn packets(server: &TestServer, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The packets the server holds for a session, by stream, as its telemetry panel shows them.
+async fn packets_held(server: &TestServer, session: &str) -> Vec<(String, u64)> {
+    let (status, body) = server
+        .http(&format!("/api/telemetry?session_key={session}"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let streams: Value = serde_json::from_str(&body).unwrap();
+    streams["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stream"].as_str().unwrap().to_owned(),
+                s["packets"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn packets_send_writes_a_sessions_packets_and_prints_how_many_were_acknowledged() {
     let server = TestServer::start_with(|c| {
@@ -1427,22 +1450,10 @@ async fn packets_send_writes_a_sessions_packets_and_prints_how_many_were_acknowl
     assert!(paced.status.success(), "{}", stderr(&paced));
     assert_eq!(stdout(&paced), "3 packets acknowledged\n");
 
-    let telemetry = server
-        .http(&format!("/api/telemetry?session_key={session}"))
-        .await;
-    let streams: Value = serde_json::from_str(&telemetry.1).unwrap();
-    let counted: Vec<(String, u64)> = streams["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["stream"].as_str().unwrap().to_owned(),
-                s["packets"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(counted, [(String::new(), 3), ("laps".to_owned(), 2500)]);
+    assert_eq!(
+        packets_held(&server, &session).await,
+        [(String::new(), 3), ("laps".to_owned(), 2500)]
+    );
 
     let refused = packets(&server, &["send", "--data-source", "a b", "--count", "5"]).await;
     assert_eq!(refused.status.code(), Some(1));
@@ -1458,5 +1469,68 @@ async fn packets_send_writes_a_sessions_packets_and_prints_how_many_were_acknowl
         stderr(&bad_rate).contains("is not a rate"),
         "{}",
         stderr(&bad_rate)
+    );
+}
+
+/// Ctrl-C while a call is in flight lets that call finish: the count printed is every packet the
+/// server holds, not one call short of it.
+#[tokio::test]
+async fn packets_send_stopped_by_ctrl_c_prints_every_packet_the_server_holds() {
+    let server = TestServer::start_with(|c| {
+        c.store = pitwall_server::config::StoreConfig::Embedded;
+    })
+    .await;
+    let session = created(&server, &["--data-source", "Car1"]).await;
+    let (_, mut reader, mut connections) = server.data_plane().await;
+    let connection = connections
+        .new_connection(NewConnectionRequest {
+            details: Some(ConnectionDetails {
+                data_source: "Car1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection;
+    let mut read = reader
+        .read_packets(ReadPacketsRequest { connection })
+        .await
+        .unwrap()
+        .into_inner();
+    // As fast as the server takes them: a call of a thousand packets is nearly always in flight.
+    let sender = Command::new(binary())
+        .args(["packets", "--server", &server.grpc_url()])
+        .args(["send", "--data-source", "Car1", "--session", &session])
+        .args(["--count", "100000000"])
+        .env_remove("PITWALL_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    timeout(PATIENCE, read.message())
+        .await
+        .expect("no packet was written")
+        .unwrap()
+        .expect("the read ended");
+    std::process::Command::new("kill")
+        .args(["-INT", &sender.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let sent = timeout(PATIENCE, sender.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.status.code(), Some(0), "{}", stderr(&sent));
+    let printed = stdout(&sent);
+    let acknowledged: u64 = printed
+        .strip_suffix(" packets acknowledged\n")
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("{printed}"));
+    assert!(acknowledged > 0, "{printed}");
+    assert_eq!(
+        packets_held(&server, &session).await,
+        [(String::new(), acknowledged)]
     );
 }
