@@ -153,7 +153,8 @@ pub enum PacketsCommand {
         from_start: bool,
     },
     /// Write packets as a car or a rig would (PeriodicData, one sample each), and print how
-    /// many the server acknowledged durable; Ctrl-C stops early.
+    /// many the server acknowledged durable; Ctrl-C stops early, once the call in flight is
+    /// answered (a second Ctrl-C does not wait).
     Send {
         #[arg(long)]
         data_source: String,
