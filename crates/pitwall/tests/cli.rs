@@ -5,10 +5,7 @@ mod support;
 
 use std::process::{Output, Stdio};
 
-use pitwall_proto::api::{
-    ConnectionDetails, DataPacketDetails, NewConnectionRequest, ReadPacketsRequest,
-    WriteDataPacketRequest,
-};
+use pitwall_proto::api::{ConnectionDetails, DataPacketDetails, WriteDataPacketRequest};
 use serde_json::Value;
 use support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -1481,23 +1478,14 @@ async fn packets_send_stopped_by_ctrl_c_prints_every_packet_the_server_holds() {
     })
     .await;
     let session = created(&server, &["--data-source", "Car1"]).await;
-    let (_, mut reader, mut connections) = server.data_plane().await;
-    let connection = connections
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: "Car1".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection;
-    let mut read = reader
-        .read_packets(ReadPacketsRequest { connection })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut read = read_connection(
+        &server.grpc_url(),
+        ConnectionDetails {
+            data_source: "Car1".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     // As fast as the server takes them: a call of a thousand packets is nearly always in flight.
     let sender = Command::new(binary())
         .args(["packets", "--server", &server.grpc_url()])

@@ -806,27 +806,14 @@ async fn a_new_format_is_stored_as_the_reference_stores_it() {
         ))
     );
     // It is in the main stream too, with record key "": readers without a session key see it.
-    let connection = plane
-        .connections
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: plane.data_source.clone(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection
-        .unwrap();
-    let mut read = plane
-        .reader
-        .read_packets(ReadPacketsRequest {
-            connection: Some(connection),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut read = read_connection(
+        &plane.server.grpc_url(),
+        ConnectionDetails {
+            data_source: plane.data_source.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
     let response = timeout(PATIENCE, read.message())
         .await
         .unwrap()

@@ -35,25 +35,14 @@ fn parse(packet: &Packet) -> (usize, usize) {
 
 /// Reads the main stream from offset 0 until the packet of type `marker`, which is written last.
 async fn read_all(url: &str, data_source: &str, marker: &str) -> Vec<Packet> {
-    let channel = channel(url).await;
-    let mut connections = ConnectionClient::new(channel.clone());
-    let mut reader = ReaderClient::new(channel);
-    let connection = connections
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: data_source.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection;
-    let mut stream = reader
-        .read_packets(ReadPacketsRequest { connection })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = read_connection(
+        url,
+        ConnectionDetails {
+            data_source: data_source.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let mut packets = Vec::new();
     loop {
         let response = timeout(PATIENCE, stream.message())

@@ -39,23 +39,14 @@ async fn write(writer: &mut WriterClient, kind: &str, padding: usize) -> Result<
 
 /// The type of the first packet a read of the main stream from offset 0 gets.
 async fn first_kept(url: &str) -> String {
-    let channel = channel(url).await;
-    let connection = ConnectionClient::new(channel.clone())
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: DATA_SOURCE.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection;
-    let mut read = ReaderClient::new(channel)
-        .read_packets(ReadPacketsRequest { connection })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut read = read_connection(
+        url,
+        ConnectionDetails {
+            data_source: DATA_SOURCE.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let response = timeout(PATIENCE, read.message())
         .await
         .expect("nothing to read")
@@ -197,23 +188,14 @@ async fn a_full_disk_refuses_packet_writes_then_takes_them_again_losing_nothing(
     .await
     .expect("packet writes never came back");
     // Every acknowledged packet is there, in order, before the one written after.
-    let channel = channel(&url).await;
-    let connection = ConnectionClient::new(channel.clone())
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: DATA_SOURCE.into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection;
-    let mut read = ReaderClient::new(channel)
-        .read_packets(ReadPacketsRequest { connection })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut read = read_connection(
+        &url,
+        ConnectionDetails {
+            data_source: DATA_SOURCE.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let mut kinds = Vec::new();
     while kinds.last().map(String::as_str) != Some("after") {
         let response = timeout(PATIENCE, read.message())

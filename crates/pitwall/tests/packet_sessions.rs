@@ -190,7 +190,7 @@ async fn a_session_records_the_packet_logs_offsets_and_a_reader_passing_them_sta
  {
     let server = server().await;
     let mut client = server.client().await;
-    let (mut writer, mut reader, mut connections) = server.data_plane().await;
+    let (mut writer, _, _) = server.data_plane().await;
     // Before the session: 3 packets on the main stream (one essential), 2 on "laps".
     for kind in ["m0", "m1"] {
         write(&mut writer, "", "before", kind, false).await;
@@ -214,27 +214,17 @@ async fn a_session_records_the_packet_logs_offsets_and_a_reader_passing_them_sta
     write(&mut writer, "laps", &key, "l2-mine", false).await;
     write(&mut writer, "", &key, "m3-mine", false).await;
     assert_eq!(info(&mut client, &key).await.streams, ["laps"]);
-    let connection = connections
-        .new_connection(NewConnectionRequest {
-            details: Some(ConnectionDetails {
-                data_source: DATA_SOURCE.into(),
-                streams: vec!["laps".into()],
-                stream_offsets: vec![
-                    session.topic_partition_offsets[&format!("{DATA_SOURCE}.laps:0")],
-                ],
-                main_offset: session.main_offset,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection;
-    let mut read = reader
-        .read_packets(ReadPacketsRequest { connection })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut read = read_connection(
+        &server.grpc_url(),
+        ConnectionDetails {
+            data_source: DATA_SOURCE.into(),
+            streams: vec!["laps".into()],
+            stream_offsets: vec![session.topic_partition_offsets[&format!("{DATA_SOURCE}.laps:0")]],
+            main_offset: session.main_offset,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
         let response = timeout(PATIENCE, read.message())

@@ -266,6 +266,28 @@ pub async fn channel(url: &str) -> Channel {
         .unwrap()
 }
 
+/// A read through a new connection of `details` on the server at `url`: the stream of its
+/// packets.
+pub async fn read_connection(
+    url: &str,
+    details: ConnectionDetails,
+) -> Streaming<ReadPacketsResponse> {
+    let channel = channel(url).await;
+    let connection = ConnectionClient::new(channel.clone())
+        .new_connection(NewConnectionRequest {
+            details: Some(details),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection;
+    ReaderClient::new(channel)
+        .read_packets(ReadPacketsRequest { connection })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 pub async fn connect(url: &str) -> Client {
     SessionManagementServiceClient::new(channel(url).await)
 }
