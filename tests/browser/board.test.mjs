@@ -257,11 +257,18 @@ test('filters are kept in the URL, and the session page shows every field and th
   await page.fill('#filters input[name=data_source]', 'Car2');
   await page.fill('#filters input[name=identifier]', 'FP*');
   await page.fill('#filters input[name=detail]', 'tyre=soft');
+  // The filtered listing is held back until the page has been looked at: while it still shows
+  // the unfiltered board, it must not say it is live. (Later listings pass straight through.)
+  let release;
+  const held = new Promise((resolveHeld) => { release = resolveHeld; });
+  await page.route('**/api/board?*', async (route) => { await held; await route.continue(); });
   await page.click('#filters button[type=submit]');
   await page.waitForFunction(() => new URL(location.href).searchParams.get('identifier') === 'FP*');
   const params = new URL(page.url()).searchParams;
   assert.deepEqual([params.getAll('data_source'), params.get('identifier'), params.getAll('detail')],
     [['Car2'], 'FP*', ['tyre=soft']]);
+  assert.notEqual(await page.getAttribute('#status', 'data-state'), 'live', 'the old view is not called live');
+  release();
   await waitLive(page);
   await waitRow(page, 'live', fp2);
   for (const other of [q2, fp3, fp4]) assert.equal(await page.$(row('live', other)), null);

@@ -119,6 +119,8 @@
     readUrl();
     stopFollowing();
     state.generation += 1;
+    // What is shown is the previous view until this one is listed: not live yet.
+    setStatus('connecting', 'loading…');
     fillFilterForm();
     $('back').href = viewUrl('');
     load();
